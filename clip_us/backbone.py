@@ -1,0 +1,54 @@
+"""Building the CLIP backbone the scripts share: weights (or a random init), adapters, `--init`.
+
+Kept apart from engine.py so that the training loop pieces stay model-agnostic, and apart from
+weights.py so that file stays about files and formats.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+from .engine import load_checkpoint
+from .model import build_model
+from .weights import load_state_dict
+
+
+def load_clip_state(weights: str, arch: str, quick_gelu=None):
+    """(state dict, config overrides) for `--weights NAME|PATH|none` and `--arch`.
+
+    `none` is a random initialisation of `arch`: it is announced loudly, since any number it
+    produces says nothing about CLIP.
+    """
+    if weights == "none":
+        print(f"!!! --weights none: {arch} with RANDOM weights. Results are not CLIP's. !!!")
+        torch.manual_seed(0)  # the same random backbone for every seed and every script
+        model = build_model(config=arch, quick_gelu=quick_gelu)
+        return model.state_dict(), model.config
+    sd, info = load_state_dict(weights, quick_gelu=quick_gelu)
+    return sd, info
+
+
+def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
+    """A fresh fp32 CLIP for each call; `cache` (a dict) keeps the state dict between seeds."""
+    key = (weights, arch, quick_gelu)
+    if cache is None or key not in cache:
+        state = load_clip_state(weights, arch, quick_gelu)
+        if cache is not None:
+            cache[key] = state
+    else:
+        state = cache[key]
+    sd, meta = state
+    config = meta if weights == "none" else meta.get("config")
+    return build_model(sd, config=config)
+
+
+def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None):
+    """Apply adapters to `model` (a CLIP) and load `--init` weights when given."""
+    apply_adapter(model, adapter_cfg)
+    if init:
+        ckpt = load_checkpoint(init)
+        if "adapter_config" not in ckpt or "adapter_state_dict" not in ckpt:
+            raise KeyError(f"--init {init} has no adapter_config/adapter_state_dict; it must be a "
+                           f"checkpoint written by a clip_us script")
+        load_adapter_state_dict(model, ckpt["adapter_state_dict"], ckpt["adapter_config"])
+    return model
