@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import clip_us
 from clip_us import engine, metrics, tables, viz
 from clip_us.adapters import AdapterConfig, format_count
-from clip_us.backbone import adapt, build_clip
+from clip_us.backbone import make_task_model
 from clip_us.data import DataConfig, build_datasets
-from clip_us.heads import build_task_model
 from clip_us.losses import dice_ce_loss
 
 SEG_METRICS = ("dice", "iou", "hd95", "asd_directed", "assd")
@@ -41,13 +40,9 @@ class Config(engine.SupervisedConfig):
 cfg = engine.parse_config(Config, description=__doc__.splitlines()[0])
 rank, world, device = engine.setup_distributed(cfg.device)
 main = rank == 0
-if cfg.eval_only:  # the checkpoint's own config decides the model; the CLI decides the data
+if cfg.eval_only:
     ckpt = engine.load_checkpoint(cfg.checkpoint)
-    keep = {k: getattr(cfg, k) for k in ("dataset", "data_root", "nextgen_name", "out_dir",
-                                         "eval_only", "checkpoint", "device", "workers")}
-    cfg = dataclasses.replace(Config(**{k: v for k, v in ckpt["config"].items()
-                                        if k in {f.name for f in dataclasses.fields(Config)}}),
-                              **keep)
+    cfg = engine.eval_only_config(cfg, Config, ckpt)
 finetuned = bool(cfg.init)
 row = engine.row_name(cfg.backbone, cfg.adapter, finetuned)
 out = Path(cfg.out_dir or engine.default_out_dir("train_seg", cfg.dataset, row))
@@ -69,30 +64,12 @@ if main:
     print(f"data: {len(train_set)} train / {len(val_set)} val / {len(test_set)} test ({data_info})")
 
 
-def make_model(seed: int, cache: dict):
-    torch.manual_seed(seed)
-    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None)
-    model = build_task_model(clip.visual, "seg", tuple(cfg.layers), cfg.reduce_dim, cfg.fuse)
-    # The official code trains every backbone parameter whose name has "mona" (and nothing else
-    # of the backbone): --adapter-train no keeps the adapters at their initial / --init weights.
-    for name, p in model.named_parameters():
-        is_adapter = any(a in name for a in engine.ADAPTER_KEYS)
-        p.requires_grad_(name.startswith("head.") or (is_adapter and cfg.adapter_train == "yes"))
-    engine.freeze_blocks_after(model.visual, max(cfg.layers))
-    return model.to(device)
-
-
 # ----------------------------------------------------------------------------- evaluation
-def shard(dataset):
-    """Rank r takes items r, r+world, ...: no padding, so no image is counted twice."""
-    return Subset(dataset, list(range(rank, len(dataset), world)))
-
-
 @torch.no_grad()
 def predict(model, dataset):
     """Yield (path, image tensor, gt mask, predicted mask) for this rank's shard."""
     model.eval()
-    loader = DataLoader(shard(dataset), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    loader = DataLoader(engine.shard(dataset, rank, world), batch_size=cfg.batch_size, num_workers=cfg.workers)
     for batch in loader:
         with engine.autocast(device, cfg.amp):
             pred = model(batch["image"].to(device)).argmax(1).cpu().numpy()
@@ -124,7 +101,7 @@ def save_figures(model, dataset, path):
 per_seed, cache = [], {}
 for seed in cfg.seeds:
     cfg.seed_now = seed
-    model = make_model(seed, cache)
+    model = make_task_model(cfg, "seg", adapter_cfg, cache, device, seed)
     if main:
         print(f"seed {seed}: {format_count(model)}")
     seed_dir = out / f"seed{seed}"
@@ -154,9 +131,8 @@ if main:
         "script": "train_seg.py", "task": "seg", "dataset": cfg.dataset, "row": row,
         "backbone": cfg.backbone, "adapter": cfg.adapter, "init": cfg.init or None,
         "seeds": cfg.seeds[:len(per_seed)],
-        "metrics": {k: {"mean": float(np.mean([r[k]["mean"] for r in per_seed])),
-                        "std": float(np.std([r[k]["mean"] for r in per_seed])),
-                        "per_seed": [r[k]["mean"] for r in per_seed]} for k in SEG_METRICS},
+        "metrics": engine.summarize_seeds([{k: r[k]["mean"] for k in SEG_METRICS}
+                                           for r in per_seed], SEG_METRICS),
         "units": {"dice": "fraction", "iou": "fraction", "hd95": "px", "asd_directed": "px",
                   "assd": "px"},
         "n_test": len(test_set), "n_dropped": {k: per_seed[0][k]["n_dropped"] for k in SEG_METRICS},

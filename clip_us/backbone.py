@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
-from .engine import load_checkpoint
+from .engine import ADAPTER_KEYS, freeze_blocks_after, load_checkpoint
 from .model import build_model
 from .weights import load_state_dict
 
@@ -52,3 +52,23 @@ def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None):
                            f"checkpoint written by a clip_us script")
         load_adapter_state_dict(model, ckpt["adapter_state_dict"], ckpt["adapter_config"])
     return model
+
+
+def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int):
+    """CLIP (+ adapters, + --init) -> vision tower + head, with the official freezing rule.
+
+    The official code trains every backbone parameter whose name has "mona" and nothing else of
+    the backbone. `--adapter-train no` keeps the adapters at their initial or --init weights,
+    which is how the official code ends up treating LoRA in the supervised stage.
+    """
+    from .heads import build_task_model
+    torch.manual_seed(seed)
+    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None)
+    model = build_task_model(clip.visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
+                             num_classes=getattr(cfg, "num_classes", 2),
+                             cls_head=getattr(cfg, "cls_head", "mlp"))
+    for name, p in model.named_parameters():
+        is_adapter = any(a in name for a in ADAPTER_KEYS)
+        p.requires_grad_(name.startswith("head.") or (is_adapter and cfg.adapter_train == "yes"))
+    freeze_blocks_after(model.visual, max(cfg.layers))
+    return model.to(device)

@@ -368,3 +368,27 @@ def fit(model, train_loader, evaluate, loss_fn, cfg, ckpt_dir: Path, extra: dict
     barrier()
     restore_state(core, load_checkpoint(best))
     return state
+
+
+# ----------------------------------------------------------------------------- script helpers
+def eval_only_config(cfg, cls, ckpt: dict):
+    """For --eval-only: the checkpoint's config decides the model, the CLI decides the data."""
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    keep = {k: getattr(cfg, k) for k in ("dataset", "data_root", "nextgen_name", "out_dir",
+                                         "eval_only", "checkpoint", "device", "workers")}
+    saved = cls(**{k: v for k, v in ckpt["config"].items() if k in names})
+    return dataclasses.replace(saved, **keep)
+
+
+def shard(dataset, rank: int, world: int):
+    """Rank r takes items r, r+world, ...: no padding, so no image is counted twice."""
+    from torch.utils.data import Subset
+    return Subset(dataset, list(range(rank, len(dataset), world)))
+
+
+def summarize_seeds(per_seed: list[dict], keys) -> dict:
+    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them."""
+    return {k: {"mean": float(np.mean([r[k] for r in per_seed])),
+                "std": float(np.std([r[k] for r in per_seed])),
+                "per_seed": [float(r[k]) for r in per_seed]} for k in keys}

@@ -1,0 +1,132 @@
+"""zeroshot.py: one row of seed 003's Table 3, zero-shot group (and EchoCare-CLIP's prompt).
+
+Per class, a set of prompts is encoded and L2-normalised; an image's logit for a class is
+100·cos(image, prompt) averaged over that class's prompts; softmax, then P(malignant) > 0.5
+(DESIGN.md, Zero-shot). Prompts: `paper` (seed 003 §4.3, LN and BUSI), `echocare`
+("An ultrasound image of {organ} with {label} findings."), `ensemble` (ten paraphrases per class)
+or a JSON file {class: [prompts]}.
+
+    python zeroshot.py                                  # phantom data, OpenAI ViT-B/16 weights
+    python zeroshot.py --dataset busi --data-root data/BUSI --adapter mona --init ft.pt
+    python zeroshot.py --weights none --arch tiny       # random weights (says so loudly)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import clip_us
+from clip_us import engine, metrics, prompts, tables, viz
+from clip_us.adapters import AdapterConfig
+from clip_us.backbone import adapt, build_clip
+from clip_us.data import DataConfig, build_datasets
+from clip_us.tokenizer import tokenize
+
+ZS_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
+
+
+@dataclass
+class Config:
+    dataset: str = "phantom"
+    data_root: str = ""
+    nextgen_name: str = ""
+    split: str = field(default="test", metadata={"choices": ["test", "all"]})
+    image_size: int = 224
+    clip_norm: bool = True
+    skip_bad: bool = False
+    workers: int = 2
+    arch: str = "ViT-B/16"
+    weights: str = field(default="ViT-B/16", metadata={"help": "name, path, or none"})
+    adapter: str = field(default="none", metadata={"choices": ["none", "lora", "mona"]})
+    init: str = ""
+    prompts: str = field(default="auto", metadata={"help": "auto, paper, echocare, ensemble or "
+                                                   "a JSON file; auto = paper where it has one"})
+    organ: str = ""
+    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
+    batch_size: int = 32
+    threshold: float = 0.5
+    device: str = "auto"
+    out_dir: str = ""
+
+
+cfg = engine.parse_config(Config, description=__doc__.splitlines()[0])
+_, _, device = engine.setup_distributed(cfg.device)
+row = engine.row_name("clip", cfg.adapter, bool(cfg.init))
+out = Path(cfg.out_dir or engine.default_out_dir("zeroshot", cfg.dataset, row))
+print(json.dumps(dataclasses.asdict(cfg), indent=2))
+out.mkdir(parents=True, exist_ok=True)
+engine.write_json(out / "config.json", dataclasses.asdict(cfg))
+
+# ----------------------------------------------------------------------------- model and prompts
+adapter_cfg = AdapterConfig(kind=cfg.adapter)
+model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None).eval()
+# bf16 casts the weights (fast on CPUs with AVX512-BF16); CPU autocast is slower than fp32.
+dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+model = model.to(device=device, dtype=dtype)
+source = cfg.prompts
+if source == "auto":
+    source = "paper" if cfg.dataset in ("busi", "ln1", "ln2", "phantom") else "echocare"
+class_prompts = prompts.get_prompts(source, "busi" if cfg.dataset == "phantom" else cfg.dataset,
+                                    organ=cfg.organ or None)
+print(json.dumps(class_prompts, indent=2))
+
+
+@torch.inference_mode()
+def encode_prompts(class_prompts: dict) -> torch.Tensor:
+    """[classes, prompts, D] L2-normalised text embeddings (prompt counts may differ: padded
+    classes would distort the mean, so every class must have the same number)."""
+    counts = {len(v) for v in class_prompts.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every class needs the same number of prompts, got {counts}")
+    texts = [t for c in class_prompts for t in class_prompts[c]]
+    emb = F.normalize(model.encode_text(tokenize(texts).to(device)).float(), dim=-1)
+    return emb.view(len(class_prompts), counts.pop(), -1)  # [C * P, D] -> [C, P, D]
+
+
+text = encode_prompts(class_prompts)
+
+# ----------------------------------------------------------------------------- images
+data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
+                      size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
+                      nextgen_name=cfg.nextgen_name or None, split_path=str(out / "split.json"),
+                      train_aug=False)
+train_set, val_set, test_set, info = build_datasets(data_cfg)
+dataset = test_set if cfg.split == "test" else torch.utils.data.ConcatDataset(
+    [train_set, val_set, test_set])
+rows = []
+with torch.inference_mode():
+    for batch in tqdm(DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers), "zero-shot"):
+        img = F.normalize(model.encode_image(batch["image"].to(device, dtype)).float(), dim=-1)
+        logits = (100 * torch.einsum("bd,cpd->bcp", img, text)).mean(-1)  # [B, C]
+        probs = logits.softmax(-1)[:, 1].cpu().tolist()
+        rows += [{"path": p, "prob": q, "label": int(y)}
+                 for p, q, y in zip(batch["path"], probs, batch["label"])]
+
+# ----------------------------------------------------------------------------- results
+report = metrics.binary_report([r["prob"] for r in rows], [r["label"] for r in rows],
+                               threshold=cfg.threshold)
+print(f"{row} zero-shot on {cfg.dataset} ({len(rows)} images, prompts: {source}): "
+      f"Acc {report['acc']:.4f}  AUC {report['auc']:.4f}")
+print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
+results = {
+    "script": "zeroshot.py", "task": "zeroshot", "dataset": cfg.dataset, "row": row,
+    "backbone": "clip", "adapter": cfg.adapter, "init": cfg.init or None, "seeds": [],
+    "metrics": engine.summarize_seeds([report], ZS_METRICS),
+    "confusion_matrix": report["confusion_matrix"], "prompts": class_prompts,
+    "units": {k: "fraction" for k in ZS_METRICS}, "n_test": len(rows), "n_dropped": 0,
+    "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
+}
+if cfg.weights == "none":
+    results["warning"] = "random weights: these numbers say nothing about CLIP"
+engine.write_json(out / "predictions.json", rows)
+tables.write_results(out, results)
+viz.save_roc_svg([r["prob"] for r in rows], [r["label"] for r in rows], out / "roc.svg",
+                 f"{row} zero-shot on {cfg.dataset}")
+print(f"results: {out / 'results.json'}")
