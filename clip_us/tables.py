@@ -1,0 +1,441 @@
+"""Markdown versions of seed 003's Tables 2 (segmentation) and 3 (classification), ours beside the paper's.
+
+    python -m clip_us.tables RUNS_DIR [--out FILE] [--all-datasets]
+
+collects every `results.json` under RUNS_DIR (schema: DESIGN.md -> Labels, outputs and
+checkpoints) and prints or writes the tables. The paper's numbers are embedded below, transcribed
+from seed 003's Tables 2 and 3 (mean of three runs, in percent).
+
+Units. Our results store Dice, IoU, Acc and AUC as fractions in [0, 1]; the tables (and row.csv)
+show them x100, in percent, like the paper. Our HD95, "ASD (directed)" and ASSD are pixels on
+224x224 masks. The paper labels its HD95/ASD "%", yet some values exceed the 317 px image
+diagonal, so its distance columns are shown but are not directly comparable (DESIGN.md -> Metrics).
+The paper's "ASD" is MONAI's default, the directed mean distance, so it sits beside our
+"ASD (directed)".
+
+Also here, for the scripts: `row_csv` (one table row as CSV, in Table 2/3 column order) and
+`write_results` (results.json + row.csv, written atomically). Nothing here imports a model.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+
+# ----------------------------------------------------------------------------- paper numbers
+
+# Table 2, per dataset and row: (Dice, IoU, HD95, ASD), as printed (percent; distances "%").
+PAPER_TABLE2 = {
+    "ln1": {
+        "UNet": (79.72, 71.67, 20.18, 7.35),
+        "CLIP (LoRA)": (73.37, 62.84, 23.63, 8.12),
+        "CLIP (LoRA, ft.)": (74.10, 63.55, 23.56, 8.29),
+        "CLIPSeg": (78.21, 68.98, 21.21, 7.91),
+        "BioMedCLIP": (72.62, 63.00, 28.81, 9.19),
+        "UniMedCLIP": (74.59, 64.50, 30.13, 10.66),
+        "MetaCLIP": (70.69, 59.36, 28.19, 10.24),
+        "DINOv2": (63.02, 50.29, 111.22, 43.23),
+        "CLIP (Mona)": (83.12, 75.41, 16.71, 5.70),
+        "CLIP (Mona, ft.)": (70.97, 61.09, 25.76, 10.53),
+    },
+    "ln2": {
+        "UNet": (75.68, 65.40, 33.34, 11.56),
+        "CLIP (LoRA)": (73.96, 62.93, 27.24, 9.18),
+        "CLIP (LoRA, ft.)": (73.50, 62.08, 28.73, 9.73),
+        "CLIPSeg": (74.38, 64.30, 25.97, 8.76),
+        "BioMedCLIP": (67.63, 55.95, 33.05, 11.25),
+        "UniMedCLIP": (70.74, 58.99, 35.80, 12.13),
+        "MetaCLIP": (69.45, 57.28, 35.58, 11.39),
+        "DINOv2": (20.54, 12.61, 332.36, 208.71),
+        "CLIP (Mona)": (78.91, 68.79, 23.58, 7.77),
+        "CLIP (Mona, ft.)": (59.20, 47.98, 39.13, 15.27),
+    },
+    "busi": {
+        "UNet": (82.19, 72.88, 23.83, 8.05),
+        "CLIP (LoRA)": (78.86, 68.64, 19.46, 6.53),
+        "CLIP (LoRA, ft.)": (78.55, 68.39, 20.56, 6.79),
+        "CLIPSeg": (80.74, 71.32, 16.69, 5.77),
+        "BioMedCLIP": (77.07, 65.92, 27.08, 8.79),
+        "UniMedCLIP": (76.44, 65.61, 28.98, 9.74),
+        "MetaCLIP": (75.63, 63.82, 33.64, 10.80),
+        "DINOv2": (64.31, 52.05, 117.25, 48.80),
+        "CLIP (Mona)": (80.78, 70.90, 19.07, 6.27),
+        "CLIP (Mona, ft.)": (67.02, 55.37, 32.92, 12.59),
+    },
+    "ddti": {
+        "UNet": (88.96, 80.58, 19.01, 6.74),
+        "CLIP (LoRA)": (88.22, 79.34, 18.40, 7.16),
+        "CLIP (LoRA, ft.)": (87.92, 78.86, 18.81, 7.18),
+        "CLIPSeg": (89.18, 80.86, 17.29, 6.39),
+        "BioMedCLIP": (88.17, 79.29, 19.59, 7.22),
+        "UniMedCLIP": (88.84, 80.27, 17.76, 6.80),
+        "MetaCLIP": (87.72, 78.51, 20.64, 7.75),
+        "DINOv2": (85.98, 75.94, 52.54, 20.90),
+        "CLIP (Mona)": (90.26, 82.61, 15.75, 5.91),
+        "CLIP (Mona, ft.)": (85.76, 75.70, 19.91, 8.38),
+    },
+    "tn3k": {
+        "UNet": (81.55, 72.83, 21.20, 6.92),
+        "CLIP (LoRA)": (76.38, 65.61, 29.02, 9.38),
+        "CLIP (LoRA, ft.)": (76.60, 65.86, 27.36, 8.83),
+        "CLIPSeg": (77.91, 67.80, 21.58, 7.25),
+        "BioMedCLIP": (73.40, 62.06, 32.43, 10.63),
+        "UniMedCLIP": (72.68, 61.49, 33.63, 11.56),
+        "MetaCLIP": (72.42, 60.76, 39.13, 13.17),
+        "DINOv2": (60.76, 47.64, 119.25, 45.79),
+        "CLIP (Mona)": (82.67, 73.58, 17.85, 5.68),
+        "CLIP (Mona, ft.)": (69.25, 57.94, 28.46, 10.74),
+    },
+    "prostate": {
+        "UNet": (92.73, 88.50, 12.45, 3.82),
+        "CLIP (LoRA)": (90.43, 84.60, 18.10, 5.71),
+        "CLIP (LoRA, ft.)": (90.69, 85.08, 17.44, 5.40),
+        "CLIPSeg": (91.32, 86.26, 13.30, 4.27),
+        "BioMedCLIP": (91.20, 85.30, 19.66, 6.01),
+        "UniMedCLIP": (90.43, 84.61, 18.62, 5.93),
+        "MetaCLIP": (90.25, 83.83, 30.12, 8.75),
+        "DINOv2": (86.92, 79.10, 82.77, 27.28),
+        "CLIP (Mona)": (92.58, 88.15, 11.17, 3.76),
+        "CLIP (Mona, ft.)": (90.38, 84.62, 13.93, 4.81),
+    },
+}
+
+# Table 3, per group and row: (LN-1 Acc, LN-1 AUC, LN-2 Acc, LN-2 AUC, BUSI Acc, BUSI AUC), percent.
+PAPER_TABLE3_DATASETS = ("ln1", "ln2", "busi")
+PAPER_TABLE3 = {
+    "zeroshot": {
+        "CLIP (vanilla)": (58.13, 52.30, 61.76, 64.69, 57.50, 50.73),
+        "CLIP (LoRA)": (58.13, 52.30, 61.76, 64.69, 57.50, 50.73),
+        "CLIP (LoRA, ft.)": (58.44, 52.40, 61.50, 64.66, 57.34, 50.67),
+        "CLIP (Mona)": (58.13, 52.30, 61.76, 64.69, 57.50, 50.73),
+        "CLIP (Mona, ft.)": (58.13, 52.30, 61.76, 64.69, 57.50, 50.73),
+    },
+    "cls": {
+        "ResNet18": (85.30, 93.59, 73.26, 84.16, 88.24, 94.61),
+        "CLIP (LoRA)": (82.68, 91.88, 67.38, 78.14, 83.34, 91.60),
+        "CLIP (LoRA, ft.)": (85.04, 93.60, 70.86, 83.40, 86.98, 91.63),
+        "BioMedCLIP": (85.57, 92.89, 70.86, 81.04, 83.86, 90.80),
+        "UniMedCLIP": (83.99, 91.29, 72.10, 84.54, 82.81, 95.63),
+        "MetaCLIP": (88.19, 93.59, 66.84, 81.13, 84.38, 88.23),
+        "DINOv2": (79.53, 84.34, 49.20, 62.92, 37.50, 65.62),
+        "CLIP (Mona)": (82.68, 92.03, 69.79, 80.34, 83.33, 87.57),
+        "CLIP (Mona, ft.)": (80.31, 85.87, 73.80, 85.04, 77.60, 82.64),
+    },
+}
+
+DATASETS = {"ln1": "LN-1", "ln2": "LN-2", "busi": "BUSI", "ddti": "DDTI", "tn3k": "TN3K",
+            "prostate": "Prostate", "phantom": "Phantom"}
+ROWS = ["CLIP (vanilla)", "CLIP (LoRA)", "CLIP (LoRA, ft.)", "CLIP (Mona)", "CLIP (Mona, ft.)",
+        "UNet", "ResNet18", "CLIPSeg", "BioMedCLIP", "UniMedCLIP", "MetaCLIP", "DINOv2"]
+
+# ----------------------------------------------------------------------------- CSV row
+
+ROW_CSV_COLUMNS = {"seg": ["dice", "iou", "hd95", "asd_directed", "assd"],
+                   "cls": ["acc", "auc"], "zeroshot": ["acc", "auc"]}
+COLUMN_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "asd_directed": "ASD (directed)",
+                "assd": "ASSD", "acc": "Acc", "auc": "AUC"}
+PERCENT = {"dice", "iou", "acc", "auc"}  # stored as fractions, shown x100
+MISSING = "—"
+
+
+def _atomic_write_text(path, text):
+    """Write text to a temp file beside `path`, then os.replace it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # no partial file left behind; the error still propagates
+        raise
+
+
+def _display(key, value):
+    """A stored metric value in table units: percent for fractions, pixels for distances."""
+    if value is None or not math.isfinite(value):
+        return float("nan")
+    return value * 100.0 if key in PERCENT else float(value)
+
+
+def row_csv(results: dict) -> str:
+    """One table row as CSV: header `dataset,row,<Table 2 or 3 columns>` and one line of means.
+
+    Dice/IoU/Acc/AUC are in percent (x100 of the stored fractions) and distances in pixels, so
+    the line reads like a row of the paper's table. A non-finite mean is written as `nan`.
+    """
+    task = results.get("task")
+    if task not in ROW_CSV_COLUMNS:
+        raise ValueError(f"row_csv: task {task!r} has no table row; expected one of "
+                         f"{sorted(ROW_CSV_COLUMNS)}")
+    keys = ROW_CSV_COLUMNS[task]
+    missing = [k for k in keys if k not in results.get("metrics", {})]
+    if missing:
+        raise ValueError(f"row_csv: results for {results.get('row')!r} lack metrics {missing}")
+    values = [f"{_display(k, results['metrics'][k]['mean']):.4f}" for k in keys]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # quotes row names such as "CLIP (Mona, ft.)"
+    writer.writerow(["dataset", "row"] + [COLUMN_NAMES[k] for k in keys])
+    writer.writerow([results.get("dataset", ""), results.get("row", "")] + values)
+    return buf.getvalue()
+
+
+def _json_default(obj):
+    """numpy/torch scalars and arrays, and paths, in results dicts -> plain JSON values."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"write_results: cannot store {type(obj).__name__} in results.json")
+
+
+def write_results(out_dir, results: dict):
+    """Write OUT_DIR/results.json and, for seg/cls/zeroshot, OUT_DIR/row.csv, each atomically.
+
+    Returns the list of paths written.
+    """
+    text = json.dumps(results, indent=2, default=_json_default) + "\n"
+    paths = [os.path.join(out_dir, "results.json")]
+    csv_text = row_csv(results) if results.get("task") in ROW_CSV_COLUMNS else None
+    _atomic_write_text(paths[0], text)
+    if csv_text is not None:
+        paths.append(os.path.join(out_dir, "row.csv"))
+        _atomic_write_text(paths[1], csv_text)
+    return paths
+
+
+# ----------------------------------------------------------------------------- collecting results
+
+REQUIRED = ("task", "dataset", "row", "metrics")
+TASKS = ("seg", "cls", "zeroshot", "align")
+
+
+def _canonical(name, known):
+    """Match a dataset key or row name to a known one, ignoring case, spaces, '-' and '_'."""
+    squash = lambda s: "".join(ch for ch in str(s).lower() if ch not in " -_")  # noqa: E731
+    return next((k for k in known if squash(k) == squash(name)), str(name))
+
+
+def load_result(path):
+    """Read and check one results.json; raises ValueError naming the file when it is unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete or rewrite this results.json") from e
+    missing = [k for k in REQUIRED if k not in res] if isinstance(res, dict) else list(REQUIRED)
+    if missing:
+        raise ValueError(f"{path}: results.json lacks {missing} (schema: DESIGN.md -> "
+                         "Labels, outputs and checkpoints)")
+    if res["task"] not in TASKS:
+        raise ValueError(f"{path}: unknown task {res['task']!r}; expected one of {TASKS}")
+    _check_fractions(path, res)
+    res["dataset"] = _canonical(res["dataset"], DATASETS)
+    res["row"] = _canonical(res["row"], ROWS)
+    return res
+
+
+def _check_fractions(path, res):
+    """Catch results already in percent: they would be shown x100 again."""
+    for key in PERCENT & set(res["metrics"]):
+        mean = res["metrics"][key].get("mean")
+        if mean is not None and math.isfinite(mean) and not -1e-9 <= mean <= 1 + 1e-9:
+            raise ValueError(f"{path}: metric {key!r} has mean {mean}, but results.json stores "
+                             "fractions in [0, 1]; divide it by 100")
+
+
+def collect(runs_dir):
+    """{(task, dataset, row): result} from every results.json under runs_dir, plus notes.
+
+    When two files share (task, dataset, row), the newest by modification time wins and a note
+    names both.
+    """
+    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(runs_dir)
+                   if "results.json" in files)
+    if not paths:
+        raise FileNotFoundError(f"no results.json under {runs_dir}; pass the folder that holds "
+                                "the runs (e.g. runs/)")
+    found = {}
+    for p in paths:
+        res = load_result(p)
+        res["_path"], res["_mtime"] = os.path.relpath(p, runs_dir), os.path.getmtime(p)
+        found.setdefault((res["task"], res["dataset"], res["row"]), []).append(res)
+    chosen, notes = {}, []
+    for key, group in found.items():
+        group.sort(key=lambda r: r["_mtime"], reverse=True)
+        chosen[key] = group[0]
+        if len(group) > 1:
+            older = ", ".join(f"`{r['_path']}`" for r in group[1:])
+            notes.append((key, f"{len(group)} results for {DATASETS.get(key[1], key[1])} / {key[2]} "
+                               f"({key[0]}): used the newest, `{group[0]['_path']}`; ignored {older}."))
+    return chosen, notes
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _fmt_ours(res, key):
+    """'mean ± std' over seeds (just the mean for one seed), in table units; '—' when absent."""
+    m = (res or {}).get("metrics", {}).get(key)
+    if m is None:
+        return MISSING
+    mean = _display(key, m.get("mean"))
+    if not math.isfinite(mean):
+        return "n/a"  # every test image was dropped for this metric
+    per_seed = m.get("per_seed") or []
+    if len(per_seed) > 1 and m.get("std") is not None:
+        return f"{mean:.2f} ± {_display(key, m['std']):.2f}"
+    return f"{mean:.2f}"
+
+
+def _fmt_paper(value):
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def _fmt_count(res):
+    """Seeds and test-set size (with the largest number of images dropped from any metric)."""
+    if res is None:
+        return [MISSING, MISSING]
+    dropped = res.get("n_dropped") or 0
+    dropped = max(dropped.values(), default=0) if isinstance(dropped, dict) else dropped
+    n = f"{res.get('n_test', MISSING)}" + (f" ({dropped} dropped)" if dropped else "")
+    return [str(len(res.get("seeds") or [])), n]
+
+
+def _row_order(paper_rows, our_rows):
+    """The paper's rows in its order, then ours that it lacks (known names first)."""
+    extra = sorted(set(our_rows) - set(paper_rows),
+                   key=lambda r: (ROWS.index(r) if r in ROWS else len(ROWS), r))
+    return list(paper_rows) + extra
+
+
+def _dataset_order(keys):
+    return sorted(set(keys), key=lambda d: (list(DATASETS).index(d) if d in DATASETS else 99, d))
+
+
+def _md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _method(name, key, marks):
+    return name + (f" [^{marks[key]}]" if key in marks else "")
+
+
+SEG_HEADER = ["Method", "Dice", "Dice (paper)", "IoU", "IoU (paper)", "HD95 px", "HD95 (paper)†",
+              "ASD (directed) px", "ASD (paper)†", "ASSD px", "Seeds", "n test"]
+
+
+def _seg_rows(dataset, chosen, marks):
+    paper = PAPER_TABLE2.get(dataset, {})
+    ours = {row: r for (task, ds, row), r in chosen.items() if task == "seg" and ds == dataset}
+    out = []
+    for row in _row_order(paper, ours):
+        p, res = paper.get(row, (None,) * 4), ours.get(row)
+        f = lambda k: _fmt_ours(res, k)  # noqa: E731
+        out.append([_method(row, ("seg", dataset, row), marks), f("dice"), _fmt_paper(p[0]),
+                    f("iou"), _fmt_paper(p[1]), f("hd95"), _fmt_paper(p[2]), f("asd_directed"),
+                    _fmt_paper(p[3]), f("assd")] + _fmt_count(res))
+    return out
+
+
+def render_table2(chosen, marks, all_datasets=False):
+    datasets = [ds for task, ds, _ in chosen if task == "seg"]
+    datasets = _dataset_order(datasets + (list(PAPER_TABLE2) if all_datasets else []))
+    lines = ["## Table 2: segmentation", "",
+             "Ours: mean ± std over seeds; the paper: mean of three runs. Dice and IoU in percent "
+             "(our results.json stores fractions in [0, 1]; shown ×100). Our HD95, ASD (directed) "
+             "and ASSD are in pixels on 224×224 masks.", "",
+             "† The paper's HD95 and ASD are labelled \"%\" there, yet some exceed the 317 px "
+             "diagonal of a 224×224 image (DINOv2, LN-2: HD95 332.36), so their unit is unclear: "
+             "they are **not directly comparable** with our pixel distances. The paper's ASD "
+             "matches the official code's MONAI default, the directed mean distance from "
+             "prediction to ground truth; it has no ASSD column. — means no number."]
+    for ds in datasets:
+        table = _md_table(SEG_HEADER, _seg_rows(ds, chosen, marks))
+        lines += ["", f"### {DATASETS.get(ds, ds)}", ""] + table
+    return lines if datasets else lines + ["", "_No segmentation results found._"]
+
+
+CLS_HEADER = ["Group", "Method", "Acc", "Acc (paper)", "AUC", "AUC (paper)", "Seeds", "n test"]
+GROUPS = (("zeroshot", "Zero-shot"), ("cls", "Supervised"))
+
+
+def _cls_rows(dataset, chosen, marks):
+    col = PAPER_TABLE3_DATASETS.index(dataset) if dataset in PAPER_TABLE3_DATASETS else None
+    out = []
+    for task, group in GROUPS:
+        paper = PAPER_TABLE3[task] if col is not None else {}
+        ours = {row: r for (t, ds, row), r in chosen.items() if t == task and ds == dataset}
+        for row in _row_order(paper, ours):
+            p = paper[row][2 * col:2 * col + 2] if row in paper else (None, None)
+            res = ours.get(row)
+            out.append([group, _method(row, (task, dataset, row), marks), _fmt_ours(res, "acc"),
+                        _fmt_paper(p[0]), _fmt_ours(res, "auc"), _fmt_paper(p[1])] + _fmt_count(res))
+    return out
+
+
+def render_table3(chosen, marks, all_datasets=False):
+    datasets = [ds for task, ds, _ in chosen if task in ("cls", "zeroshot")]
+    datasets = _dataset_order(datasets + (list(PAPER_TABLE3_DATASETS) if all_datasets else []))
+    lines = ["## Table 3: classification", "",
+             "Ours: mean ± std over seeds; the paper: mean of three runs. Acc and AUC in percent "
+             "(our results.json stores fractions in [0, 1]; shown ×100). Malignant is the positive "
+             "class. Zero-shot rows come from zeroshot.py, supervised rows from train_cls.py."]
+    for ds in datasets:
+        table = _md_table(CLS_HEADER, _cls_rows(ds, chosen, marks))
+        lines += ["", f"### {DATASETS.get(ds, ds)}", ""] + table
+    if not datasets:
+        lines += ["", "_No classification results found._"]
+    return lines + ["", "Note: the paper's zero-shot CLIP (Mona) and CLIP (Mona, ft.) rows equal "
+                    "CLIP (vanilla) exactly, on every dataset. An applied Mona cannot give that (its "
+                    "up-projection is not zero-initialised, so it changes the features): the official "
+                    "evaluation evidently ran without the adapter. We apply the adapters we are given, "
+                    "so our zero-shot Mona rows are expected to differ from "
+                    "vanilla CLIP."]
+
+
+def render(chosen, notes=(), all_datasets=False):
+    """The whole Markdown document: Tables 2 and 3, duplicate notes and the source files."""
+    marks = {key: f"d{i + 1}" for i, (key, _) in enumerate(notes)}
+    lines = ["# clip_us results beside seed 003's Tables 2 and 3", ""]
+    lines += render_table2(chosen, marks, all_datasets) + [""]
+    lines += render_table3(chosen, marks, all_datasets) + [""]
+    lines += [f"[^{marks[key]}]: {text}" for key, text in notes] + ([""] if notes else [])
+    return "\n".join(lines + _sources(chosen)) + "\n"
+
+
+def _sources(chosen):
+    align = sum(1 for task, _, _ in chosen if task == "align")
+    lines = ["## Sources", ""] + [
+        f"- {DATASETS.get(ds, ds)} / {row} ({task}): `{r.get('_path', '?')}`"
+        for (task, ds, row), r in sorted(chosen.items()) if task != "align"]
+    if align:
+        lines += ["", f"{align} alignment result(s) (task align) are not part of Tables 2–3 "
+                      "and were left out."]
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m clip_us.tables", description=__doc__.split("\n")[0])
+    ap.add_argument("runs_dir", help="folder searched recursively for results.json files")
+    ap.add_argument("--out", help="Markdown file to write (atomically); default: print to stdout")
+    ap.add_argument("--all-datasets", action="store_true",
+                    help="also show the paper's datasets for which we have no results")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.runs_dir):
+        ap.error(f"{args.runs_dir} is not a folder; pass the folder that holds the runs (e.g. runs/)")
+    chosen, notes = collect(args.runs_dir)
+    text = render(chosen, notes, args.all_datasets)
+    if args.out:
+        _atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
