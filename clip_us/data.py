@@ -103,14 +103,16 @@ class _Bad:
 # ----------------------------------------------------------------------------- decoding
 def read_gray(path) -> np.ndarray:
     """Any PNG/JPEG/BMP/TIFF as uint8 grayscale [H, W]: RGB(A) and palette images go through
-    luminance, alpha is dropped; 16-bit and float images are scaled by their own peak."""
+    luminance, alpha is dropped; 16-bit images are scaled by their bit depth."""
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float32)
-                # Scanners export 10-16 bit data that rarely fills the range: scale by the peak.
-                return (a * (255.0 / max(float(a.max()), 1.0))).clip(0, 255).astype(np.uint8)
+                # 10-, 12- and 16-bit data all come as 16-bit PNGs: scale by the smallest bit
+                # depth that holds the peak, so images of one scanner keep their relative levels.
+                bits = max(8, int(np.ceil(np.log2(float(a.max()) + 1))))
+                return np.round(a * (255.0 / (2 ** bits - 1))).clip(0, 255).astype(np.uint8)
             return np.asarray(im.convert("L"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); the file "
