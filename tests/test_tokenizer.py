@@ -17,14 +17,16 @@ open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 # Seed 003 §4.3, with {benign/malignant} filled in each way.
-LN_PROMPT = ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. Malignant: Round, "
-             "absent hilum, thickened/heterogeneous cortex, microcalcifications, irregular margins.The "
-             "abnormality in this lymph node scan is {}")
+LN_PROMPT = ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. "
+             "Malignant: Round, absent hilum, thickened/heterogeneous cortex, "
+             "microcalcifications, irregular margins.The abnormality in this lymph node scan is {}")
 BUSI_PROMPT = ("Benign: Oval shape, smooth margins, parallel orientation, homogeneous hypoechoic "
-               "echotexture, posterior enhancement. Malignant: Irregular shape, spiculated margins, "
-               "non-parallel orientation, heterogeneous hypoechoic echotexture, microcalcifications, "
-               "posterior acoustic shadowing. The abnormality in this breast scan is {}")
-SEED_PROMPTS = [p.format(label) for p in (LN_PROMPT, BUSI_PROMPT) for label in ("benign", "malignant")]
+               "echotexture, posterior enhancement. Malignant: Irregular shape, spiculated "
+               "margins, non-parallel orientation, heterogeneous hypoechoic echotexture, "
+               "microcalcifications, posterior acoustic shadowing. The abnormality in this breast "
+               "scan is {}")
+SEED_PROMPTS = [prompt.format(label) for prompt in (LN_PROMPT, BUSI_PROMPT)
+                for label in ("benign", "malignant")]
 
 CORPUS = [
     "An ultrasound image of breast with benign findings.",
@@ -35,6 +37,8 @@ CORPUS = [
     "乳腺超声 shows 混合 echo 😀 👍🏽 🫀❤️ done",
     "AT&amp;T &lt;tag&gt; it&#39;s &quot;quoted&quot; &amp;amp; double &amp;lt;escaped&amp;gt;",
     "<b>bold</b> &amp; <i>italic</i>",
+    # ftfy unescapes once itself unless the line has a literal "<"; CLIP then unescapes twice more
+    "<p>double &amp;amp; escaped</p>", "triple &amp;amp;amp; escaped",
     "MiXeD CaSe BREAST Ultrasound DOPPLER ÀÉÎõü Straße ﬁle",
     "  leading and   trailing\t\ttabs\nnewlines\r\n and \u00a0nbsp\u2003em-space  ",
     "mojibake: doesnâ€™t â€œworkâ€\x9d",
@@ -47,7 +51,7 @@ CORPUS = [
 ]
 
 LONG_TEXTS = [
-    " ".join(["Heterogeneous hypoechoic mass with spiculated margins and posterior shadowing."] * 12),
+    " ".join(["Hypoechoic mass with spiculated margins and posterior shadowing."] * 12),
     "1.2 x 0.8 cm, " * 40,
     "超声" * 200,
     "😀" * 100,
@@ -72,7 +76,8 @@ def test_vocab_layout_matches_open_clip(ours, peer):
     assert len(T.bytes_to_unicode()) == 256 and len(set(T.bytes_to_unicode().values())) == 256
     assert T.bytes_to_unicode() == open_clip_tokenizer.bytes_to_unicode()
     assert ours.vocab_size == len(ours.encoder) == 49408
-    assert (ours.sot_token, ours.eot_token) == (49406, 49407) == (peer.sot_token_id, peer.eot_token_id)
+    assert (ours.sot_token, ours.eot_token) == (49406, 49407)
+    assert (ours.sot_token, ours.eot_token) == (peer.sot_token_id, peer.eot_token_id)
     # same token strings at the same ids, except the specials that open_clip renamed
     peer_vocab = {i: s for s, i in peer.encoder.items() if i < 49406}
     assert {i: s for i, s in ours.decoder.items() if i < 49406} == peer_vocab
@@ -128,7 +133,8 @@ def test_context_length_respected(ours, context_length):
     with pytest.raises(ValueError, match=str(context_length + 1)):
         T.tokenize(exact + " x", context_length=context_length)
     cut = T.tokenize(exact + " x y", context_length=context_length, truncate=True)
-    assert torch.equal(cut, open_clip_tokenizer.tokenize(exact + " x y", context_length=context_length))
+    peer_cut = open_clip_tokenizer.tokenize(exact + " x y", context_length=context_length)
+    assert torch.equal(cut, peer_cut)
 
 
 @pytest.mark.parametrize("text", CORPUS + LONG_TEXTS)
@@ -163,8 +169,8 @@ def test_clean_text_fast_path_equals_ftfy(peer):
 def test_random_unicode_matches_open_clip(peer):
     # fresh tokenizer: every chunk is a cache miss first, then a hit on the second pass
     rng = random.Random(1)
-    alphabet = list("abcXYZ019 .,'-&;\t\n") + ["é", "ß", "ﬁ", "中", "文", "😀", "🏽", "\u200b", "\x85",
-                                                "\u3000", "Ⅻ", "٣", "&amp;", "'S", "'ll"]
+    alphabet = list("abcXYZ019 .,'-&;\t\n") + ["é", "ß", "ﬁ", "中", "文", "😀", "🏽", "\u200b",
+                                                "\x85", "\u3000", "Ⅻ", "٣", "&amp;", "'S", "'ll"]
     texts = [_random_text(rng, alphabet, rng.randint(0, 30)) for _ in range(500)]
     tokenizer = T.SimpleTokenizer()
     for _ in range(2):
@@ -185,7 +191,8 @@ def test_cache_is_used_and_bounded(monkeypatch, peer):
 
 def test_special_token_text_follows_openai(ours):
     # OpenAI's tokenizer maps the literal special strings to their ids (open_clip renamed them)
-    assert ours.encode("a <|endoftext|> b") == [*ours.encode("a"), ours.eot_token, *ours.encode("b")]
+    expected = [*ours.encode("a"), ours.eot_token, *ours.encode("b")]
+    assert ours.encode("a <|endoftext|> b") == expected
     assert ours.decode([ours.sot_token, ours.eot_token]) == "<|startoftext|><|endoftext|>"
 
 
@@ -215,6 +222,10 @@ def test_bad_inputs(ours, tmp_path):
     truncated.write_bytes(gzip.compress("\n".join(lines).encode("utf-8")))
     with pytest.raises(ValueError, match="not a complete CLIP BPE vocabulary"):
         T.SimpleTokenizer(truncated)
+    not_gzip = tmp_path / "plain.txt.gz"
+    not_gzip.write_text("#version: 0.2\ni n\n")
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        T.SimpleTokenizer(not_gzip)
 
 
 def test_module_is_standalone(tmp_path):
