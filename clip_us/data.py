@@ -448,7 +448,8 @@ def imaging_box(gray: np.ndarray, threshold: int = 10) -> tuple[int, int, int, i
     H, W = gray.shape
     step = max(1, max(H, W) // 256)            # the box needs no more than ~256 px resolution
     fg = gray[::step, ::step] > threshold
-    fg = ndimage.binary_opening(fg, structure=np.ones((5, 5), bool))
+    # Opening with a 5 x 5 square, as separable min/max filters (several times faster).
+    fg = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=5), size=5)
     lab, n = ndimage.label(fg)
     if n == 0:
         return 0, H, 0, W
@@ -525,11 +526,14 @@ def augment(im: Image.Image, mask: Image.Image | None, size: int):
 # ----------------------------------------------------------------------------- data set
 def to_tensor(im: Image.Image, clip_norm: bool) -> torch.Tensor:
     """uint8 grayscale [S, S] -> float [3, S, S], CLIP-normalised or in [0, 1]."""
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
-    x = x.unsqueeze(0).repeat(3, 1, 1)          # [S, S] -> [3, S, S]: grayscale to RGB
-    if clip_norm:
-        x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    return x
+    # In numpy, in one pass: small torch ops in a loader process cost more than the maths.
+    mean, std = (_MEAN_STD if clip_norm else _RAW)
+    x = np.asarray(im, dtype=np.float32)[None] / 255.0         # [S, S] -> [1, S, S]
+    return torch.from_numpy((x - mean) / std)                  # [1, S, S] -> [3, S, S]
+
+
+_MEAN_STD = (np.float32(CLIP_MEAN).reshape(3, 1, 1), np.float32(CLIP_STD).reshape(3, 1, 1))
+_RAW = (np.zeros((3, 1, 1), np.float32), np.ones((3, 1, 1), np.float32))
 
 
 class UltrasoundDataset(Dataset):
@@ -563,7 +567,7 @@ class UltrasoundDataset(Dataset):
             im, mask = augment(im, mask, self.cfg.size)
         out = {"image": to_tensor(im, self.cfg.clip_norm), "label": it.label, "path": str(it.image)}
         if mask is not None:
-            out["mask"] = torch.from_numpy(np.asarray(mask) > 127).long()
+            out["mask"] = torch.from_numpy((np.asarray(mask) > 127).astype(np.int64))
         return out
 
 

@@ -88,17 +88,21 @@ def _grid(S: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _interp_matrix(S: int, cells: int) -> np.ndarray:
-    """[S, cells + 1] linear interpolation weights from a coarse grid to S samples."""
+def _interp_weights(S: int, cells: int) -> tuple:
+    """For S samples over a grid of cells + 1 knots: left knot index and right-knot weight."""
     pos = np.linspace(0, cells, S, dtype=np.float32)
-    return np.maximum(0, 1 - np.abs(pos[:, None] - np.arange(cells + 1, dtype=np.float32)))
+    i0 = np.minimum(pos.astype(np.int64), cells - 1)
+    return i0, (pos - i0)
 
 
 def _smooth_noise(rng, S: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly up-sampled to S x S
-    (separable, as two small matrix products; much faster than ndimage.zoom)."""
-    W = _interp_matrix(S, cells)
-    return W @ rng.random((cells + 1, cells + 1), dtype=np.float32) @ W.T
+    """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly up-sampled to S x S,
+    rows then columns. Plain indexing, no BLAS: tiny matrix products spin BLAS threads, which
+    is slow on a busy machine."""
+    i0, f = _interp_weights(S, cells)
+    c = rng.random((cells + 1, cells + 1), dtype=np.float32)
+    rows = c[i0] * (1 - f)[:, None] + c[i0 + 1] * f[:, None]          # [S, cells + 1]
+    return rows[:, i0] * (1 - f) + rows[:, i0 + 1] * f                  # [S, S]
 
 
 # ----------------------------------------------------------------------------- tissue
