@@ -8,6 +8,9 @@ open_clip's conventions for the tensor it returns:
    `bpe_simple_vocab_16e6.txt.gz`, which ships beside this file;
 4. `tokenize` wraps the ids in start/end-of-text tokens and zero-pads to 77: [N, 77] LongTensor.
 Token ids equal OpenAI's and open_clip's (tests/test_tokenizer.py checks them against open_clip).
+One deliberate difference from open_clip: as in OpenAI's code, the literal strings "<|startoftext|>"
+and "<|endoftext|>" in a text become the special ids (open_clip renamed its specials
+"<start_of_text>"/"<end_of_text>" and matches those instead).
 
 Speed: the cache maps a whole whitespace-separated chunk ("cm,", "1.2", "hypoechoic") to its ids,
 so a repeated word costs one dict lookup, with no regex and no BPE. Pure printable-ASCII text skips
