@@ -1,0 +1,367 @@
+"""Evaluation metrics: segmentation (Dice, IoU, HD95, ASD/ASSD), classification (accuracy, ROC-AUC,
+binary report, bootstrap CI), and image–text retrieval / alignment scores.
+
+Stand-alone: numpy, scipy and torch only, nothing else from clip_us, so the file can be copied.
+
+Segmentation follows MONAI's definitions (``monai.metrics``), which the official code of paper 003
+(jinggqu/NextGen-UIA) used, per image, in pixels unless ``spacing`` is given:
+
+- Boundary ("edge") of a mask = mask XOR its binary erosion by the cross-shaped structuring element
+  (4-connectivity in 2-D, 6 in 3-D), with everything outside the image counted as background, so
+  pixels on the image border are boundary pixels. This is ``monai.metrics.utils.get_mask_edges``
+  (crop to the union's box + 1, ``scipy.ndimage.binary_erosion``, XOR) and medpy's
+  ``__surface_distances``; both give the same boundary.
+- Distances are Euclidean from each boundary pixel of one mask to the nearest boundary pixel of the
+  other (MONAI uses a KD-tree, medpy a distance transform; same values). We crop both masks to the
+  joint bounding box plus a 1-pixel zero margin and run ``scipy.ndimage.distance_transform_edt``
+  on the boundary complement: the crop is exact because every boundary pixel lies inside the box.
+- HD95 (MONAI, default): max of the two *directed* 95th percentiles. medpy's ``hd95`` takes the 95th
+  percentile of both directions *pooled* (``pooled=True`` here); on random blobs the two differ by
+  up to several pixels (MONAI's is usually, not always, the larger).
+- ASD (MONAI's default ``symmetric=False``): the *directed* mean distance from the prediction's
+  boundary to the ground truth's. The official code reports this as "ASD". medpy's ``asd(pred, gt)``
+  is the same directed quantity.
+- ASSD: mean of both directions' distances pooled (concatenated) — MONAI ``symmetric=True`` and
+  medpy 0.5 ``assd`` agree on this (it is not the average of the two directed means).
+
+Edge cases, as MONAI (medpy raises on empty masks):
+- both masks empty: hd95, asd, assd are nan; dice and iou are nan (``ignore_empty=True``).
+- exactly one mask empty: asd and assd are inf, but hd95 is nan: MONAI's distances are all inf and
+  ``torch.quantile`` of an all-inf array is nan (its plain Hausdorff distance, no percentile, would
+  be inf). dice and iou are nan if gt is empty, else 0.
+- masks touching the image border, single pixels, several components and holes need no special
+  case: border pixels are boundary, a single pixel is its own boundary, holes have inner boundaries.
+MONAI computes in float32; we keep float64 (medpy's precision), so values agree with MONAI to
+float32 rounding (relative ~1e-7) and with medpy exactly.
+``segmentation_report`` drops non-finite per-image values and counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import distance_transform_edt
+from scipy.stats import rankdata
+
+SEG_METRICS = ("dice", "iou", "hd95", "asd_directed", "assd")
+
+
+# ----------------------------------------------------------------------------- input checks
+def _as_mask(x, name: str) -> np.ndarray:
+    """A boolean numpy mask from a bool/0-1 numpy array or torch tensor."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype != bool:
+        if not np.all((x == 0) | (x == 1)):
+            raise ValueError(f"metrics: {name} must be a binary mask (bool or 0/1 values); "
+                             f"threshold or argmax your prediction first (got dtype {x.dtype}).")
+        x = x != 0
+    return x
+
+
+def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    p, g = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    if p.shape != g.shape or p.ndim not in (2, 3):
+        raise ValueError(f"metrics: pred and gt must be 2-D or 3-D masks of the same shape, "
+                         f"got {p.shape} and {g.shape}; pass one image at a time (no batch axis).")
+    return p, g
+
+
+def _spacing(spacing, ndim: int):
+    if spacing is None:
+        return None
+    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,))
+    if not np.all(s > 0):
+        raise ValueError(f"metrics: spacing must be positive, one value or one per axis; got {spacing}.")
+    return tuple(s)
+
+
+# ----------------------------------------------------------------------------- overlap
+def dice(pred, gt, ignore_empty: bool = True) -> float:
+    """2|P∩G| / (|P|+|G|), as MONAI DiceMetric. Empty gt: nan (``ignore_empty``), else 1 if pred is
+    empty too and 0 otherwise."""
+    p, g = _pair(pred, gt)
+    n_p, n_g = np.count_nonzero(p), np.count_nonzero(g)
+    if n_g == 0:
+        return math.nan if ignore_empty else float(n_p == 0)
+    return 2.0 * np.count_nonzero(p & g) / (n_p + n_g)
+
+
+def iou(pred, gt, ignore_empty: bool = True) -> float:
+    """|P∩G| / |P∪G|, as MONAI MeanIoU; empty gt handled as in :func:`dice`."""
+    p, g = _pair(pred, gt)
+    inter, union = np.count_nonzero(p & g), np.count_nonzero(p | g)
+    if not g.any():
+        return math.nan if ignore_empty else float(union == 0)
+    return inter / union
+
+
+# ----------------------------------------------------------------------------- surface distances
+def _crop(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the bounding box of p|g and surrounded by one ring of zeros (so the
+    erosion sees background outside the image, like scipy's border_value=0)."""
+    union = p | g
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(hit[0], hit[-1] + 1))
+    box = tuple(box)
+    inner = (slice(1, -1),) * union.ndim
+    out = []
+    for m in (p, g):
+        padded = np.zeros([s.stop - s.start + 2 for s in box], dtype=bool)  # box + 1 on each side
+        padded[inner] = m[box]
+        out.append(padded)
+    return out[0], out[1]
+
+
+def _boundary(padded: np.ndarray) -> np.ndarray:
+    """Mask minus its erosion by the cross (4-/6-connectivity); input has a zero ring, output is
+    the box without the ring."""
+    inner = (slice(1, -1),) * padded.ndim
+    core = padded[inner]
+    eroded = core.copy()
+    for axis in range(padded.ndim):  # a pixel survives only if both neighbours on every axis are set
+        for shift in (slice(None, -2), slice(2, None)):
+            eroded &= padded[inner[:axis] + (shift,) + inner[axis + 1:]]
+    return core & ~eroded
+
+
+def _edges(pred, gt):
+    """Boundaries of both masks on their joint bounding box, or, for empty masks, the float every
+    distance metric takes (MONAI): nan when both are empty, inf when only one is."""
+    p, g = _pair(pred, gt)
+    has_p, has_g = p.any(), g.any()
+    if not (has_p and has_g):
+        return math.inf if (has_p or has_g) else math.nan
+    ep, eg = (_boundary(m) for m in _crop(p, g))
+    return ep, eg
+
+
+def _directed(src: np.ndarray, dst: np.ndarray, sampling) -> np.ndarray:
+    """Distance from each pixel of boundary `src` to the nearest pixel of boundary `dst`.
+
+    The EDT of ``~dst`` gives every pixel's nearest `dst` pixel (feature transform); we turn it into
+    distances only at the `src` pixels, with scipy's own arithmetic (so values are bit-identical to
+    ``distance_transform_edt(~dst, sampling)[src]``) but without its full-image float passes.
+    """
+    nearest = distance_transform_edt(~dst, sampling=sampling, return_distances=False, return_indices=True)
+    at = np.nonzero(src)  # C order, like boolean indexing
+    sq = np.zeros(len(at[0]))
+    for axis, idx in enumerate(at):
+        delta = (nearest[axis][at] - idx).astype(np.float64)
+        if sampling is not None:
+            delta *= sampling[axis]
+        sq += delta * delta
+    return np.sqrt(sq)
+
+
+def surface_distances(pred, gt, spacing=None, symmetric: bool = True):
+    """Boundary distances (pred→gt, gt→pred) as float64 arrays — only (pred→gt,) when not
+    ``symmetric``; for empty masks a float instead (nan both empty, inf one empty)."""
+    edges = _edges(pred, gt)
+    sampling = _spacing(spacing, np.ndim(pred))  # checked before the empty-mask shortcut
+    if isinstance(edges, float):
+        return edges
+    ep, eg = edges
+    if not symmetric:
+        return (_directed(ep, eg, sampling),)
+    return _directed(ep, eg, sampling), _directed(eg, ep, sampling)
+
+
+def hd95(pred, gt, spacing=None, pooled: bool = False, percentile: float = 95.0) -> float:
+    """95th-percentile Hausdorff distance. Default (MONAI): max of the two directed percentiles.
+    ``pooled=True`` (medpy): the percentile of both directions' distances together."""
+    d = surface_distances(pred, gt, spacing)
+    if isinstance(d, float):  # an empty mask: nan, also when only one is empty (see module docstring)
+        return math.nan
+    if pooled:
+        return float(np.percentile(np.concatenate(d), percentile))
+    return float(max(np.percentile(d[0], percentile), np.percentile(d[1], percentile)))
+
+
+def asd(pred, gt, symmetric: bool = False, spacing=None) -> float:
+    """Average surface distance. Default (MONAI, and the official code's "ASD"): directed, mean over
+    the prediction's boundary of the distance to gt's boundary. ``symmetric=True``: see :func:`assd`."""
+    d = surface_distances(pred, gt, spacing, symmetric=symmetric)
+    if isinstance(d, float):
+        return d
+    return float(np.concatenate(d).mean())
+
+
+def assd(pred, gt, spacing=None) -> float:
+    """Average symmetric surface distance: mean of both directions' distances pooled
+    (MONAI ``symmetric=True`` == medpy ``assd``)."""
+    return asd(pred, gt, symmetric=True, spacing=spacing)
+
+
+# ----------------------------------------------------------------------------- aggregation
+def summarize(values: Sequence[float]) -> dict:
+    """mean/std (population, ddof=0) over the finite values; counts what was dropped. JSON-ready:
+    mean/std are None when nothing finite is left."""
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    kept = v[np.isfinite(v)]
+    n = int(kept.size)
+    return {"mean": float(kept.mean()) if n else None, "std": float(kept.std()) if n else None,
+            "n": n, "n_dropped": int(v.size - n)}
+
+
+def segmentation_report(preds, gts=None, spacing=None) -> dict:
+    """Per-image metrics averaged over images, non-finite values dropped and counted.
+
+    Two forms: ``segmentation_report(preds, gts)`` computes dice, iou, hd95, asd_directed and assd
+    for each (pred, gt) pair; ``segmentation_report({"dice": [...], ...})`` summarises per-image
+    values already computed. Returns ``{metric: {"mean", "std", "n", "n_dropped"}}``.
+    """
+    if gts is None:
+        if not isinstance(preds, Mapping):
+            raise TypeError("segmentation_report: pass (preds, gts) or one dict {metric: [values]}.")
+        return {k: summarize(v) for k, v in preds.items()}
+    preds, gts = list(preds), list(gts)
+    if len(preds) != len(gts):
+        raise ValueError(f"segmentation_report: {len(preds)} predictions but {len(gts)} ground truths.")
+    rows = {k: [] for k in SEG_METRICS}
+    for p, g in zip(preds, gts):
+        rows["dice"].append(dice(p, g))
+        rows["iou"].append(iou(p, g))
+        rows["hd95"].append(hd95(p, g, spacing))
+        rows["asd_directed"].append(asd(p, g, spacing=spacing))
+        rows["assd"].append(assd(p, g, spacing))
+    return {k: summarize(v) for k, v in rows.items()}
+
+
+# ----------------------------------------------------------------------------- classification
+def _vector(x, name: str, dtype=np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    v = np.asarray(x, dtype=dtype).reshape(-1)
+    if v.size == 0 or (dtype == np.float64 and not np.all(np.isfinite(v))):
+        raise ValueError(f"metrics: {name} must be a non-empty vector of finite numbers.")
+    return v
+
+
+def _labels(labels) -> np.ndarray:
+    y = _vector(labels, "labels")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("metrics: labels must be 0 (benign, negative) or 1 (malignant, positive).")
+    return y.astype(np.int64)
+
+
+def accuracy(preds, labels) -> float:
+    """Fraction of predicted class indices equal to the labels."""
+    p, y = _vector(preds, "preds"), _vector(labels, "labels")
+    if p.shape != y.shape:
+        raise ValueError(f"accuracy: {p.size} predictions but {y.size} labels.")
+    return float(np.mean(p == y))
+
+
+def roc_auc(scores, labels) -> float:
+    """ROC-AUC as the Mann–Whitney U statistic: P(score_pos > score_neg) + ½ P(tie), which is what
+    scikit-learn's trapezoidal ``roc_auc_score`` gives with ties. Class 1 is positive."""
+    s, y = _vector(scores, "scores"), _labels(labels)
+    if s.shape != y.shape:
+        raise ValueError(f"roc_auc: {s.size} scores but {y.size} labels.")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc: only one class is present in labels; ROC-AUC is undefined. "
+                         "Evaluate on a set with both benign (0) and malignant (1) cases.")
+    ranks = rankdata(s)  # average ranks: a tie between a positive and a negative counts ½
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_report(probs, labels, threshold: float = 0.5) -> dict:
+    """Acc, AUC, sensitivity, specificity, F1 and the confusion matrix [[TN, FP], [FN, TP]] with
+    malignant (1) as the positive class. Predicted positive when prob > threshold (strictly, like
+    argmax over two classes, which picks class 0 on a tie). Needs both classes (for AUC)."""
+    p, y = _vector(probs, "probs"), _labels(labels)
+    auc = roc_auc(p, y)
+    pred = (p > threshold).astype(np.int64)
+    tp, fp = int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0)))
+    fn, tn = int(np.sum((pred == 0) & (y == 1))), int(np.sum((pred == 0) & (y == 0)))
+    return {"acc": (tp + tn) / y.size, "auc": auc, "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp), "f1": 2 * tp / (2 * tp + fp + fn),
+            "confusion_matrix": [[tn, fp], [fn, tp]], "threshold": threshold, "n": int(y.size)}
+
+
+def bootstrap_ci(metric_fn: Callable, *arrays, n: int = 1000, seed: int = 0, level: float = 0.95,
+                 strata=None) -> dict:
+    """Percentile bootstrap CI of ``metric_fn(*arrays)`` (EchoCare-CLIP reports these).
+
+    Rows are resampled with replacement, the same rows for every array. ``strata`` (e.g. the labels)
+    resamples within each stratum, keeping class counts fixed: use it for AUC, which is undefined
+    on a resample with one class (such a resample raises; we never skip resamples silently).
+    Returns ``{"value", "low", "high", "level", "n"}``.
+    """
+    arrays = [np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in arrays]
+    size = len(arrays[0])
+    if any(len(a) != size for a in arrays) or size == 0:
+        raise ValueError("bootstrap_ci: arrays must be non-empty and of equal length.")
+    groups = [np.arange(size)] if strata is None else \
+        [np.flatnonzero(np.asarray(strata) == s) for s in np.unique(strata)]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n)
+    for b in range(n):
+        idx = np.concatenate([rng.choice(g, size=g.size, replace=True) for g in groups])
+        stats[b] = metric_fn(*(a[idx] for a in arrays))
+    tail = 100 * (1 - level) / 2
+    return {"value": float(metric_fn(*arrays)), "low": float(np.percentile(stats, tail)),
+            "high": float(np.percentile(stats, 100 - tail)), "level": level, "n": n}
+
+
+# ----------------------------------------------------------------------------- retrieval / alignment
+def _embeddings(img, txt) -> tuple[np.ndarray, np.ndarray]:
+    a, b = (np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+            for x in (img, txt))
+    if a.ndim != 2 or a.shape != b.shape or a.shape[0] < 2:
+        raise ValueError(f"metrics: img and txt must be paired [N, D] embeddings with N >= 2, "
+                         f"got {a.shape} and {b.shape}.")
+    for name, e in (("img", a), ("txt", b)):
+        if not np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-3):
+            raise ValueError(f"metrics: {name} embeddings are not L2-normalised; divide each row "
+                             f"by its norm first (e.g. F.normalize(x, dim=-1)).")
+    return a, b
+
+
+def _ranks(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """For each row, how many non-matching columns score >= its best matching column (0 = hit@1).
+    Ties count against the hit, so collapsed embeddings score R@1 = 0, not 1."""
+    best = np.where(match, sim, -np.inf).max(axis=1, keepdims=True)
+    return np.count_nonzero((sim >= best) & ~match, axis=1)
+
+
+def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10), groups=None, chunk: int = 1024) -> dict:
+    """Recall@K for image→text and text→image on paired rows (row i of img goes with row i of txt).
+
+    Duplicate captions: by default only the paired index counts as a hit, so two images with an
+    identical caption tie, and ties count as misses. Pass ``groups`` (one hashable per row) to let
+    any row of the same group count as a hit in both directions: image ids when an image has several
+    captions, or the caption strings themselves so that identical captions are interchangeable.
+    Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}`` as fractions in [0, 1].
+    """
+    a, b = _embeddings(img, txt)
+    g = np.arange(len(a)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    if len(g) != len(a):
+        raise ValueError(f"retrieval_recall: {len(g)} group ids for {len(a)} pairs.")
+    ranks = {"i2t": [], "t2i": []}
+    for start in range(0, len(a), chunk):  # [chunk, N] similarity blocks keep memory O(chunk·N)
+        rows = slice(start, start + chunk)
+        match = g[rows, None] == g[None, :]
+        ranks["i2t"].append(_ranks(a[rows] @ b.T, match))
+        ranks["t2i"].append(_ranks(b[rows] @ a.T, match))
+    return {f"{d}_R@{k}": float(np.mean(np.concatenate(r) < k)) for d, r in ranks.items() for k in ks}
+
+
+def alignment_scores(img, txt) -> dict:
+    """EchoCare-CLIP alignment: paired = mean cosine of matched pairs, cross = mean cosine over i≠j,
+    gap = paired − cross (paired alone rewards collapsed embeddings; always report all three)."""
+    a, b = _embeddings(img, txt)
+    n = len(a)
+    paired_sum = float(np.einsum("nd,nd->", a, b))
+    total = float(a.sum(0) @ b.sum(0))  # Σ_ij a_i·b_j without the [N, N] matrix
+    paired, cross = paired_sum / n, (total - paired_sum) / (n * (n - 1))
+    return {"paired": paired, "cross": cross, "gap": paired - cross}
