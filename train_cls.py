@@ -37,7 +37,6 @@ class Config(engine.SupervisedConfig):
     cls_head: str = field(default="mlp", metadata={"choices": ["mlp", "pool"]})
     focal: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"],
                                                     "help": "MONAI FocalLoss variant"})
-    num_classes: int = 2
     threshold: float = 0.5
 
 
@@ -60,7 +59,9 @@ log = engine.JsonlLogger(out / "log.jsonl", enabled=main).log
 data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
                       size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
                       nextgen_name=cfg.nextgen_name or None,
-                      split_path=str(out / "split.json"), train_aug=True)
+                      split_path=str(out / "split.json"), train_aug=True,
+                      keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n,
+                      phantom_size=cfg.phantom_size)
 train_set, val_set, test_set, data_info = build_datasets(data_cfg)
 if cfg.eval_only:  # an external test set (e.g. LN-2) is used whole
     test_set = torch.utils.data.ConcatDataset([train_set, val_set, test_set])
@@ -81,16 +82,23 @@ def predict(model, dataset) -> list[dict]:
         with engine.autocast(device, cfg.amp):
             logits = model(batch["image"].to(device)).float()
         # Softmax over classes gives P(malignant), thresholded at 0.5, as the official code does.
-        probs = logits.softmax(-1)[:, 1].cpu().tolist()
-        rows += [{"path": p, "prob": q, "label": int(y)}
-                 for p, q, y in zip(batch["path"], probs, batch["label"])]
+        probs = logits.softmax(-1)
+        rows += [{"path": p, "prob": float(q[1]), "pred": int(q.argmax()), "label": int(y)}
+                 for p, q, y in zip(batch["path"], probs.cpu(), batch["label"])]
     return engine.gather_list(rows)
 
 
 def evaluate(model, dataset) -> tuple[float, dict, list]:
     rows = predict(model, dataset)
-    report = metrics.binary_report([r["prob"] for r in rows], [r["label"] for r in rows],
+    if not cfg.keep_normal:
+        report = metrics.binary_report([r["prob"] for r in rows], [r["label"] for r in rows],
+                                       threshold=cfg.threshold)
+        return report["acc"], report, rows
+    # With BUSI's normal class (2): accuracy over three classes; AUC, sensitivity, specificity
+    # and F1 for malignant against the rest.
+    report = metrics.binary_report([r["prob"] for r in rows], [int(r["label"] == 1) for r in rows],
                                    threshold=cfg.threshold)
+    report["acc"] = metrics.accuracy([r["pred"] for r in rows], [r["label"] for r in rows])
     return report["acc"], report, rows
 
 
@@ -98,7 +106,8 @@ def evaluate(model, dataset) -> tuple[float, dict, list]:
 per_seed, cache = [], {}
 for seed in cfg.seeds:
     cfg.seed_now = seed
-    model = make_task_model(cfg, "cls", adapter_cfg, cache, device, seed)
+    model = make_task_model(cfg, "cls", adapter_cfg, cache, device, seed,
+                            num_classes=3 if cfg.keep_normal else 2)
     if main:
         print(f"seed {seed}: {format_count(model)}")
     if cfg.eval_only:

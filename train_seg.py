@@ -56,7 +56,9 @@ log = engine.JsonlLogger(out / "log.jsonl", enabled=main).log
 data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="seg",
                       size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
                       nextgen_name=cfg.nextgen_name or None,
-                      split_path=str(out / "split.json"), train_aug=True)
+                      split_path=str(out / "split.json"), train_aug=True,
+                      keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n,
+                      phantom_size=cfg.phantom_size)
 train_set, val_set, test_set, data_info = build_datasets(data_cfg)
 if cfg.eval_only:  # an external test set (e.g. LN-2) is used whole
     test_set = torch.utils.data.ConcatDataset([train_set, val_set, test_set])

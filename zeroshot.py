@@ -38,6 +38,8 @@ class Config:
     data_root: str = ""
     nextgen_name: str = ""
     split: str = field(default="test", metadata={"choices": ["test", "all"]})
+    phantom_n: int = 200
+    phantom_size: int = 256
     image_size: int = 224
     clip_norm: bool = True
     skip_bad: bool = False
@@ -96,7 +98,7 @@ text = encode_prompts(class_prompts)
 data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
                       size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
                       nextgen_name=cfg.nextgen_name or None, split_path=str(out / "split.json"),
-                      train_aug=False)
+                      train_aug=False, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
 train_set, val_set, test_set, info = build_datasets(data_cfg)
 dataset = test_set if cfg.split == "test" else torch.utils.data.ConcatDataset(
     [train_set, val_set, test_set])

@@ -1,4 +1,11 @@
-"""clip_us: a minimal pure-PyTorch reference implementation of CLIP adaptation for ultrasound."""
+"""clip_us: a minimal pure-PyTorch reference implementation of CLIP adaptation for ultrasound.
+
+    import clip_us
+    model, preprocess = clip_us.load("ViT-B/16")          # OpenAI weights, cached and checksummed
+    tokens = clip_us.tokenize(["an ultrasound image of a benign lesion."])
+    text = model.encode_text(tokens)                      # not normalised, as OpenAI's
+"""
 from .model import ARCHS, CLIP, CLIPConfig, build_model
+from .tokenizer import SimpleTokenizer, default_tokenizer, tokenize
 
 __version__ = "0.1.0"

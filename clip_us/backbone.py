@@ -10,7 +10,6 @@ import torch
 from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
 from .engine import ADAPTER_KEYS, freeze_blocks_after, load_checkpoint
 from .model import build_model
-from .weights import load_state_dict
 
 
 def load_clip_state(weights: str, arch: str, quick_gelu=None):
@@ -24,6 +23,7 @@ def load_clip_state(weights: str, arch: str, quick_gelu=None):
         torch.manual_seed(0)  # the same random backbone for every seed and every script
         model = build_model(config=arch, quick_gelu=quick_gelu)
         return model.state_dict(), model.config
+    from .weights import load_state_dict  # file formats, downloads: only when weights are named
     sd, info = load_state_dict(weights, quick_gelu=quick_gelu)
     return sd, info
 
@@ -54,7 +54,8 @@ def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None):
     return model
 
 
-def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int):
+def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int,
+                    num_classes: int = 2):
     """CLIP (+ adapters, + --init) -> vision tower + head, with the official freezing rule.
 
     The official code trains every backbone parameter whose name has "mona" and nothing else of
@@ -65,7 +66,7 @@ def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, dev
     torch.manual_seed(seed)
     clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None)
     model = build_task_model(clip.visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
-                             num_classes=getattr(cfg, "num_classes", 2),
+                             num_classes=num_classes,
                              cls_head=getattr(cfg, "cls_head", "mlp"))
     for name, p in model.named_parameters():
         is_adapter = any(a in name for a in ADAPTER_KEYS)

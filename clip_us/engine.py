@@ -166,6 +166,9 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
     try:
         yield tmp
         os.replace(tmp, path)
@@ -243,6 +246,9 @@ class SupervisedConfig:
                                                       "folder, nextgen, phantom"})
     data_root: str = field(default="", metadata={"help": "dataset folder ('' = default)"})
     nextgen_name: str = field(default="", metadata={"help": "<DS> for the nextgen layout"})
+    phantom_n: int = field(default=200, metadata={"help": "phantom: number of images"})
+    phantom_size: int = field(default=256, metadata={"help": "phantom: image side in pixels"})
+    keep_normal: bool = field(default=False, metadata={"help": "BUSI normal images as class 2"})
     image_size: int = 224
     clip_norm: bool = field(default=True, metadata={"help": "CLIP mean/std; --no-clip-norm "
                                                     "feeds [0,1] pixels as the official code"})

@@ -67,8 +67,8 @@ def load_prompt_file(path, classes=CLASSES[:2]) -> dict[str, list[str]]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read prompt file {path}: {e}") from e
-    missing = [c for c in classes if not data.get(c)]
-    if missing or not isinstance(data, dict):
+    missing = [c for c in classes if not isinstance(data, dict) or not data.get(c)]
+    if missing:
         raise ValueError(f"prompt file {path} must map each of {list(classes)} to a non-empty "
                          f"list of prompts; missing or empty: {missing}")
     return {c: [data[c]] if isinstance(data[c], str) else list(data[c]) for c in classes}
