@@ -74,8 +74,9 @@ def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
 def _spacing(spacing, ndim: int):
     if spacing is None:
         return None
-    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,))
-    if not np.all(s > 0):
+    s = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    s = np.repeat(s, ndim) if s.size == 1 else s
+    if s.size != ndim or not np.all(s > 0):
         raise ValueError(f"metrics: spacing must be positive, one value or one per axis; got {spacing}.")
     return tuple(s)
 
@@ -131,10 +132,9 @@ def _boundary(padded: np.ndarray) -> np.ndarray:
     return core & ~eroded
 
 
-def _edges(pred, gt):
+def _edges(p: np.ndarray, g: np.ndarray):
     """Boundaries of both masks on their joint bounding box, or, for empty masks, the float every
     distance metric takes (MONAI): nan when both are empty, inf when only one is."""
-    p, g = _pair(pred, gt)
     has_p, has_g = p.any(), g.any()
     if not (has_p and has_g):
         return math.inf if (has_p or has_g) else math.nan
@@ -163,8 +163,9 @@ def _directed(src: np.ndarray, dst: np.ndarray, sampling) -> np.ndarray:
 def surface_distances(pred, gt, spacing=None, symmetric: bool = True):
     """Boundary distances (pred→gt, gt→pred) as float64 arrays — only (pred→gt,) when not
     ``symmetric``; for empty masks a float instead (nan both empty, inf one empty)."""
-    edges = _edges(pred, gt)
-    sampling = _spacing(spacing, np.ndim(pred))  # checked before the empty-mask shortcut
+    p, g = _pair(pred, gt)
+    sampling = _spacing(spacing, p.ndim)  # checked before the empty-mask shortcut
+    edges = _edges(p, g)
     if isinstance(edges, float):
         return edges
     ep, eg = edges
@@ -173,15 +174,29 @@ def surface_distances(pred, gt, spacing=None, symmetric: bool = True):
     return _directed(ep, eg, sampling), _directed(eg, ep, sampling)
 
 
+def _percentile(d: np.ndarray, q: float) -> float:
+    """``np.percentile(d, q)`` (linear method, same arithmetic, so identical values) via a partial
+    sort, several times faster on the few hundred distances of one mask pair."""
+    pos = (d.size - 1) * (q / 100)
+    lo = int(pos)
+    hi = min(lo + 1, d.size - 1)
+    part = np.partition(d, (lo, hi))
+    a, b, t = part[lo], part[hi], pos - lo
+    diff = b - a
+    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)  # numpy's _lerp
+
+
 def hd95(pred, gt, spacing=None, pooled: bool = False, percentile: float = 95.0) -> float:
     """95th-percentile Hausdorff distance. Default (MONAI): max of the two directed percentiles.
     ``pooled=True`` (medpy): the percentile of both directions' distances together."""
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"hd95: percentile must be in [0, 100], got {percentile}.")
     d = surface_distances(pred, gt, spacing)
     if isinstance(d, float):  # an empty mask: nan, also when only one is empty (see module docstring)
         return math.nan
     if pooled:
-        return float(np.percentile(np.concatenate(d), percentile))
-    return float(max(np.percentile(d[0], percentile), np.percentile(d[1], percentile)))
+        return _percentile(np.concatenate(d), percentile)
+    return max(_percentile(d[0], percentile), _percentile(d[1], percentile))
 
 
 def asd(pred, gt, symmetric: bool = False, spacing=None) -> float:

@@ -46,7 +46,8 @@ def test_focal_matches_monai(use_softmax, alpha):
     from monai.losses import FocalLoss
     ref_fn = FocalLoss(to_onehot_y=True, use_softmax=use_softmax, alpha=alpha)
     # MONAI's FocalLoss builds float32 one-hot targets, so compare in float32
-    for logits, target in (random_seg((16,), 2, 0, torch.float32), random_seg((3, 12, 12), 3, 1, torch.float32)):
+    cases = (random_seg((16,), 2, 0, torch.float32), random_seg((3, 12, 12), 3, 1, torch.float32))
+    for logits, target in cases:
         ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
         ours = focal_loss(ours_in, target, alpha=alpha, use_softmax=use_softmax)
         ref = ref_fn(ref_in, target)

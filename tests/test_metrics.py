@@ -71,6 +71,14 @@ def test_distances_match_monai_and_medpy(shape, n):
     assert pooled_differs > 0  # the two HD95 definitions really differ on random blobs
 
 
+def test_percentile_is_numpys():
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 3, 20, 21, 300):
+        d = np.sqrt(rng.integers(0, 5000, n).astype(float))  # distance-like values with ties
+        for q in (0, 12.5, 50, 95, 100):
+            assert metrics._percentile(d, q) == np.percentile(d, q)
+
+
 def test_spacing_matches_monai_and_medpy():
     for p, g in random_pairs(8, (64, 48), seed=7):
         assert_same(ours_all(p, g, (0.7, 1.3)), monai_all(p, g, (0.7, 1.3)), rtol=1e-6)
@@ -156,6 +164,8 @@ def test_bad_segmentation_inputs_raise():
         metrics.asd(np.zeros((2, 1, 8, 8), bool), np.zeros((2, 1, 8, 8), bool))
     with pytest.raises(ValueError, match="spacing"):
         metrics.hd95(m, m, spacing=(1.0, -1.0))
+    with pytest.raises(ValueError, match="percentile"):
+        metrics.hd95(m, m, percentile=150)
 
 
 def test_segmentation_report_drops_and_counts_non_finite():
