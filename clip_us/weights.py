@@ -1,0 +1,464 @@
+"""CLIP weights: published names -> URL + SHA256, the download cache, and every checkpoint format
+turned into one OpenAI-named state dict.
+
+Follows OpenAI's `clip/clip.py` (`_MODELS`, `_download`, `load`) for names, URLs and the cache;
+Hugging Face's `convert_clip_original_pytorch_to_hf.py` (read backwards) for `CLIPModel` keys;
+open_clip's checkpoint layout (`state_dict`, `module.` prefixes), which MetaCLIP also uses.
+
+    model, preprocess = load("ViT-B/16")              # cache, else download (SHA256-checked)
+    sd, info = load_state_dict("path/to/hf_folder")   # OpenAI keys + info["config"]
+
+Formats (`load_state_dict` detects them from the file, not its name):
+- OpenAI TorchScript archives (`ViT-B-16.pt`): `torch.jit.load` on the CPU, and only `.state_dict()`
+  is read; nothing in the archive runs. (`torch.load(weights_only=True)` cannot read them.)
+- any other pickle (plain state dicts, open_clip/MetaCLIP checkpoints, HF `pytorch_model.bin`):
+  `torch.load(weights_only=True)`. A file that needs code to unpickle is refused, never run.
+- HF `model.safetensors`: read by `read_safetensors` below; the package is not a dependency.
+
+Activation (not visible in tensors; a wrong one silently costs accuracy, so it is printed):
+HF `config.json` decides when present; else `quick_gelu=`; else QuickGELU for OpenAI names and
+TorchScript archives (only OpenAI publishes those) and GELU for other files, open_clip's default.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from .model import ARCHS, CLIP, CLIPConfig, build_model, config_from_state_dict
+from .transform import Preprocess
+
+_URL = "https://openaipublic.azureedge.net/clip/models/{}/{}"
+# OpenAI's published ViT weights; the SHA256 is also the folder in the URL (OpenAI's convention).
+_MODELS = {
+    "ViT-B/32": _URL.format("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+                            "ViT-B-32.pt"),
+    "ViT-B/16": _URL.format("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+                            "ViT-B-16.pt"),
+    "ViT-L/14": _URL.format("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+                            "ViT-L-14.pt"),
+    "ViT-L/14@336px": _URL.format(
+        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
+}
+_RESNETS = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")  # published, but not ViTs
+_TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+_REQUIRED = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
+             "positional_embedding", "ln_final.weight", "text_projection")
+
+
+def available_models() -> list[str]:
+    """The names `load` downloads: OpenAI's published ViT CLIPs."""
+    return list(_MODELS)
+
+
+def model_sha256(name: str) -> str:
+    return _MODELS[name].split("/")[-2]
+
+
+# ----------------------------------------------------------------------------- cache, download
+def cache_dir(download_root: str | None = None) -> str:
+    """`download_root`, else $CLIP_US_CACHE, else ~/.cache/clip_us."""
+    root = download_root or os.environ.get("CLIP_US_CACHE") or "~/.cache/clip_us"
+    return os.path.expanduser(root)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dst, what: str) -> str:
+    """Stream `url` into the open file `dst` with a tqdm bar; return the SHA256 of the bytes."""
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url) as src:
+        total = int(src.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what) as bar:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def download(url: str, sha256: str, download_root: str | None = None) -> str:
+    """Path of `url`'s file in the cache, downloading it when absent or when its hash is wrong.
+
+    The bytes go to a temporary file in the cache folder, renamed only once the SHA256 matches,
+    so an interrupted or corrupted download never sits in the cache under the real name.
+    """
+    root = cache_dir(download_root)
+    target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target):
+        got = file_sha256(target)
+        if got == sha256:
+            return target
+        warnings.warn(f"{target} has SHA256 {got}, expected {sha256}: the cached file is corrupt "
+                      f"or incomplete; downloading it again")
+    os.makedirs(root, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            got = _fetch(url, dst, os.path.basename(target))
+        if got != sha256:
+            raise RuntimeError(f"downloaded {url} has SHA256 {got}, expected {sha256}: the "
+                               f"download is corrupt; nothing was written to {target}. Try again.")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"could not download {url} ({e}). Offline? Fetch that file on another machine and "
+            f"put it at {target} (SHA256 {sha256}); or set CLIP_US_CACHE / download_root to the "
+            f"folder that holds it, or pass the file's path instead of a name.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def resolve(name_or_path: str, download_root: str | None = None) -> str:
+    """A local file/folder path as given, or a published name -> its cached (or fetched) file."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    if name_or_path in _MODELS:
+        return download(_MODELS[name_or_path], model_sha256(name_or_path), download_root)
+    hint = " (ResNet CLIPs are not supported: only ViTs)" if name_or_path in _RESNETS else ""
+    raise FileNotFoundError(f"{name_or_path!r} is neither an existing file or folder nor a "
+                            f"model name{hint}; names: {available_models()}")
+
+
+# ----------------------------------------------------------------------------- file formats
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _st_header(path: str, f) -> tuple[dict, int]:
+    """(JSON header, payload size) of a safetensors file; a short file is named as truncated."""
+    size = os.path.getsize(path)
+    n = int.from_bytes(f.read(8), "little")
+    if size < 8 or n > size - 8:
+        raise ValueError(f"{path}: truncated safetensors file (header says {n} bytes, the file "
+                         f"has {size}); download or copy it again")
+    try:
+        return json.loads(f.read(n)), size - 8 - n
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: the safetensors header is not valid JSON ({e}); the file is "
+                         f"corrupt") from e
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file: 8-byte little-endian header length, JSON header, raw tensor bytes.
+
+    Each header entry is {"dtype", "shape", "data_offsets": [begin, end]}, offsets relative to
+    the payload after the header; "__metadata__" holds strings. Tensors are little-endian.
+    """
+    with open(path, "rb") as f:
+        header, payload_size = _st_header(path, f)
+        payload = bytearray(f.read())
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        dtype, shape = _ST_DTYPES[meta["dtype"]], meta["shape"]
+        begin, end = meta["data_offsets"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end > payload_size or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} needs bytes {begin}..{end} of a {payload_size}"
+                             f"-byte payload; the file is truncated or corrupt")
+        if numel == 0:  # frombuffer refuses empty views
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        buf = payload if begin % dtype.itemsize == 0 else bytearray(payload[begin:end])
+        off = begin if buf is payload else 0
+        out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=off).view(shape)
+    return out
+
+
+def _is_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"  # JSON header right after the 8-byte length
+
+
+def _is_torchscript(path: str) -> bool:
+    """TorchScript archives are zip files with compiled code and constants, unlike torch.save's."""
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _read_torchscript(path: str) -> dict:
+    try:
+        with warnings.catch_warnings():  # torch's "jit is deprecated" notice is not for our users
+            warnings.filterwarnings("ignore", message=".*deprecated", category=FutureWarning)
+            archive = torch.jit.load(path, map_location="cpu")  # compiled, never called
+    except RuntimeError as e:
+        raise ValueError(f"{path}: could not read the TorchScript archive ({e}); the file may be "
+                         f"corrupt: download or copy it again") from e
+    return {k: v.detach() for k, v in archive.state_dict().items()}
+
+
+def _read_pickle(path: str):
+    """torch.load(weights_only=True): tensors and plain containers only, nothing executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e}); the file is "
+                             f"truncated or corrupt") from e
+        raise ValueError(
+            f"refused to load {path}: unpickling it needs arbitrary code (torch says: "
+            f"{str(e).splitlines()[-1].strip()}). clip_us reads pickles only with "
+            f"weights_only=True and ran nothing. If you trust the file, re-save just its tensors: "
+            f"torch.save(state_dict, 'clean.pt').") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: could not read this checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]}); the file is truncated or corrupt: download or copy "
+                         f"it again") from e
+
+
+def _checkpoint_file(path: str) -> str:
+    """A folder (Hugging Face layout) -> its weights file."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"folder {path} has neither model.safetensors nor pytorch_model.bin; "
+                            f"pass a checkpoint file or a Hugging Face CLIPModel folder")
+
+
+def read_checkpoint(path: str) -> tuple[dict, str]:
+    """(raw tensors dict, "torchscript" | "safetensors" | "pickle") for a file or HF folder."""
+    path = _checkpoint_file(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty; download or copy it again")
+    if _is_safetensors(path):
+        return read_safetensors(path), "safetensors"
+    with open(path, "rb") as f:
+        is_zip_magic = f.read(2) == b"PK"
+    if is_zip_magic and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: truncated or corrupt zip archive (no central directory); "
+                         f"download or copy it again")
+    if is_zip_magic and _is_torchscript(path):
+        return _read_torchscript(path), "torchscript"
+    return _read_pickle(path), "pickle"
+
+
+# ----------------------------------------------------------------------------- key names
+_HF_TOWERS = (("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+              ("text_model.encoder.layers.", "transformer.resblocks."))
+_HF_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
+             "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_HF_TOP = {"vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+           "vision_model.embeddings.class_embedding": "visual.class_embedding",
+           "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+           "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+           "text_model.embeddings.position_embedding.weight": "positional_embedding",
+           "logit_scale": "logit_scale"}
+_HF_LN = {"vision_model.pre_layrnorm": "visual.ln_pre",  # sic: HF's spelling
+          "vision_model.post_layernorm": "visual.ln_post", "text_model.final_layer_norm": "ln_final"}
+_HF_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
+
+
+def is_hf(sd: dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
+
+
+def _hf_block_key(key: str) -> str | None:
+    """'vision_model.encoder.layers.3.mlp.fc1.weight' -> 'visual.transformer.resblocks.3.mlp.c_fc.weight'."""
+    for hf, ours in _HF_TOWERS:
+        if key.startswith(hf):
+            n, rest = key[len(hf):].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            if module in _HF_BLOCK:
+                return f"{ours}{n}.{_HF_BLOCK[module]}.{leaf}"
+    return None
+
+
+def _hf_qkv(sd: dict, out: dict, bad: list) -> None:
+    """Concatenate each block's q/k/v projections into OpenAI's packed in_proj (rows q, k, v)."""
+    for hf, ours in _HF_TOWERS:
+        blocks = {k[len(hf):].split(".")[0] for k in sd if k.startswith(hf)}
+        for n in sorted(blocks, key=int):
+            for leaf, packed in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
+                keys = [f"{hf}{n}.self_attn.{p}_proj.{leaf}" for p in "qkv"]
+                missing = [k for k in keys if k not in sd]
+                if missing:
+                    bad.extend(f"missing {k}" for k in missing)
+                    continue
+                out[f"{ours}{n}.attn.{packed}"] = torch.cat([sd[k] for k in keys])
+
+
+def hf_to_openai(sd: dict) -> dict:
+    """Hugging Face CLIPModel keys -> OpenAI keys; unknown keys are an error that lists them."""
+    out, bad = {}, []
+    _hf_qkv(sd, out, bad)
+    for k, v in sd.items():
+        if k.endswith("position_ids") or k.split(".")[-2:-1] in (["q_proj"], ["k_proj"], ["v_proj"]):
+            continue  # position_ids is an index buffer; q/k/v were packed above
+        module, _, leaf = k.rpartition(".")
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+        elif k in _HF_TRANSPOSED:
+            out[_HF_TRANSPOSED[k]] = v.t()  # nn.Linear weight [out, in] -> OpenAI's x @ proj
+        elif module in _HF_LN:
+            out[f"{_HF_LN[module]}.{leaf}"] = v
+        elif _hf_block_key(k):
+            out[_hf_block_key(k)] = v
+        else:
+            bad.append(f"unexpected {k}")
+    if bad:
+        raise ValueError(f"Hugging Face checkpoint is not a CLIPModel this code can convert: "
+                         f"{_listing(bad)}")
+    return out
+
+
+def _listing(items: list, n: int = 12) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
+
+
+def unwrap(obj, path: str) -> dict:
+    """open_clip/MetaCLIP checkpoints {"state_dict": {"module.<key>": ...}} -> a flat state dict."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        kind = type(obj).__name__ if not isinstance(obj, dict) else f"dict with keys {_listing(list(obj), 8)}"
+        raise ValueError(f"{path}: not a CLIP checkpoint: expected a state dict of tensors (or "
+                         f"one under 'state_dict'), found a {kind}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------- checks, config
+def check_state_dict(sd: dict, cfg: CLIPConfig, path: str) -> None:
+    """Missing, unexpected and wrongly shaped keys against a model of `cfg`, listed in one error."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: v.shape for k, v in CLIP(cfg).state_dict().items()}
+    bad = [f"missing {k}" for k in expected if k not in sd]
+    bad += [f"unexpected {k}" for k in sd if k not in expected]
+    bad += [f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(s)}"
+            for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if bad:
+        raise ValueError(f"{path}: not a CLIP ViT checkpoint of the inferred size "
+                         f"({len(bad)} problems): {_listing(bad)}")
+
+
+def _named_heads(cfg: CLIPConfig) -> CLIPConfig:
+    """Head counts are not in the tensors: take them from a named architecture of the same sizes
+    (the tiny one has 2 heads at width 64), else keep OpenAI's one head per 64 channels."""
+    for arch in ARCHS.values():
+        if replace(arch, vision_heads=cfg.vision_heads, transformer_heads=cfg.transformer_heads,
+                   quick_gelu=cfg.quick_gelu) == cfg:
+            return replace(cfg, vision_heads=arch.vision_heads,
+                           transformer_heads=arch.transformer_heads)
+    return cfg
+
+
+def hf_config(path: str) -> dict | None:
+    """The HF config.json beside a weights file (or inside its folder), if there is one."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+_HF_ACTS = {"quick_gelu": True, "gelu": False}
+
+
+def hf_settings(cfg: dict, path: str) -> dict:
+    """quick_gelu and head counts from an HF CLIPConfig; absent fields take HF's defaults
+    (save_pretrained writes only the fields that differ from them)."""
+    vis = cfg.get("vision_config") or cfg.get("vision_config_dict") or {}
+    txt = cfg.get("text_config") or cfg.get("text_config_dict") or {}
+    acts = {vis.get("hidden_act", "quick_gelu"), txt.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= set(_HF_ACTS):
+        raise ValueError(f"{path}: config.json asks for hidden_act {sorted(acts)}; clip_us supports "
+                         f"one of {sorted(_HF_ACTS)} shared by both towers")
+    return {"quick_gelu": _HF_ACTS[acts.pop()], "vision_heads": vis.get("num_attention_heads", 12),
+            "transformer_heads": txt.get("num_attention_heads", 8)}
+
+
+def choose_activation(quick_gelu, hf: dict | None, fmt: str, is_name: bool) -> tuple[bool, str]:
+    """(quick_gelu, why), by the precedence in the module docstring."""
+    if hf is not None:
+        if quick_gelu is not None and quick_gelu != hf["quick_gelu"]:
+            warnings.warn(f"quick_gelu={quick_gelu} ignored: config.json decides the activation")
+        return hf["quick_gelu"], "from config.json"
+    if quick_gelu is not None:
+        return quick_gelu, "from the quick_gelu argument"
+    if is_name or fmt == "torchscript":
+        return True, "OpenAI weights were trained with it"
+    return False, ("default for non-OpenAI checkpoints; pass quick_gelu=True for MetaCLIP or "
+                   "OpenAI-derived weights")
+
+
+# ----------------------------------------------------------------------------- public loaders
+def _to_openai(raw: dict, path: str) -> tuple[dict, str]:
+    """(OpenAI-named state dict, format name) from what read_checkpoint returned."""
+    sd = unwrap(raw, path)
+    fmt = "hf" if is_hf(sd) else "openai"
+    sd = hf_to_openai(sd) if fmt == "hf" else sd
+    sd = {k: v for k, v in sd.items() if k not in _TORCHSCRIPT_EXTRAS}
+    missing = [k for k in _REQUIRED if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: not a CLIP ViT checkpoint: missing {_listing(missing)}; "
+                         f"its keys start {_listing(sorted(sd), 8)}")
+    return sd, fmt
+
+
+def load_state_dict(name_or_path: str = "ViT-B/16", download_root: str | None = None,
+                    quick_gelu: bool | None = None) -> tuple[dict, dict]:
+    """Any supported checkpoint -> (state dict with OpenAI keys, info).
+
+    info: {"path", "format" ("torchscript" | "safetensors" | "pickle"), "keys" ("openai" | "hf"),
+    "config" (a CLIPConfig with the activation and head counts), "activation" (why)}.
+    The state dict is checked against a model of the inferred size; dtypes are kept as stored.
+    """
+    path = resolve(str(name_or_path), download_root)
+    raw, fmt = read_checkpoint(path)
+    sd, keys = _to_openai(raw, path)
+    hf = hf_config(path) if keys == "hf" else None
+    hf = hf_settings(hf, path) if hf is not None else None
+    qg, why = choose_activation(quick_gelu, hf, fmt, name_or_path in _MODELS)
+    heads = {k: hf[k] for k in ("vision_heads", "transformer_heads")} if hf else {}
+    cfg = config_from_state_dict(sd, quick_gelu=qg, **heads)
+    cfg = cfg if hf else _named_heads(cfg)
+    check_state_dict(sd, cfg, path)
+    print(f"clip_us: {name_or_path}: activation {'QuickGELU' if qg else 'GELU'} ({why})")
+    return sd, {"path": path, "format": fmt, "keys": keys, "config": cfg, "activation": why}
+
+
+def load(name_or_path: str = "ViT-B/16", device="cpu", download_root: str | None = None,
+         quick_gelu: bool | None = None):
+    """(model, preprocess): an fp32 CLIP in eval mode on `device`, and its image transform.
+
+    `name_or_path`: a name from available_models(), an OpenAI .pt archive, a state dict or
+    open_clip checkpoint, or a Hugging Face CLIPModel file/folder.
+    """
+    sd, info = load_state_dict(name_or_path, download_root, quick_gelu)
+    model = build_model(sd, config=info["config"]).to(device)
+    return model, Preprocess(model.visual.input_resolution)
