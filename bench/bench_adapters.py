@@ -1,0 +1,167 @@
+"""Training-step time and peak memory of ViT-B/16's vision tower: frozen + LoRA, frozen + Mona and
+full fine-tuning, against the plain forward time (issue 3's benchmark; seed 003 §3.1 adapters).
+
+One step = forward of the whole tower (pooled embedding), an MSE loss, backward, AdamW step and
+zero_grad. Frozen weights must compute no weight gradient: after every adapter step the script
+asserts that each frozen parameter's .grad is still None.
+
+Memory. CUDA: torch.cuda.max_memory_allocated. CPU: each mode runs in its own subprocess and
+reports the peak resident set size of that process (resource.getrusage ru_maxrss), and that
+peak minus the RSS just before the first step (the step's own footprint: activations, gradients,
+optimizer state). RSS includes allocator slack and is noisy on a shared machine, so the script
+also counts exactly what the step must hold: the bytes autograd saves for backward (unique
+storages other than parameters, via torch.autograd.graph.saved_tensors_hooks) plus gradients
+and AdamW state for the trainable parameters (3 x 4 bytes each).
+
+    flock /tmp/clip_us_bench.lock python bench/bench_adapters.py            # CPU, batch 8
+    python bench/bench_adapters.py --device cuda --reps 20                  # bf16 autocast on GPU
+Goals: adapter step <= 0.75 x full step, and adapter step <= 2.5 x forward.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from clip_us.adapters import AdapterConfig, apply_adapter, format_count  # noqa: E402
+from clip_us.model import build_model  # noqa: E402
+
+MODES = ("forward", "lora", "mona", "full")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:  # pages: size resident ...
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(mode: str, device: torch.device):
+    torch.manual_seed(0)
+    visual = build_model(config="ViT-B/16").visual
+    if mode in ("lora", "mona"):
+        apply_adapter(visual, AdapterConfig(kind=mode))  # freezes all but the adapter
+    return visual.to(device).train()
+
+
+def timed(fn, reps: int, warmup: int, device: torch.device) -> list[float]:
+    times = []
+    for i in range(warmup + reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def saved_activation_mb(visual, x, amp) -> float:
+    """MB of tensors autograd keeps for backward in one forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in visual.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        visual(x)
+    return sum(seen.values()) / 2**20
+
+
+def run_mode(mode: str, args) -> dict:
+    device = torch.device(args.device)
+    visual = build(mode, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, 224, 224, generator=g).to(device)
+    target = torch.randn(args.batch, visual.output_dim, generator=g).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext()  # CPU: fp32 (autocast is slower there)
+    params = [p for p in visual.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    frozen = [p for p in visual.parameters() if not p.requires_grad]
+
+    def forward():
+        with torch.no_grad(), amp:
+            visual(x)
+
+    def step():
+        with amp:
+            loss = (visual(x).float() - target).square().mean()
+        loss.backward()
+        if any(p.grad is not None for p in frozen):
+            raise AssertionError(f"{mode}: a frozen parameter received a gradient")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    before = rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(forward if mode == "forward" else step, args.reps, args.warmup, device)
+    out = {"mode": mode, "times_s": times, "median_s": sorted(times)[len(times) // 2],
+           "params": format_count(visual)}
+    if device.type == "cuda":
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mb"], out["step_mb"] = peak_rss_mb(), peak_rss_mb() - before
+    if mode != "forward":  # after the peak was read: this extra forward must not count in it
+        out["saved_mb"] = saved_activation_mb(visual, x, amp)
+        out["state_mb"] = 12 * sum(p.numel() for p in params) / 2**20
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--mode", choices=MODES, help="run one mode in this process (internal)")
+    args = ap.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args)))
+        return
+    results = {}
+    for mode in MODES:  # a fresh process each, so that peak RSS belongs to that mode alone
+        cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device,
+               "--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report(results, args)
+
+
+def report(results: dict, args):
+    print(f"ViT-B/16 vision tower, batch {args.batch}, 224x224, {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps} (+{args.warmup} warm-up)")
+    fwd, full = results["forward"]["median_s"], results["full"]["median_s"]
+    for mode, r in results.items():
+        mem = f"peak {r['peak_mb']:.0f} MB" + (f" (step +{r['step_mb']:.0f} MB)" if "step_mb" in r
+                                              else "")
+        if "saved_mb" in r:
+            mem += f", saved {r['saved_mb']:.0f} + grad/AdamW {r['state_mb']:.0f} MB"
+        ratios = "" if mode in ("forward", "full") else \
+            f"  {r['median_s'] / full:.2f}x full, {r['median_s'] / fwd:.2f}x forward"
+        print(f"{mode:8s} {r['median_s']:7.3f} s  {mem}  {r['params']}{ratios}")
+    for mode in ("lora", "mona"):
+        t = results[mode]["median_s"]
+        print(f"goal {mode}: <=0.75x full {'met' if t <= 0.75 * full else 'MISSED'}, "
+              f"<=2.5x forward {'met' if t <= 2.5 * fwd else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
