@@ -1,0 +1,187 @@
+"""Tests for clip_us/model.py: parity with open_clip's ViT-B-16-quickgelu on the same random
+weights, the tiny architecture's shapes, dense block outputs (return_blocks / pool=False), non-square
+inputs, and the bicubic positional-embedding resize against an independent numpy reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clip_us.model import ARCHS, build_model, config_from_state_dict
+
+EOT = 49407
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: on a shared 2-core machine, one thread is several times
+    faster than two fighting other jobs. Restored afterwards for other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_text(n, length=77, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.zeros(n, length, dtype=torch.long)
+    for i in range(n):
+        k = 3 + 7 * i
+        text[i, :k] = torch.randint(1, 49000, (k,), generator=g)
+        text[i, k] = EOT
+    return text
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model(config="tiny")
+    with torch.no_grad():  # LayerNorms and biases start at 1/0: randomise so swaps show
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+# ----------------------------------------------------------------------------- open_clip parity
+def test_vit_b16_matches_open_clip_quickgelu():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    peer = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    sd = peer.state_dict()
+    assert config_from_state_dict(sd) == ARCHS["ViT-B/16"]
+    ours = build_model(sd)  # strict=True: open_clip's ViT keys are OpenAI's
+    images, text = torch.randn(2, 3, 224, 224), random_text(2)
+    with torch.inference_mode():
+        pairs = [(ours.encode_image(images), peer.encode_image(images)),
+                 (ours.encode_text(text), peer.encode_text(text))]
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- tiny architecture
+def test_tiny_shapes_and_config(tiny):
+    cfg = tiny.config
+    assert (cfg.vision_layers, cfg.vision_width, cfg.vision_heads) == (12, 64, 2)
+    assert config_from_state_dict(tiny.state_dict(), vision_heads=2, transformer_heads=2) == cfg
+    images, text = torch.randn(3, 3, 224, 224), random_text(3)
+    with torch.inference_mode():
+        assert tiny.encode_image(images).shape == (3, 64)
+        assert tiny.encode_text(text).shape == (3, 64)
+        logits, logits_t = tiny(images, text[:2])
+    assert logits.shape == (3, 2) and torch.equal(logits, logits_t.t())
+
+
+def test_text_pools_at_end_of_text_and_is_causal(tiny):
+    text = random_text(1)
+    eot = int(text.argmax())
+    changed = text.clone()
+    changed[0, eot + 5] = 123  # after EOT: invisible to the causal pooled token
+    with torch.inference_mode():
+        assert torch.equal(tiny.encode_text(text), tiny.encode_text(changed))
+        changed[0, 0] = 124  # before EOT: visible
+        assert not torch.allclose(tiny.encode_text(text), tiny.encode_text(changed))
+
+
+# ----------------------------------------------------------------------------- dense features
+class _Counter:
+    def __init__(self, blocks):
+        self.calls = [0] * len(blocks)
+        self.handles = [b.register_forward_hook(self.hook(i)) for i, b in enumerate(blocks)]
+
+    def hook(self, i):
+        def fn(module, args, out):
+            self.calls[i] += 1
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_return_blocks_semantics(tiny):
+    x = torch.randn(2, 3, 224, 224)
+    blocks = tiny.visual.transformer.resblocks
+    with torch.inference_mode():
+        plain = tiny.visual(x)
+        pooled, feats = tiny.visual(x, return_blocks=(3, 6, 9))
+        counter = _Counter(blocks)
+        none, early = tiny.visual(x, return_blocks=(3, 6, 9), pool=False)
+        counter.remove()
+        # reference: run the blocks by hand
+        h, _ = tiny.visual.embed(x)
+        manual = []
+        for i, block in enumerate(blocks):
+            h = block(h)
+            manual.append(h)
+    torch.testing.assert_close(pooled, plain)
+    assert none is None and counter.calls == [1] * 10 + [0] * 2  # stopped after block 9
+    assert [f.shape for f in feats] == [(2, 197, 64)] * 3
+    for i, f_full, f_early in zip((3, 6, 9), feats, early):
+        torch.testing.assert_close(f_full, manual[i])
+        torch.testing.assert_close(f_early, f_full)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny.visual(x, return_blocks=(12,))
+
+
+def test_non_square_input(tiny):
+    x = torch.randn(1, 3, 224, 320)  # 14 x 20 patches
+    with torch.inference_mode():
+        pooled, (feat,) = tiny.visual(x, return_blocks=(11,))
+        emb = tiny.encode_image(x)
+    assert feat.shape == (1, 1 + 14 * 20, 64) and pooled.shape == (1, 64)
+    torch.testing.assert_close(emb, pooled)
+    assert torch.isfinite(emb).all()
+
+
+# ----------------------------------------------------------------------------- positional embedding
+def _cubic_weights(t, a=-0.75):
+    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 (PyTorch's A = -0.75)."""
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.array([far(t + 1), near(t), near(1 - t), far(2 - t)])
+
+
+def _resize_1d(arr, out, axis):
+    """Bicubic along one axis, half-pixel centres (align_corners=False), edge taps clamped."""
+    n = arr.shape[axis]
+    result = []
+    for j in range(out):
+        src = (j + 0.5) * n / out - 0.5
+        base = int(np.floor(src))
+        w = _cubic_weights(src - base)
+        taps = [np.take(arr, min(max(base + o, 0), n - 1), axis=axis) for o in (-1, 0, 1, 2)]
+        result.append(sum(wi * ti for wi, ti in zip(w, taps)))
+    return np.stack(result, axis=axis)
+
+
+@pytest.mark.parametrize("grid", [(20, 20), (14, 20), (10, 7)])
+def test_positional_embedding_interpolation(tiny, grid):
+    pos = tiny.visual.positional_embedding.detach().double().numpy()  # [1 + 14*14, D]
+    patch = pos[1:].reshape(14, 14, -1)  # [rows, cols, D]
+    ref = _resize_1d(_resize_1d(patch, grid[0], 0), grid[1], 1).reshape(grid[0] * grid[1], -1)
+    got = tiny.visual.pos_embed(grid).detach()
+    assert got.shape == (1 + grid[0] * grid[1], 64)
+    np.testing.assert_allclose(got[0].numpy(), pos[0], rtol=0, atol=1e-6)  # CLS untouched
+    np.testing.assert_allclose(got[1:].numpy(), ref, rtol=0, atol=1e-5)
+    assert tiny.visual.pos_embed((14, 14)) is tiny.visual.positional_embedding
+
+
+def test_positional_embedding_matches_open_clip_resize(tiny):
+    """open_clip's resize_pos_embed, with antialias off. (Its default antialias=True switches
+    PyTorch to the PIL-style kernel, A = -0.5, which differs by a few percent even when
+    upsampling; ours is plain F.interpolate bicubic, A = -0.75, checked above.)"""
+    open_clip_model = pytest.importorskip("open_clip.model")
+
+    class Target:  # what resize_pos_embed reads: model.visual.grid_size
+        class visual:
+            grid_size = (20, 20)
+    sd = {"visual.positional_embedding": tiny.visual.positional_embedding.detach().clone()}
+    open_clip_model.resize_pos_embed(sd, Target, antialias=False)
+    torch.testing.assert_close(tiny.visual.pos_embed((20, 20)).detach(),
+                               sd["visual.positional_embedding"])
