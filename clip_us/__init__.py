@@ -7,5 +7,6 @@
 """
 from .model import ARCHS, CLIP, CLIPConfig, build_model
 from .tokenizer import SimpleTokenizer, default_tokenizer, tokenize
+from .weights import available_models, load, load_state_dict
 
 __version__ = "0.1.0"
