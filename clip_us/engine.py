@@ -406,3 +406,85 @@ def summarize_seeds(per_seed: list[dict], keys) -> dict:
     return {k: {"mean": float(np.mean([r[k] for r in per_seed])),
                 "std": float(np.std([r[k] for r in per_seed])),
                 "per_seed": [float(r[k]) for r in per_seed]} for k in keys}
+
+
+# ----------------------------------------------------------------------------- one supervised run
+@dataclass
+class Run:
+    """What a supervised script knows once it has started: config, ranks, output folder, log."""
+    cfg: object
+    rank: int
+    world: int
+    device: torch.device
+    row: str
+    out: Path
+    log: object
+    ckpt: dict | None = None  # the --eval-only checkpoint
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(cls, script: str, description: str, argv=None) -> Run:
+    """Parse the CLI, join DDP, resolve --eval-only, print and save the resolved config."""
+    import dataclasses
+    cfg = parse_config(cls, argv, description)
+    rank, world, device = setup_distributed(cfg.device)
+    ckpt = None
+    if cfg.eval_only:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        cfg = eval_only_config(cfg, cls, ckpt)
+    row = row_name(cfg.backbone, cfg.adapter, bool(cfg.init))
+    out = Path(cfg.out_dir or default_out_dir(script, cfg.dataset, row))
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+    log = JsonlLogger(out / "log.jsonl", enabled=rank == 0).log
+    return Run(cfg, rank, world, device, row, out, log, ckpt)
+
+
+def supervised_data(run: Run, task: str):
+    """(train, val, test, info) for a run; with --eval-only the whole data set is the test set,
+    as for an external set such as LN-2."""
+    from .data import DataConfig, build_datasets
+    cfg = run.cfg
+    train, val, test, info = build_datasets(DataConfig(
+        dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
+        clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
+        split_path=str(run.out / "split.json"), train_aug=True, keep_normal=cfg.keep_normal,
+        phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size))
+    if cfg.eval_only:
+        test = torch.utils.data.ConcatDataset([train, val, test])
+    if run.main:
+        print(f"data: {len(train)} train / {len(val)} val / {len(test)} test ({info})")
+    return train, val, test, info
+
+
+def train_seed(run: Run, model, train_set, evaluate, loss_fn, adapter_cfg, target: str, version):
+    """Fit one seed: DistributedSampler (also single-process, for per-epoch determinism),
+    DDP when world > 1, checkpoints under out/seed<N>/. Leaves the best weights in `model`."""
+    import dataclasses
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, DistributedSampler
+    cfg = run.cfg
+    sampler = DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=cfg.seed_now)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+    net = DDP(model) if run.world > 1 else model
+    extra = {"config": dataclasses.asdict(cfg), "adapter_config": dataclasses.asdict(adapter_cfg),
+             "backbone_trained": False, "version": version}
+    return fit(net, loader, evaluate, loss_fn, cfg, run.out / f"seed{cfg.seed_now}", extra,
+               run.log, run.device, run.main, target)
+
+
+def save_loss_curves(run: Run, ylabel: str):
+    """loss.svg from log.jsonl, one curve per seed."""
+    from .viz import save_curves_svg
+    history = read_jsonl(run.out / "log.jsonl")
+    curves = {f"seed {s}": [(r["epoch"], r["loss"]) for r in history
+                            if r.get("seed") == s and "loss" in r] for s in run.cfg.seeds}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        save_curves_svg(curves, run.out / "loss.svg", "training loss", "epoch", ylabel)

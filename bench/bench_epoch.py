@@ -1,0 +1,77 @@
+"""Seconds per training epoch on BUSI-sized data (647 images, 8:1:1 -> 518 train), this machine.
+
+The CLIP (Mona) segmentation row as train_seg.py runs it (batch 32, Dice-CE, AdamW, real
+DataLoader with augmentation from PNGs on disk), for the tiny architecture and ViT-B/16. A full
+ViT-B/16 epoch takes many minutes on a 2-core CPU, so the script times the first `--steps`
+batches after one warm-up batch and extrapolates to the epoch's batch count; it says so.
+
+    python bench/bench_epoch.py --steps 3 [--archs tiny ViT-B/16] [--workers 2]
+"""
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from clip_us.adapters import AdapterConfig, apply_adapter  # noqa: E402
+from clip_us.data import DataConfig, build_datasets  # noqa: E402
+from clip_us.engine import build_optimizer, cosine_schedule, freeze_blocks_after, train_epoch  # noqa: E402
+from clip_us.heads import build_task_model  # noqa: E402
+from clip_us.losses import dice_ce_loss  # noqa: E402
+from clip_us.model import build_model  # noqa: E402
+
+
+def time_epoch(arch: str, train_set, batch: int, steps: int, workers: int) -> dict:
+    torch.manual_seed(0)
+    clip = build_model(config=arch)
+    apply_adapter(clip, AdapterConfig(kind="mona"))
+    model = build_task_model(clip.visual, "seg")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head.") or "mona" in name)
+    freeze_blocks_after(model.visual, 9)
+    opt = build_optimizer(model)
+    sched = cosine_schedule(opt, 1000)
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, num_workers=workers,
+                        drop_last=True, persistent_workers=workers > 0)
+    n_batches = len(loader)
+
+    def run(n):
+        t = time.perf_counter()
+        train_epoch(model, itertools.islice(loader, n), dice_ce_loss, opt, sched,
+                    torch.device("cpu"), target="mask", show=False)
+        return time.perf_counter() - t
+    run(1)  # warm-up: allocator, worker start-up, oneDNN kernel selection
+    per_step = run(steps) / steps
+    return {"arch": arch, "s_per_step": per_step, "batches": n_batches,
+            "s_per_epoch": per_step * n_batches}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", nargs="+", default=["tiny", "ViT-B/16"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    root = os.path.join(tempfile.gettempdir(), "clip_us_bench_busi647")
+    cfg = DataConfig(dataset="phantom", root=root, task="seg", phantom_n=647, phantom_size=512,
+                     split_path=None)
+    train_set, _, _, info = build_datasets(cfg)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{len(train_set)} training images ({info['split']})")
+    for arch in args.archs:
+        r = time_epoch(arch, train_set, args.batch, args.steps, args.workers)
+        print(f"{arch:>9}: {r['s_per_step']:.2f} s/step x {r['batches']} batches = "
+              f"{r['s_per_epoch']:.0f} s/epoch ({r['s_per_epoch'] / 60:.1f} min; "
+              f"{args.steps} timed steps extrapolated)")
+
+
+if __name__ == "__main__":
+    main()
