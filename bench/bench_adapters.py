@@ -13,7 +13,7 @@ also counts exactly what the step must hold: the bytes autograd saves for backwa
 storages other than parameters, via torch.autograd.graph.saved_tensors_hooks) plus gradients
 and AdamW state for the trainable parameters (3 x 4 bytes each).
 
-    flock /tmp/clip_us_bench.lock python bench/bench_adapters.py            # CPU, batch 8
+    flock /tmp/clip_us_bench.lock python bench/bench_adapters.py --threads 1  # CPU, batch 8
     python bench/bench_adapters.py --device cuda --reps 20                  # bf16 autocast on GPU
 Goals: adapter step <= 0.75 x full step, and adapter step <= 2.5 x forward.
 """
@@ -112,7 +112,7 @@ def run_mode(mode: str, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = timed(forward if mode == "forward" else step, args.reps, args.warmup, device)
-    out = {"mode": mode, "times_s": times, "median_s": sorted(times)[len(times) // 2],
+    out = {"mode": mode, "times_s": [round(t, 3) for t in times], "median_s": sorted(times)[len(times) // 2],
            "params": format_count(visual)}
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -130,15 +130,21 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a shared machine 1 thread is "
+                         "steadier: a 2-thread parallel region stalls when the other core is busy")
     ap.add_argument("--mode", choices=MODES, help="run one mode in this process (internal)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mode:
         print(json.dumps(run_mode(args.mode, args)))
         return
     results = {}
     for mode in MODES:  # a fresh process each, so that peak RSS belongs to that mode alone
         cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device,
-               "--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup)]
+               "--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     report(results, args)
@@ -156,7 +162,7 @@ def report(results: dict, args):
             mem += f", saved {r['saved_mb']:.0f} + grad/AdamW {r['state_mb']:.0f} MB"
         ratios = "" if mode in ("forward", "full") else \
             f"  {r['median_s'] / full:.2f}x full, {r['median_s'] / fwd:.2f}x forward"
-        print(f"{mode:8s} {r['median_s']:7.3f} s  {mem}  {r['params']}{ratios}")
+        print(f"{mode:8s} {r['median_s']:7.3f} s  {mem}  {r['params']}{ratios}  runs {r['times_s']}")
     for mode in ("lora", "mona"):
         t = results[mode]["median_s"]
         print(f"goal {mode}: <=0.75x full {'met' if t <= 0.75 * full else 'MISSED'}, "
