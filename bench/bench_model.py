@@ -1,0 +1,155 @@
+"""ViT-B/16 throughput on this CPU: clip_us against open_clip, same random weights, one process.
+
+    flock /tmp/clip_us_bench.lock python bench/bench_model.py [--repeats 5] [--batch 8]
+
+encode_image (batch 8, 224 x 224) and encode_text (batch 8, 77 tokens) under inference_mode, in
+fp32 and with the weights cast to bf16 (`model.to(torch.bfloat16)`, inputs cast too: what
+`--precision bf16` does), plus open_clip under CPU bf16 autocast for reference. Runs alternate
+between the implementations and the median of `--repeats` is reported, with each one's share of
+the machine's GEMM rate, measured here with a large torch.mm (35.2 GFLOP per image: 2 x MACs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip_us.model import build_model  # noqa: E402
+
+IMAGE_GFLOP = 35.2  # ViT-B/16 at 224: 2 x multiply-accumulates, attention included
+TEXT_GFLOP = 6.0    # text tower at 77 tokens, width 512, 12 blocks (2 x MACs)
+
+
+def gemm_rate(dtype, n=2048, reps=5) -> float:
+    """GFLOP/s of a large square torch.mm in `dtype`: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def models():
+    import open_clip
+    torch.manual_seed(0)
+    peer = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    with torch.no_grad():  # non-trivial LayerNorms/biases, as in trained weights
+        for p in peer.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = build_model(peer.state_dict())
+    return ours, peer
+
+
+def variants(ours, peer, images, text, bf16: bool):
+    """name -> callable; bf16 models are cast copies, inputs cast too."""
+    runs = {
+        "image fp32 clip_us": lambda: ours.encode_image(images),
+        "image fp32 open_clip": lambda: peer.encode_image(images),
+        "text fp32 clip_us": lambda: ours.encode_text(text),
+        "text fp32 open_clip": lambda: peer.encode_text(text),
+    }
+    if not bf16:
+        return runs
+    ours16, peer16 = copy.deepcopy(ours).to(torch.bfloat16), copy.deepcopy(peer).to(torch.bfloat16)
+    im16 = images.to(torch.bfloat16)
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()
+        return run
+    return dict(runs, **{
+        "image bf16 clip_us": lambda: ours16.encode_image(im16),
+        "image bf16 open_clip": lambda: peer16.encode_image(im16),
+        "image bf16-autocast open_clip": autocast(lambda: peer.encode_image(images)),
+        "text bf16 clip_us": lambda: ours16.encode_text(text),
+        "text bf16 open_clip": lambda: peer16.encode_text(text),
+    })
+
+
+def time_all(runs: dict, repeats: int, slow_repeats: int) -> dict:
+    """Median seconds per call; one call of every variant per round, so load changes hit all."""
+    times = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():  # warm-up (oneDNN primitive creation, allocator)
+            fn()
+        for r in range(repeats):
+            for name, fn in runs.items():
+                if "autocast" in name and r >= slow_repeats:
+                    continue
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cosines(runs: dict) -> dict:
+    """Smallest per-sample cosine of each bf16 variant's embeddings to fp32 clip_us's."""
+    with torch.inference_mode():
+        ref = {kind: runs[f"{kind} fp32 clip_us"]().float() for kind in ("image", "text")}
+        return {name: F.cosine_similarity(fn().float(), ref[name.split()[0]]).min().item()
+                for name, fn in runs.items() if "bf16" in name}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--slow-repeats", type=int, default=2, help="repeats for bf16 autocast")
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="run the bf16 variants even when this CPU has no fast bf16 GEMM")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
+    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16, n=512, reps=3)}
+    print(f"GEMM: fp32 {rates['fp32']:.1f} GFLOP/s (2048^3), bf16 {rates['bf16']:.1f} GFLOP/s "
+          f"(512^3)", flush=True)
+    bf16 = args.force_bf16 or rates["bf16"] > rates["fp32"]
+    if not bf16:  # emulated bf16 (no AVX512-BF16/AMX): one batch would take many minutes
+        print(f"bf16 skipped: this CPU's bf16 GEMM is {rates['fp32'] / rates['bf16']:.0f}x slower "
+              f"than fp32 (no native bf16); --force-bf16 runs it anyway", flush=True)
+    ours, peer = models()
+    images = torch.randn(args.batch, 3, 224, 224)
+    text = torch.randint(1, 49000, (args.batch, 77))
+    text[:, 20] = 49407  # end-of-text (largest id) in every row
+    runs = variants(ours, peer, images, text, bf16)
+    cos = cosines(runs) if bf16 else {}
+    med = time_all(runs, args.repeats, args.slow_repeats)
+    report(med, cos, rates, args.batch)
+    print(f"GEMM after: fp32 {gemm_rate(torch.float32):.1f} GFLOP/s")
+
+
+def report(med, cos, rates, batch):
+    print(f"\n{'variant':32s} {'items/s':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s} {'min cos':>8s}")
+    for name, sec in med.items():
+        per = batch / sec
+        flop = per * (IMAGE_GFLOP if name.startswith("image") else TEXT_GFLOP)
+        prec = "bf16" if "bf16" in name else "fp32"
+        c = f"{cos[name]:.5f}" if name in cos else ""
+        print(f"{name:32s} {per:8.2f} {flop:8.0f} {flop / rates[prec]:8.0%} {c:>8s}")
+    print()
+    for kind in ("image", "text"):
+        for prec in ("fp32", "bf16"):
+            if f"{kind} {prec} clip_us" in med:
+                r = med[f"{kind} {prec} open_clip"] / med[f"{kind} {prec} clip_us"]
+                print(f"{kind} {prec}: clip_us / open_clip = {r:.2f}x")
+        if f"{kind} bf16 clip_us" in med:
+            r = med[f"{kind} fp32 open_clip"] / med[f"{kind} bf16 clip_us"]
+            print(f"{kind}: clip_us bf16 / open_clip fp32 = {r:.2f}x")
+    if "image bf16 clip_us" in med:
+        r = med["image bf16-autocast open_clip"] / med["image bf16 clip_us"]
+        print(f"image: clip_us bf16 / open_clip bf16-autocast = {r:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
