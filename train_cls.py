@@ -64,6 +64,10 @@ def predict(model, dataset) -> list[dict]:
 def evaluate(model, dataset) -> tuple[float, dict, list]:
     rows = predict(model, dataset)
     probs = [r["prob"] for r in rows]
+    if len({r["label"] for r in rows}) < 2:  # e.g. a tiny validation split: AUC is undefined
+        print(f"note: only one class among {len(rows)} images; reporting accuracy alone")
+        acc = metrics.accuracy([r["pred"] for r in rows], [r["label"] for r in rows])
+        return acc, {"acc": acc, **{k: None for k in CLS_METRICS[1:]}}, rows
     if not cfg.keep_normal:
         report = metrics.binary_report(probs, [r["label"] for r in rows], cfg.threshold)
         return report["acc"], report, rows
@@ -75,7 +79,7 @@ def evaluate(model, dataset) -> tuple[float, dict, list]:
 
 
 # ----------------------------------------------------------------------------- run each seed
-seeds_run = cfg.seeds[:1] if cfg.eval_only else cfg.seeds
+seeds_run = cfg.seeds  # --eval-only: the checkpoint's own seed
 per_seed, cache = [], {}
 for seed in seeds_run:
     cfg.seed_now = seed
@@ -93,10 +97,10 @@ for seed in seeds_run:
     per_seed.append(report)
     if run.main:
         engine.write_json(run.out / f"predictions_seed{seed}.json", rows)
-        viz.save_roc_svg([r["prob"] for r in rows],
-                         [int(r["label"] == 1) for r in rows], run.out / f"roc_seed{seed}.svg",
-                         f"{run.row} on {cfg.dataset}, seed {seed}")
-        print(f"seed {seed} test: " + ", ".join(f"{k} {report[k]:.4f}" for k in CLS_METRICS))
+        if report["auc"] is not None:
+            viz.save_roc_svg([r["prob"] for r in rows], [int(r["label"] == 1) for r in rows],
+                             run.out / f"roc_seed{seed}.svg", f"{run.row} on {cfg.dataset}, seed {seed}")
+        print(f"seed {seed} test: " + ", ".join(f"{k} {engine.fmt(report[k])}" for k in CLS_METRICS))
 
 # ----------------------------------------------------------------------------- results
 if run.main:
@@ -104,7 +108,7 @@ if run.main:
         "script": "train_cls.py", "task": "cls", "dataset": cfg.dataset, "row": run.row,
         "backbone": cfg.backbone, "adapter": cfg.adapter, "init": cfg.init or None,
         "seeds": seeds_run, "metrics": engine.summarize_seeds(per_seed, CLS_METRICS),
-        "confusion_matrix": [r["confusion_matrix"] for r in per_seed],
+        "confusion_matrix": [r.get("confusion_matrix") for r in per_seed],
         "units": {k: "fraction" for k in CLS_METRICS}, "n_test": len(test_set), "n_dropped": 0,
         "config": asdict(cfg), "version": clip_us.__version__,
     }

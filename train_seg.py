@@ -41,11 +41,11 @@ adapter_cfg = AdapterConfig(kind=cfg.adapter)
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model, dataset):
-    """Yield (path, image tensor, gt mask, predicted mask) for this rank's shard."""
+def predict(model, dataset, shard=True):
+    """Yield (path, image tensor, gt mask, predicted mask) for this rank's shard (or all)."""
     model.eval()
-    loader = DataLoader(engine.shard(dataset, run.rank, run.world), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers)
+    part = engine.shard(dataset, run.rank, run.world) if shard else dataset
+    loader = DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.workers)
     for batch in loader:
         with engine.autocast(device, cfg.amp):
             pred = model(batch["image"].to(device)).argmax(1).cpu().numpy()
@@ -72,12 +72,12 @@ def save_figures(model, dataset, path):
     first = Subset(dataset, range(min(cfg.n_figures, len(dataset))))
     items = [{"image": img, "gt": gt, "pred": pred,
               "label": f"{Path(p).stem} Dice {metrics.dice(pred, gt):.2f}"}
-             for p, img, gt, pred in predict(model, first)]
+             for p, img, gt, pred in predict(model, first, shard=False)]
     viz.save_overlay_grid(items, path, normalized=cfg.clip_norm)
 
 
 # ----------------------------------------------------------------------------- run each seed
-seeds_run = cfg.seeds[:1] if cfg.eval_only else cfg.seeds
+seeds_run = cfg.seeds  # --eval-only: the checkpoint's own seed
 per_seed, cache = [], {}
 for seed in seeds_run:
     cfg.seed_now = seed
@@ -94,7 +94,8 @@ for seed in seeds_run:
     per_seed.append(report)
     if run.main:
         save_figures(model, test_set, run.out / f"overlays_seed{seed}.png")
-        print(f"seed {seed} test: " + ", ".join(f"{k} {report[k]['mean']:.4f}" for k in SEG_METRICS))
+        print(f"seed {seed} test: " + ", ".join(f"{k} {engine.fmt(report[k]['mean'])}"
+                                                for k in SEG_METRICS))
 
 # ----------------------------------------------------------------------------- results
 if run.main:
@@ -105,7 +106,7 @@ if run.main:
         "metrics": engine.summarize_seeds([{k: r[k]["mean"] for k in SEG_METRICS}
                                            for r in per_seed], SEG_METRICS),
         "units": UNITS, "n_test": len(test_set),
-        "n_dropped": {k: per_seed[0][k]["n_dropped"] for k in SEG_METRICS},
+        "n_dropped": {k: [r[k]["n_dropped"] for r in per_seed] for k in SEG_METRICS},
         "config": asdict(cfg), "version": clip_us.__version__,
     }
     tables.write_results(run.out, results)

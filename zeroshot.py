@@ -50,6 +50,8 @@ class Config:
     init: str = ""
     prompts: str = field(default="auto", metadata={"help": "auto, paper, echocare, ensemble or "
                                                    "a JSON file; auto = paper where it has one"})
+    prompt_set: str = field(default="", metadata={"help": "whose prompts: busi, ln1, tn3k, ... "
+                                                   "(default: --nextgen-name or --dataset)"})
     organ: str = ""
     precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
     batch_size: int = 32
@@ -71,12 +73,19 @@ adapter_cfg = AdapterConfig(kind=cfg.adapter)
 model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None).eval()
 # bf16 casts the weights (fast on CPUs with AVX512-BF16); CPU autocast is slower than fp32.
 dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+if dtype == torch.bfloat16 and device.type == "cpu" and \
+        not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    print(f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+          f"matrix multiply; --precision bf16 is emulated and far slower than fp32 here")
 model = model.to(device=device, dtype=dtype)
+# Which data set's prompts: LN data usually come through the nextgen or folder layouts, so the
+# release's <DS> name (e.g. LN-1) decides when given. The phantom stands in for BUSI.
+prompt_key = (cfg.prompt_set or cfg.nextgen_name or cfg.dataset).lower().replace("-", "")
+prompt_key = "busi" if prompt_key == "phantom" else prompt_key
 source = cfg.prompts
 if source == "auto":
-    source = "paper" if cfg.dataset in ("busi", "ln1", "ln2", "phantom") else "echocare"
-class_prompts = prompts.get_prompts(source, "busi" if cfg.dataset == "phantom" else cfg.dataset,
-                                    organ=cfg.organ or None)
+    source = "paper" if prompt_key == "busi" or prompt_key.startswith("ln") else "echocare"
+class_prompts = prompts.get_prompts(source, prompt_key, organ=cfg.organ or None)
 print(json.dumps(class_prompts, indent=2))
 
 

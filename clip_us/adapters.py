@@ -1,4 +1,4 @@
-"""One switch for the training scripts' `--adapter none|lora|mona`: config, apply, checkpoints, counts.
+"""The training scripts' `--adapter none|lora|mona`: config, apply, checkpoints, parameter counts.
 
 The adapters themselves are in lora.py and mona.py (seed 003 §3.1; DESIGN.md "LoRA", "Mona in
 CLIP", "Which parameters train"). Both go on the vision tower only. A checkpoint stores
@@ -29,7 +29,7 @@ class AdapterConfig:
     kind: str = "none"                      # none | lora | mona
     r: int = 16                             # LoRA rank
     alpha: float = 32.0                     # LoRA alpha
-    scaling: str = "rslora"                 # rslora: alpha/sqrt(r) (official code); standard: alpha/r
+    scaling: str = "rslora"                 # rslora: alpha/sqrt(r) (official); standard: alpha/r
     targets: tuple = ("q", "k", "v", "o")   # LoRA targets; "mlp" adds c_fc and c_proj
     lora_dropout: float = 0.1
     bottleneck: int = 64                    # Mona down-projection width

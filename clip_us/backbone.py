@@ -20,8 +20,11 @@ def load_clip_state(weights: str, arch: str, quick_gelu=None):
     """
     if weights == "none":
         print(f"!!! --weights none: {arch} with RANDOM weights. Results are not CLIP's. !!!")
-        torch.manual_seed(0)  # the same random backbone for every seed and every script
-        model = build_model(config=arch, quick_gelu=quick_gelu)
+        # The same random backbone for every seed and script, without touching the global RNG
+        # that the adapters and heads draw from.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model(config=arch, quick_gelu=quick_gelu)
         return model.state_dict(), model.config
     from .weights import load_state_dict  # file formats, downloads: only when weights are named
     sd, info = load_state_dict(weights, quick_gelu=quick_gelu)

@@ -49,6 +49,15 @@ def gather_list(values: list) -> list:
     return [v for part in out for v in part]
 
 
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank: one rank's NaN must stop all of them, or the
+    others would wait in the next all-reduce until the timeout."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -143,7 +152,7 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, device, target: st
         x, y = batch["image"].to(device), batch[target].to(device)
         with autocast(device, amp):
             loss = loss_fn(model(x).float(), y)
-        if not torch.isfinite(loss):
+        if not all_finite(loss):
             raise FloatingPointError(f"loss became {loss.item()} in {desc}; the last good "
                                      f"checkpoint is kept. Lower --lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
@@ -366,19 +375,20 @@ def fit(model, train_loader, evaluate, loss_fn, cfg, ckpt_dir: Path, extra: dict
                   "lr": sched.get_last_lr()[0]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             score, metrics = evaluate(model)
+            score = -math.inf if score is None or math.isnan(score) else score  # no finite value
             record["val"] = metrics
-            improved = score > state["best_score"]
+            improved = score > state["best_score"] or state["best_epoch"] < 0  # first is best
             state.update(best_score=score, best_epoch=epoch + 1, bad=0) if improved \
                 else state.update(bad=state["bad"] + 1)
             if improved and is_main:
                 save_checkpoint(best, {**extra, **split_state(core, extra["backbone_trained"]),
                                        "epoch": epoch + 1, "val": metrics})
         state["epoch"] = epoch + 1
-        log(**record)
-        if is_main:
+        if is_main:  # checkpoint before the log line, so a resumed run never logs an epoch twice
             save_checkpoint(last, {**extra, **split_state(core, extra["backbone_trained"]),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "rng": rng_state(), "state": state})
+                                   "rng": rng_state(), "state": state, "epoch": epoch + 1})
+        log(**record)
     barrier()
     restore_state(core, load_checkpoint(best))
     return state
@@ -389,9 +399,12 @@ def eval_only_config(cfg, cls, ckpt: dict):
     """For --eval-only: the checkpoint's config decides the model, the CLI decides the data."""
     import dataclasses
     names = {f.name for f in dataclasses.fields(cls)}
-    keep = {k: getattr(cfg, k) for k in ("dataset", "data_root", "nextgen_name", "out_dir",
-                                         "eval_only", "checkpoint", "device", "workers")}
+    keep = {k: getattr(cfg, k) for k in (
+        "dataset", "data_root", "nextgen_name", "out_dir", "eval_only", "checkpoint", "device",
+        "workers", "skip_bad", "batch_size", "amp", "n_figures", "phantom_n", "phantom_size")}
     saved = cls(**{k: v for k, v in ckpt["config"].items() if k in names})
+    # The checkpoint already holds the adapter weights: its --init file is not needed again.
+    keep.update(init="", seeds=[saved.seed_now], seed_now=saved.seed_now)
     return dataclasses.replace(saved, **keep)
 
 
@@ -402,10 +415,20 @@ def shard(dataset, rank: int, world: int):
 
 
 def summarize_seeds(per_seed: list[dict], keys) -> dict:
-    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them."""
-    return {k: {"mean": float(np.mean([r[k] for r in per_seed])),
-                "std": float(np.std([r[k] for r in per_seed])),
-                "per_seed": [float(r[k]) for r in per_seed]} for k in keys}
+    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them.
+    A seed without a finite value (None: e.g. no test image had a finite HD95) is left out of
+    the mean and shows as None in per_seed; a metric no seed has is None."""
+    out = {}
+    for k in keys:
+        vals = [None if r[k] is None else float(r[k]) for r in per_seed]
+        finite = [v for v in vals if v is not None and math.isfinite(v)]
+        out[k] = {"mean": float(np.mean(finite)) if finite else None,
+                  "std": float(np.std(finite)) if finite else None, "per_seed": vals}
+    return out
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ----------------------------------------------------------------------------- one supervised run
@@ -450,11 +473,17 @@ def supervised_data(run: Run, task: str):
     as for an external set such as LN-2."""
     from .data import DataConfig, build_datasets
     cfg = run.cfg
-    train, val, test, info = build_datasets(DataConfig(
+    data_cfg = DataConfig(
         dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
         clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
-        split_path=str(run.out / "split.json"), train_aug=True, keep_normal=cfg.keep_normal,
-        phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size))
+        split_path=str(run.out / "split.json"), train_aug=not cfg.eval_only,
+        keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
+    # Rank 0 writes the phantom and split.json; the other ranks then read them.
+    if not run.main:
+        barrier()
+    train, val, test, info = build_datasets(data_cfg)
+    if run.main:
+        barrier()
     if cfg.eval_only:
         test = torch.utils.data.ConcatDataset([train, val, test])
     if run.main:
@@ -470,8 +499,12 @@ def train_seed(run: Run, model, train_set, evaluate, loss_fn, adapter_cfg, targe
     from torch.utils.data import DataLoader, DistributedSampler
     cfg = run.cfg
     sampler = DistributedSampler(train_set, run.world, run.rank, shuffle=True, seed=cfg.seed_now)
+    # drop_last avoids a tiny last batch, but never when a rank's share is a single batch.
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+                        num_workers=cfg.workers, drop_last=len(sampler) > cfg.batch_size)
+    if len(loader) == 0:
+        raise ValueError(f"no training batch: {len(train_set)} training images over "
+                         f"{run.world} ranks; add data or lower --batch-size")
     net = DDP(model) if run.world > 1 else model
     extra = {"config": dataclasses.asdict(cfg), "adapter_config": dataclasses.asdict(adapter_cfg),
              "backbone_trained": False, "version": version}

@@ -3,11 +3,11 @@
 Mona (Yin et al., 2023) was made for Swin. Seed 003 §3.1 / Fig. 2c embeds it in CLIP's ViT; its
 official code (jinggqu/NextGen-UIA, `BaselineMona`) does, for x [B, 1 + h*w, D]:
 
-    x' = LN(x) * gamma + x * gammax                      gamma init 1e-6, gammax init 1 (per channel)
-    p  = project1(x')                                    Linear(D -> bottleneck)
+    x' = LN(x) * gamma + x * gammax            gamma init 1e-6, gammax init 1 (per channel)
+    p  = project1(x')                          Linear(D -> bottleneck)
     patches of p -> [B, c, h, w]; the CLS token skips the convolutions
     z  = (dw3(p) + dw5(p) + dw7(p)) / 3 + p;  z = z + conv1x1(z)
-    out = x + project2(dropout(gelu(z)))                 Linear(bottleneck -> D), not zero-initialised
+    out = x + project2(dropout(gelu(z)))       Linear(bottleneck -> D), not zero-initialised
 
 Placement (DESIGN.md, "Mona in CLIP"): "after_block", one Mona after each vision block, as the
 official code does (default); "attn_and_mlp", two per block after the attention and after the MLP

@@ -77,7 +77,10 @@ def load_prompt_file(path, classes=CLASSES[:2]) -> dict[str, list[str]]:
 def get_prompts(source: str, dataset: str, organ: str | None = None,
                 classes=CLASSES[:2]) -> dict[str, list[str]]:
     """source: "paper", "echocare", "ensemble" or a path to a JSON file."""
-    organ = organ or DATASET_ORGAN.get(dataset, "breast")
+    organ = organ or DATASET_ORGAN.get(dataset) or ("lymph node" if dataset.startswith("ln") else None)
+    if organ is None and source != "paper":
+        raise ValueError(f"no organ known for data set {dataset!r}: pass --organ (e.g. breast, "
+                         f"thyroid, lymph node)")
     if source == "paper":
         return paper_prompts(dataset, classes)
     if source == "echocare":

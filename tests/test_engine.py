@@ -91,3 +91,64 @@ def test_summarize_seeds():
     s = engine.summarize_seeds([{"dice": 0.5}, {"dice": 0.7}], ["dice"])
     assert s["dice"]["mean"] == pytest.approx(0.6) and s["dice"]["per_seed"] == [0.5, 0.7]
     assert s["dice"]["std"] == pytest.approx(0.1)
+
+
+class Toy(nn.Module):
+    """The smallest task model fit() accepts: a `head` and a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+@dataclass
+class FitCfg:
+    epochs: int = 7
+    eval_every: int = 2
+    patience: int = 2
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    amp: bool = False
+    resume: bool = False
+    seed_now: int = 1
+
+
+def toy_fit(tmp_path, cfg, scores):
+    from torch.utils.data import DataLoader, DistributedSampler
+    data = [{"image": torch.randn(2), "label": i % 2} for i in range(8)]
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 1, 0, seed=1))
+    calls, records = [], []
+
+    def evaluate(model):
+        calls.append(len(calls))
+        return scores[len(calls) - 1], {"score": scores[len(calls) - 1]}
+    state = engine.fit(Toy(), loader, evaluate, nn.functional.cross_entropy, cfg, tmp_path,
+                       {"backbone_trained": False}, lambda **r: records.append(r),
+                       torch.device("cpu"), True, "label")
+    return state, records
+
+
+def test_fit_validates_every_n_and_the_last_epoch_and_stops_early(tmp_path):
+    # Validations at epochs 2, 4, 6, 7; the best is at 2; after 2 worse ones it stops.
+    state, records = toy_fit(tmp_path, FitCfg(), [0.5, 0.4, 0.3, 0.9])
+    assert [r["epoch"] for r in records if "val" in r] == [2, 4, 6]
+    assert state["best_epoch"] == 2 and state["bad"] == 2
+    assert engine.load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert engine.load_checkpoint(tmp_path / "last.pt")["epoch"] == 6
+
+
+def test_fit_short_run_still_validates_its_last_epoch(tmp_path):
+    state, records = toy_fit(tmp_path, FitCfg(epochs=3, eval_every=10), [float("nan")])
+    assert [r["epoch"] for r in records if "val" in r] == [3]
+    assert state["best_epoch"] == 3  # a NaN score (no finite metric) still yields a best.pt
+
+
+def test_summarize_seeds_without_finite_values():
+    s = engine.summarize_seeds([{"hd95": None}, {"hd95": 4.0}], ["hd95"])
+    assert s["hd95"]["mean"] == 4.0 and s["hd95"]["per_seed"] == [None, 4.0]
+    assert engine.summarize_seeds([{"hd95": None}], ["hd95"])["hd95"]["mean"] is None

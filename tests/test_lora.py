@@ -48,8 +48,9 @@ def test_fresh_lora_changes_nothing(images, text):
     assert torch.equal(model.encode_text(text), base.encode_text(text))
 
 
-@pytest.mark.parametrize("targets, scaling", [(("q", "k", "v", "o"), "rslora"), (("k",), "standard"),
-                                              (("q", "v"), "rslora"), (("v", "o", "mlp"), "standard")])
+@pytest.mark.parametrize("targets, scaling", [
+    (("q", "k", "v", "o"), "rslora"), (("k",), "standard"), (("q", "v"), "rslora"),
+    (("v", "o", "mlp"), "standard")])
 def test_lora_equals_hand_merged_weights(images, targets, scaling):
     # A delta applied twice, to the wrong q/k/v slice, or with the wrong scaling fails here.
     model, ref = tiny(), tiny()
@@ -217,7 +218,8 @@ def test_vit_b16_lora_counts(r, targets):
     D, L = 768, 12
     # Per block: q/k/v/o each get A [r, D] and B [D, r]; mlp adds c_fc (A [r, D], B [4D, r]) and
     # c_proj (A [r, 4D], B [D, r]).
-    per_block = sum(2 * r * D for t in targets if t != "mlp") + (10 * r * D if "mlp" in targets else 0)
+    per_block = sum(2 * r * D for t in targets if t != "mlp")
+    per_block += 10 * r * D if "mlp" in targets else 0
     visual = apply_adapter(vit_b16_visual(), AdapterConfig(kind="lora", r=r, targets=targets))
     assert count_parameters(visual) == (L * per_block, BASE + L * per_block)
 

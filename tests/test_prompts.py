@@ -40,3 +40,11 @@ def test_prompt_file(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json"):
         prompts.get_prompts(str(broken), "busi")
+
+
+def test_unknown_dataset_needs_an_organ():
+    with pytest.raises(ValueError, match="--organ"):
+        prompts.get_prompts("echocare", "mystery")
+    assert prompts.get_prompts("echocare", "mystery", organ="liver")["benign"] == [
+        "An ultrasound image of liver with benign findings."]
+    assert "lymph node" in prompts.get_prompts("echocare", "ln")["malignant"][0]

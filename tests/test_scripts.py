@@ -52,19 +52,44 @@ def test_train_seg_writes_results_row_and_figures(tmp_path, env):
     assert [r["epoch"] for r in log if "loss" in r] == [1, 2]
 
 
-def test_train_cls_and_eval_only(tmp_path, env):
+def predictions(out):
+    return {r["path"]: r["prob"] for r in json.loads((out / "predictions_seed1.json").read_text())}
+
+
+def test_train_cls_frozen_lora_then_eval_only_single_and_ddp(tmp_path, env):
+    import torch
     out = tmp_path / "cls"
     run("train_cls.py", TRAIN + ["--epochs", "2", "--adapter", "lora", "--adapter-train", "no",
                                  "--cls-head", "pool", "--out-dir", str(out)], env)
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "cls" and res["row"] == "CLIP (LoRA)"
     assert (out / "row.csv").read_text().splitlines()[0] == "dataset,row,Acc,AUC"
-    assert (out / "roc_seed1.svg").is_file() and (out / "predictions_seed1.json").is_file()
+    assert (out / "roc_seed1.svg").is_file()
+    ckpt = torch.load(out / "seed1/best.pt", weights_only=True)
+    lora_b = [v for k, v in ckpt["adapter_state_dict"].items() if "lora_B" in k]
+    assert lora_b and all(not v.any() for v in lora_b)  # --adapter-train no: LoRA stayed at init
+    assert ckpt["head_state_dict"] and "optimizer" not in ckpt
+
+    # An external set is evaluated whole, without augmentation, with the trained weights: the
+    # training run's test images get the same probabilities.
     ext = tmp_path / "external"
-    run("train_cls.py", ["--eval-only", "--checkpoint", str(out / "seed1/best.pt"),
-                         "--out-dir", str(ext), "--workers", "0"], env)
-    ev = json.loads((ext / "results.json").read_text())
-    assert ev["n_test"] == 24  # an external set is evaluated whole
+    args = ["--eval-only", "--checkpoint", str(out / "seed1/best.pt"), "--workers", "0",
+            "--phantom-n", "24", "--phantom-size", "128"]
+    run("train_cls.py", args + ["--out-dir", str(ext)], env)
+    assert json.loads((ext / "results.json").read_text())["n_test"] == 24
+    trained, external = predictions(out), predictions(ext)
+    assert len(external) == 24
+    assert all(external[p] == pytest.approx(q, abs=1e-5) for p, q in trained.items())
+
+    # Two gloo processes shard the test set without padding and gather every image once.
+    ddp = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "train_cls.py"), *args, "--out-dir", str(ddp)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((ddp / "predictions_seed1.json").read_text())
+    assert len(rows) == len({r["path"] for r in rows}) == 24
+    assert all(external[r["path"]] == pytest.approx(r["prob"], abs=1e-5) for r in rows)
 
 
 def test_zeroshot_paper_prompts(tmp_path, env):
