@@ -332,7 +332,10 @@ def split_state(model: nn.Module, backbone_trained: bool) -> dict:
 
 
 def restore_state(model: nn.Module, ckpt: dict):
-    """Inverse of split_state. Missing adapter keys are an error naming them."""
+    """Inverse of split_state. Differing adapter settings or keys are errors naming them."""
+    if "adapter_config" in ckpt:
+        from .adapters import AdapterConfig, check_adapter_config
+        check_adapter_config(AdapterConfig.from_dict(dict(ckpt["adapter_config"])), model)
     if "model_state_dict" in ckpt:
         model.load_state_dict(ckpt["model_state_dict"], strict=False)
     missing = [k for k in ckpt["adapter_state_dict"] if k not in model.state_dict()]
