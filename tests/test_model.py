@@ -12,14 +12,7 @@ from clip_us.model import ARCHS, build_model, config_from_state_dict
 EOT = 49407
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: on a shared 2-core machine, one thread is several times
-    faster than two fighting other jobs. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def random_text(n, length=77, seed=0):
