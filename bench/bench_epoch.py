@@ -9,7 +9,6 @@ batches after one warm-up batch and extrapolates to the epoch's batch count; it 
 """
 import argparse
 import itertools
-import math
 import os
 import sys
 import tempfile

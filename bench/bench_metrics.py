@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from medpy.metric import binary as medpy_binary
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
-from scipy.ndimage import gaussian_filter, map_coordinates
+from scipy.ndimage import gaussian_filter
 
 from clip_us import metrics
 

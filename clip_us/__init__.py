@@ -9,4 +9,6 @@ from .model import ARCHS, CLIP, CLIPConfig, build_model
 from .tokenizer import SimpleTokenizer, default_tokenizer, tokenize
 from .weights import available_models, load, load_state_dict
 
+__all__ = ["ARCHS", "CLIP", "CLIPConfig", "build_model", "SimpleTokenizer", "default_tokenizer",
+           "tokenize", "available_models", "load", "load_state_dict"]
 __version__ = "0.1.0"
