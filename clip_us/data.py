@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import ndimage
 from torch.utils.data import Dataset
+
+from .fileio import write_json
 
 CLASSES = ("benign", "malignant", "normal")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -410,19 +411,6 @@ def make_split(items: list[Item], predefined, seed: int) -> tuple[dict, str]:
         "8:1:1 stratified"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Temp file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_split(path: Path, root: Path, items: list[Item], bad: _Bad) -> dict:
     """A saved split; entries naming missing files are bad, entries whose files exist but were
     skipped or filtered out (e.g. normal images) are dropped."""
@@ -592,8 +580,8 @@ def _get_split(items, predefined, root: Path, cfg: DataConfig, bad: _Bad) -> tup
         return load_split(path, root, items, bad), f"reused {path}"
     split, how = make_split(items, predefined, cfg.seed)
     if path is not None:
-        write_json_atomic(path, {"dataset": cfg.dataset, "root": str(root), "task": cfg.task,
-                                 "seed": cfg.seed, "how": how, **split})
+        write_json(path, {"dataset": cfg.dataset, "root": str(root), "task": cfg.task,
+                          "seed": cfg.seed, "how": how, **split}, indent=1)
     return split, how
 
 

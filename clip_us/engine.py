@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
+
+from .fileio import atomic_path, write_json
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -167,34 +168,6 @@ def train_epoch(model, loader, loss_fn, optimizer, scheduler, device, target: st
 
 
 # ----------------------------------------------------------------------------- files
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is
-    removed, so a killed or failed write never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(path, data: bytes):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
 def save_checkpoint(path, obj: dict):
     """torch.save to a temporary file, then os.replace: a killed run never leaves half a file."""
     with atomic_path(path) as tmp:

@@ -23,7 +23,8 @@ import json
 import math
 import os
 import sys
-import tempfile
+
+from .fileio import write_text
 
 # ----------------------------------------------------------------------------- paper numbers
 
@@ -141,20 +142,6 @@ PERCENT = {"dice", "iou", "acc", "auc"}  # stored as fractions, shown x100
 MISSING = "—"
 
 
-def _atomic_write_text(path, text):
-    """Write text to a temp file beside `path`, then os.replace it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)  # no partial file left behind; the error still propagates
-        raise
-
-
 def _display(key, value):
     """A stored metric value in table units: percent for fractions, pixels for distances."""
     if value is None or not math.isfinite(value):
@@ -201,10 +188,10 @@ def write_results(out_dir, results: dict):
     text = json.dumps(results, indent=2, default=_json_default) + "\n"
     paths = [os.path.join(out_dir, "results.json")]
     csv_text = row_csv(results) if results.get("task") in ROW_CSV_COLUMNS else None
-    _atomic_write_text(paths[0], text)
+    write_text(paths[0], text)
     if csv_text is not None:
         paths.append(os.path.join(out_dir, "row.csv"))
-        _atomic_write_text(paths[1], csv_text)
+        write_text(paths[1], csv_text)
     return paths
 
 
@@ -431,7 +418,7 @@ def main(argv=None):
     chosen, notes = collect(args.runs_dir)
     text = render(chosen, notes, args.all_datasets)
     if args.out:
-        _atomic_write_text(args.out, text)
+        write_text(args.out, text)
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

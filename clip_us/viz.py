@@ -13,12 +13,12 @@ Every file is written to a temporary file in the same folder and then moved into
 os.replace, so a reader never sees a half-written figure.
 """
 import math
-import os
-import tempfile
 from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .fileio import atomic_path
 
 # Fig. 4 colours (RGB): ground truth only (false negative), false positive, true positive.
 RED, GREEN, YELLOW = (255, 0, 0), (0, 255, 0), (255, 255, 0)
@@ -31,16 +31,8 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 def _atomic_write(path, write_fn):
     """Call write_fn(file_object) on a temp file next to `path`, then os.replace it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)  # leave no partial file behind, then let the error propagate
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_fn(f)
 
 
 def _write_text(path, text):
