@@ -30,6 +30,13 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def cache_dir(download_root: str | None = None) -> str:
+    """Where weights and generated data live: `download_root`, else $CLIP_US_CACHE, else
+    ~/.cache/clip_us. The one definition every loader and the phantom use."""
+    root = download_root or os.environ.get("CLIP_US_CACHE") or "~/.cache/clip_us"
+    return os.path.expanduser(root)
+
+
 def write_bytes(path, data: bytes):
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
