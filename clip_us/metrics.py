@@ -380,3 +380,96 @@ def alignment_scores(img, txt) -> dict:
     total = float(a.sum(0) @ b.sum(0))  # Σ_ij a_i·b_j without the [N, N] matrix
     paired, cross = paired_sum / n, (total - paired_sum) / (n * (n - 1))
     return {"paired": paired, "cross": cross, "gap": paired - cross}
+
+
+# ----------------------------------------------------------------------------- EchoCare-CLIP evaluation
+# Seed 000's protocol: retrieval ranked the authors' way, weighted F1, multi-class AUROC and the
+# few-shot label sampling. Labels here are class indices 0..K-1 (any number of classes).
+def _stable_ranks(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """0-based position of each row's first matching column in the stable descending order of the
+    row (``np.argsort(-sim, kind="stable")``): equal scores keep column order."""
+    order = np.argsort(-sim, axis=1, kind="stable")  # [rows, N] column indices, best first
+    hits = np.take_along_axis(match, order, axis=1)  # [rows, N] bool, True where a match sits
+    return hits.argmax(axis=1)
+
+
+def _retrieval_report(ranks: dict, ks) -> dict:
+    out = {f"{d}_R@{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
+    out.update({f"{d}_mean_rank": float(np.mean(r) + 1) for d, r in ranks.items()})  # 1-based
+    return out
+
+
+def retrieval_ranked(img, txt, ks: Sequence[int] = (1, 5, 10), captions=None, chunk: int = 1024) -> dict:
+    """Recall@K both ways and the mean (1-based) rank, ranked as EchoCare-CLIP's code does.
+
+    Strict (``captions=None``): row i matches only column i; each row is ordered by a stable argsort
+    of the negated similarities, so ties fall in position order (this flatters collapsed embeddings,
+    which is why the alignment gap is reported beside it). Duplicate-aware (``captions`` = the
+    caption texts, one per pair): every column whose caption text equals row i's counts, and the
+    first of them in the same order gives the rank, so duplicate-aware recall >= strict recall.
+    Keys: ``i2t_R@1`` ... ``t2i_R@10``, ``i2t_mean_rank``, ``t2i_mean_rank``.
+    """
+    a, b = _embeddings(img, txt)
+    g = np.arange(len(a)) if captions is None else np.unique(np.asarray(captions), return_inverse=True)[1]
+    if len(g) != len(a):
+        raise ValueError(f"retrieval_ranked: {len(g)} captions for {len(a)} pairs.")
+    ranks = {"i2t": [], "t2i": []}
+    for start in range(0, len(a), chunk):  # [chunk, N] similarity blocks keep memory O(chunk·N)
+        rows = slice(start, start + chunk)
+        match = g.reshape(-1)[rows, None] == g.reshape(-1)[None, :]  # [chunk, N]
+        ranks["i2t"].append(_stable_ranks(a[rows] @ b.T, match))
+        ranks["t2i"].append(_stable_ranks(b[rows] @ a.T, match))
+    return _retrieval_report({d: np.concatenate(r) for d, r in ranks.items()}, ks)
+
+
+def _class_vector(labels, name: str = "labels") -> np.ndarray:
+    y = _vector(labels, name)
+    if not np.all((y >= 0) & (y == np.round(y))):
+        raise ValueError(f"metrics: {name} must be class indices 0, 1, 2, ...")
+    return y.astype(np.int64)
+
+
+def weighted_f1(preds, labels) -> float:
+    """F1 per class averaged with the true class counts as weights (scikit-learn's
+    ``f1_score(average="weighted")``; a class never predicted nor present scores 0)."""
+    p, y = np.asarray(preds).reshape(-1), np.asarray(labels).reshape(-1)
+    if p.shape != y.shape or y.size == 0:
+        raise ValueError(f"weighted_f1: {p.size} predictions but {y.size} labels.")
+    total = 0.0
+    for c in np.unique(y):
+        tp = np.sum((p == c) & (y == c))
+        denom = np.sum(p == c) + np.sum(y == c)  # 2·TP + FP + FN
+        total += np.sum(y == c) * (2 * tp / denom)
+    return float(total / y.size)
+
+
+def multiclass_auroc(probs, labels) -> float:
+    """AUROC of [N, K] class scores: the positive class's (column 1) AUC when K = 2, else the
+    macro mean of one-vs-rest AUCs over the classes present in ``labels`` (at least two)."""
+    s = np.asarray(probs.detach().cpu() if isinstance(probs, torch.Tensor) else probs, dtype=np.float64)
+    y = _class_vector(labels)
+    if s.ndim != 2 or len(s) != len(y) or y.max() >= s.shape[1]:
+        raise ValueError(f"multiclass_auroc: need [N, K] scores for N labels in 0..K-1, got "
+                         f"{s.shape} and {len(y)} labels (max {y.max()}).")
+    if s.shape[1] == 2:
+        return roc_auc(s[:, 1], y)
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError("multiclass_auroc: only one class is present in labels; AUROC is undefined.")
+    return float(np.mean([roc_auc(s[:, c], (y == c).astype(np.int64)) for c in present]))
+
+
+def fewshot_indices(labels, fraction: float, seed: int, min_per_class: int = 2) -> np.ndarray:
+    """Few-shot subset of training rows: per class ceil(fraction · count), at least
+    ``min_per_class`` (never more than the class has), drawn without replacement with
+    ``np.random.default_rng(seed)``. Returns the chosen row indices, sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fewshot_indices: fraction must be in (0, 1], got {fraction}")
+    y = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        k = min(len(rows), max(min_per_class, math.ceil(fraction * len(rows) - 1e-9)))
+        chosen.append(rng.choice(rows, size=k, replace=False))
+    return np.sort(np.concatenate(chosen))
