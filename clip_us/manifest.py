@@ -1,0 +1,455 @@
+"""Image–caption manifests: reading (CSV and JSONL), caption cleaning, bad rows, splits, writing.
+
+The contrastive stage of seed 003 (§3.1, Fig. 1a) and EchoCare-CLIP (seed 000) both train on
+image–caption pairs listed in a table. Formats read, with columns detected (or given):
+
+- ours (CSV or JSONL): ``image``, ``caption`` and optionally ``organ``, ``label``, ``dataset``,
+  ``split`` plus any attribute columns (kept as strings in ``Pair.attributes``);
+- EchoCare-CLIP's CSV: ``image_path,text_caption,label``;
+- NextGen-UIA's fine-tuning CSVs: ``Caption,filename``; the official code finds each image by its
+  file name in the ``images/`` folder beside the CSV (``src/datasets/finetune.py``);
+- PMC-OA's JSONL: one ``{"image": ..., "caption": ...}`` object per line, images in ``images/``.
+
+Image paths are relative to the manifest's folder. A path that does not exist there is looked up
+by its file name in the sibling ``images/`` folder, which is how the NextGen-UIA and PMC-OA
+releases are laid out.
+
+Cleaning follows the official NextGen-UIA code: strip the caption and keep it only if it is
+longer than 20 characters. ``ascii_only`` first deletes every character outside the official
+code's whitelist (ASCII letters, digits, whitespace, punctuation and a few symbols such as ± ° µ
+≤ ≥ → – —). Captions that are mostly non-ASCII (untranslated CURD captions, for instance) are
+counted either way: ``python -m clip_us.captions refine --mode translate`` translates them.
+
+Splits: a ``split`` column is used as it is; otherwise a seeded 90/10 train/val shuffle that
+reproduces the official code's ``df.sample(frac=1, random_state=seed)`` order, or three fractions
+(``70,15,15``, EchoCare-CLIP) stratified by ``dataset``. ``hold_out`` keeps whole data sets out of
+training (EchoCare-CLIP holds out BUSI and its liver set). Splits are made per image, so an image
+with several captions never sits on both sides, and are saved as ``split.json`` for reuse.
+
+Standard library, numpy and PIL only.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .fileio import write_json, write_text
+
+__all__ = ["Pair", "ManifestError", "read_manifest", "clean_caption", "is_mostly_non_ascii",
+           "describe", "make_split", "save_split", "load_split", "split_pairs", "write_manifest",
+           "COLUMNS", "REFINE_HINT"]
+
+COLUMNS = ("image", "caption", "organ", "label", "dataset", "split")  # our own CSV, in this order
+IMAGE_COLS = ("image", "image_path", "filename", "file_name", "img", "path")
+CAPTION_COLS = ("caption", "text_caption", "text", "report")
+KNOWN_FIELDS = ("organ", "label", "dataset", "split")
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+MIN_CHARS = 20
+# The official fine-tuning code's whitelist (NextGen-UIA src/datasets/finetune.py), verbatim.
+NOT_WHITELISTED = re.compile(
+    r"[^A-Za-z0-9\s\.,;:\(\)\[\]\{\}\/_\-+\*=<>@&\|\\\^'\"`~\$?#!…\u00B1\u00B0\u00B5\u03BC\u2264"
+    r"\u2265\u2248\u2192\u2013\u2014\u2022]")
+REFINE_HINT = ("`python -m clip_us.captions refine MANIFEST --mode translate --endpoint URL "
+               "--model NAME --out OUT` translates them into English")
+
+
+class ManifestError(ValueError):
+    """A manifest row or file is unusable; the message names the manifest, the row and the file."""
+
+
+@dataclass
+class Pair:
+    """One usable manifest row."""
+    key: str                  # the image as the manifest writes it (posix); split.json stores it
+    image: Path               # resolved image file
+    caption: str              # cleaned caption
+    row: int                  # line number in the manifest (header = line 1 for CSV)
+    organ: str = ""
+    label: str = ""           # as written; clip_us.labels.parse_label maps class names
+    dataset: str = ""
+    split: str = ""           # train | val | test, or "" when the manifest has no split column
+    attributes: dict = field(default_factory=dict)  # every other column, as strings
+
+
+# ----------------------------------------------------------------------------- caption cleaning
+def clean_caption(text, ascii_only: bool = False) -> str:
+    """The official cleaning: optionally delete non-whitelisted characters, then strip."""
+    text = "" if text is None else str(text)
+    if ascii_only:
+        text = NOT_WHITELISTED.sub("", text)
+    return text.strip()
+
+
+def is_mostly_non_ascii(text: str) -> bool:
+    """More than half of the non-space characters are outside ASCII (e.g. Chinese CURD text)."""
+    chars = [c for c in str(text) if not c.isspace()]
+    return bool(chars) and sum(ord(c) > 127 for c in chars) > len(chars) / 2
+
+
+# ----------------------------------------------------------------------------- raw rows
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(header, [(line number, row dict)]); csv handles quoted commas and newlines."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, row))
+    if not header:
+        raise ManifestError(f"{path}: empty CSV; a manifest needs a header line such as "
+                            f"'image,caption'")
+    return header, rows
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(keys seen, [(line number, object)]); a line that is not a JSON object raises."""
+    header, rows = [], []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{n}: not valid JSON ({e}); each line of a JSONL "
+                                    f"manifest must be one object") from e
+            if not isinstance(obj, dict):
+                raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            header += [k for k in obj if k not in header]
+            rows.append((n, obj))
+    return header, rows
+
+
+def _pick(header: list[str], given: str | None, candidates, what: str, path: Path) -> str:
+    """The column named `given`, else the first candidate present (case-insensitive)."""
+    lower = {h.lower(): h for h in header}
+    if given:
+        if given in header:
+            return given
+        if given.lower() in lower:
+            return lower[given.lower()]
+        raise ManifestError(f"{path}: no column {given!r}; the columns are {header}")
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    flag = "--image-col" if what == "image" else "--caption-col"
+    raise ManifestError(f"{path}: cannot tell which column holds the {what}: none of "
+                        f"{list(candidates)} among {header}; name it with {flag}")
+
+
+def _format_name(path: Path, image_col: str, caption_col: str) -> str:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return "pmc-oa jsonl" if (image_col, caption_col) == ("image", "caption") else "jsonl"
+    return {("image", "caption"): "clip_us csv", ("image_path", "text_caption"): "echocare csv",
+            ("filename", "Caption"): "nextgen-uia csv"}.get((image_col, caption_col), "csv")
+
+
+# ----------------------------------------------------------------------------- images
+def resolve_image(value: str, folder: Path) -> Path | None:
+    """The file a manifest entry names: absolute, relative to the manifest, or by file name in
+    the sibling images/ folder (NextGen-UIA, PMC-OA). None when none exists."""
+    p = Path(value)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for candidate in (folder / p, folder / "images" / p.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _image_problem(path: Path) -> str:
+    """'' when the image decodes, else what went wrong (the whole file is decoded)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return ""
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"cannot be read as an image ({type(e).__name__}: {e})"
+
+
+class _Bad:
+    """Raises at the first bad row, or counts and keeps the messages with skip_bad."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.messages = skip, []
+
+    def __call__(self, where: str, what: str):
+        msg = f"{where}: {what}"
+        if not self.skip:
+            raise ManifestError(msg + ". Fix the row or the file, or pass --skip-bad "
+                                      "(skip_bad=True) to skip bad rows and count them.")
+        self.messages.append(msg)
+
+
+# ----------------------------------------------------------------------------- reading
+def _fields(row: dict, image_col: str, caption_col: str) -> tuple[dict, dict]:
+    """(organ/label/dataset/split under lower-case names, every other column), as strings."""
+    known, other = {}, {}
+    for k, v in row.items():
+        if k is None or k in (image_col, caption_col):  # None: extra cells of a ragged CSV row
+            continue
+        v = "" if v is None else (v if isinstance(v, str) else json.dumps(v))
+        if k.lower() in KNOWN_FIELDS:
+            known[k.lower()] = v.strip()
+        else:
+            other[k] = v.strip()
+    return known, other
+
+
+def _split_value(value: str, where: str) -> str:
+    if not value:
+        return ""
+    split = SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        raise ManifestError(f"{where}: split {value!r} is not one of train, val, test")
+    return split
+
+
+def read_manifest(path, image_col: str | None = None, caption_col: str | None = None,
+                  ascii_only: bool = False, skip_bad: bool = False,
+                  check_images: bool = True) -> tuple[list[Pair], dict]:
+    """(pairs, report) from a CSV or JSONL manifest.
+
+    Rows whose caption is 20 characters or shorter after cleaning are dropped and counted. A row
+    whose image is missing or unreadable raises ManifestError naming the row and the file, or
+    with ``skip_bad`` is skipped and counted. ``check_images`` decodes every image once.
+    The report holds the format, the columns, every rule's drop count, the number of
+    mostly-non-ASCII captions and the bad rows' messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
+    header, rows = (_read_jsonl if is_jsonl else _read_csv)(path)
+    icol = _pick(header, image_col, IMAGE_COLS, "image", path)
+    ccol = _pick(header, caption_col, CAPTION_COLS, "caption", path)
+    bad = _Bad(skip_bad)
+    report = {"manifest": str(path), "format": _format_name(path, icol, ccol), "image_col": icol,
+              "caption_col": ccol, "rows": len(rows), "ascii_only": ascii_only,
+              "dropped": {"short_caption": 0, "ascii_only": 0, "bad_image": 0},
+              "ascii_changed": 0, "mostly_non_ascii": 0, "bad_rows": bad.messages}
+    pairs = [p for p in (_pair(path, n, row, icol, ccol, ascii_only, check_images, bad, report)
+                         for n, row in rows) if p is not None]
+    report["dropped"]["bad_image"] = len(bad.messages)
+    report["kept"] = len(pairs)
+    return pairs, report
+
+
+def _pair(path, n, row, icol, ccol, ascii_only, check_images, bad, report) -> Pair | None:
+    """One row -> Pair, or None when a cleaning rule drops it or it is bad (and skipped)."""
+    where = f"{path}:{n}"
+    raw = "" if row.get(ccol) is None else str(row.get(ccol))
+    report["mostly_non_ascii"] += is_mostly_non_ascii(raw)
+    caption = clean_caption(raw, ascii_only)
+    report["ascii_changed"] += caption != raw.strip()
+    if len(caption) <= MIN_CHARS:  # blamed on --ascii-only when the raw caption was long enough
+        rule = "ascii_only" if len(raw.strip()) > MIN_CHARS else "short_caption"
+        report["dropped"][rule] += 1
+        return None
+    value = "" if row.get(icol) is None else str(row.get(icol)).strip()
+    if not value:
+        return bad(where, f"the {icol!r} column is empty")
+    image = resolve_image(value, path.parent)
+    if image is None:
+        return bad(where, f"image {value!r} not found (looked in {path.parent} and "
+                          f"{path.parent / 'images'})")
+    problem = _image_problem(image) if check_images else ""
+    if problem:
+        return bad(where, f"image {image} {problem}")
+    known, other = _fields(row, icol, ccol)
+    return Pair(key=Path(value).as_posix(), image=image, caption=caption, row=n,
+                organ=known.get("organ", ""), label=known.get("label", ""),
+                dataset=known.get("dataset", ""),
+                split=_split_value(known.get("split", ""), where), attributes=other)
+
+
+def describe(report: dict) -> str:
+    """A few lines for the user: what was read, what each rule dropped, what to do next."""
+    d = report["dropped"]
+    lines = [f"manifest {report['manifest']} ({report['format']}, image column "
+             f"{report['image_col']!r}, caption column {report['caption_col']!r}): "
+             f"{report['rows']} rows, {report['kept']} kept",
+             f"  dropped: {d['short_caption']} with a caption of {MIN_CHARS} characters or fewer, "
+             f"{d['bad_image']} with a missing or unreadable image (--skip-bad)"]
+    if report["ascii_only"]:
+        lines.append(f"  --ascii-only changed {report['ascii_changed']} captions and dropped "
+                     f"{d['ascii_only']} that became {MIN_CHARS} characters or fewer")
+    if report["mostly_non_ascii"]:
+        lines.append(f"  {report['mostly_non_ascii']} captions are mostly non-ASCII (untranslated "
+                     f"text?): {REFINE_HINT}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- splits
+def _parse_fractions(spec) -> tuple[float, ...]:
+    parts = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    if len(parts) not in (2, 3) or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ManifestError(f"split {spec!r}: give train,val (e.g. 90,10) or train,val,test "
+                            f"(e.g. 70,15,15) as non-negative numbers")
+    return tuple(p / sum(parts) for p in parts)
+
+
+def _images(pairs: list[Pair]) -> list[str]:
+    """Image keys in manifest order, each once."""
+    return list(dict.fromkeys(p.key for p in pairs))
+
+
+def _official_shuffle(keys: list[str], fractions, seed: int) -> dict:
+    """pandas' df.sample(frac=1, random_state=seed) is RandomState(seed).permutation; the
+    official code then cuts at int(n * 0.9)."""
+    order = [keys[i] for i in np.random.RandomState(seed).permutation(len(keys))]
+    cut = int(len(keys) * fractions[0])
+    return {"train": order[:cut], "val": order[cut:], "test": []}
+
+
+def _stratified(keys: list[str], strata: dict, fractions, seed: int) -> dict:
+    """Per `dataset`, a seeded shuffle cut into train/val/test; val and test get
+    round(n * f) of each data set, train the rest."""
+    rng = np.random.default_rng(seed)
+    out = {s: [] for s in SPLITS}
+    for name in sorted(set(strata.values())):
+        group = [k for k in keys if strata[k] == name]
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_val, n_test = (int(round(len(group) * f)) for f in fractions[1:])
+        n_train = len(group) - n_val - n_test
+        out["train"] += group[:n_train]
+        out["val"] += group[n_train:n_train + n_val]
+        out["test"] += group[n_train + n_val:]
+    return out
+
+
+def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> dict:
+    """{"train", "val", "test", "held_out": [image keys], "how": ...}.
+
+    A manifest with a split column decides itself (every row must have one). Otherwise two
+    fractions give the official seeded shuffle, three a split stratified by `dataset`.
+    ``hold_out`` names data sets kept out of train/val/test entirely ("held_out").
+    """
+    hold = {h.strip().lower() for h in hold_out if h.strip()}
+    unknown = hold - {p.dataset.lower() for p in pairs}
+    if unknown:
+        raise ManifestError(f"--hold-out {sorted(unknown)}: no such dataset in the manifest "
+                            f"(its datasets: {sorted({p.dataset for p in pairs})})")
+    held = _images([p for p in pairs if p.dataset.lower() in hold])
+    rest = [p for p in pairs if p.dataset.lower() not in hold]
+    if any(p.split for p in pairs):
+        out, how = _from_column(rest), "the manifest's split column"
+    else:
+        fractions = _parse_fractions(spec)
+        keys = _images(rest)
+        if len(fractions) == 2:
+            out, how = _official_shuffle(keys, fractions, seed), f"seeded shuffle {spec}"
+        else:
+            strata = {p.key: p.dataset for p in rest}
+            out, how = _stratified(keys, strata, fractions, seed), f"{spec} stratified by dataset"
+    return {**out, "held_out": held, "how": how + (f", held out {sorted(hold)}" if hold else "")}
+
+
+def _from_column(pairs: list[Pair]) -> dict:
+    missing = [p for p in pairs if not p.split]
+    if missing:
+        raise ManifestError(f"row {missing[0].row}: the split column is empty ({len(missing)} "
+                            f"rows are); fill it for every row or drop the column")
+    out, seen = {s: [] for s in SPLITS}, {}
+    for p in pairs:
+        if seen.setdefault(p.key, p.split) != p.split:
+            raise ManifestError(f"row {p.row}: image {p.key} is in both {seen[p.key]} and "
+                                f"{p.split}; an image must stay in one split")
+        if p.key not in out[p.split]:
+            out[p.split].append(p.key)
+    return out
+
+
+def save_split(path, split: dict, **meta) -> None:
+    """split.json (atomic): the parts plus whatever describes how they were made."""
+    write_json(path, {**meta, **split}, indent=1)
+
+
+def load_split(path, pairs: list[Pair], strict: bool = True) -> dict:
+    """A saved split, restricted to the images `pairs` has. With ``strict``, an image of
+    `pairs` that the split does not place is an error (the manifest changed since)."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+        parts = {k: list(saved[k]) for k in (*SPLITS, "held_out") if k in saved}
+        if "train" not in parts:
+            raise ValueError("no 'train' list")
+    except (ValueError, TypeError) as e:
+        raise ManifestError(f"{path}: not a split file ({e}); delete it to make a new split") from e
+    placed = {k for v in parts.values() for k in v}
+    have = set(_images(pairs))
+    unplaced = sorted(have - placed)
+    if strict and unplaced:
+        raise ManifestError(f"{path}: {len(unplaced)} images of the manifest are in no split "
+                            f"(e.g. {unplaced[0]}): the manifest changed since the split was "
+                            f"made; delete {path.name} or use a new --out-dir")
+    out = {k: [key for key in v if key in have] for k, v in parts.items()}
+    return {**out, "how": f"reused {path}", "not_in_manifest": len(placed - have)}
+
+
+def split_pairs(pairs: list[Pair], split: dict) -> dict[str, list[Pair]]:
+    """{part: [Pair]} with every caption of an image in its image's part, manifest order."""
+    where = {k: part for part in (*SPLITS, "held_out") for k in split.get(part, [])}
+    out = {part: [] for part in (*SPLITS, "held_out")}
+    for p in pairs:
+        if p.key in where:
+            out[where[p.key]].append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+def _relative(image, folder: Path) -> str:
+    """Posix path relative to the manifest's folder when possible, else absolute."""
+    p = Path(image)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(p, folder)).as_posix()
+    except ValueError:  # another drive on Windows
+        return p.as_posix()
+
+
+def write_manifest(path, rows: list[dict]) -> Path:
+    """Write our own manifest (atomic): CSV, or JSONL when `path` ends in .jsonl.
+
+    Each row is a dict with ``image`` (a path; absolute ones are made relative to the manifest)
+    and ``caption``, and optionally organ, label, dataset, split and any attribute keys. CSV
+    columns: COLUMNS that any row has, in that order, then the other keys in first-seen order.
+    """
+    path = Path(path)
+    folder = path.parent.resolve()
+    for i, r in enumerate(rows):
+        if not r.get("image") or r.get("caption") is None:
+            raise ManifestError(f"write_manifest: row {i} needs 'image' and 'caption', got {r}")
+    rows = [{**r, "image": _relative(r["image"], folder)} for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    columns = [c for c in COLUMNS if c in keys or c in ("image", "caption")] + \
+        [k for k in keys if k not in COLUMNS]
+    if path.suffix.lower() == ".jsonl":
+        write_text(path, "".join(json.dumps({c: r[c] for c in columns if c in r},
+                                            ensure_ascii=False) + "\n" for r in rows))
+        return path
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: _cell(r.get(c, "")) for c in columns})
+    write_text(path, buf.getvalue())
+    return path
+
+
+def _cell(v) -> str:
+    """CSV cell: strings as they are, other values as JSON (lists, numbers, None -> '')."""
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
