@@ -1,5 +1,5 @@
 """Evaluation metrics: segmentation (Dice, IoU, HD95, ASD/ASSD), classification (accuracy, ROC-AUC,
-binary report, bootstrap CI), and image–text retrieval / alignment scores.
+ROC curve, binary report, bootstrap CI), and image–text retrieval / alignment scores.
 
 Stand-alone: numpy, scipy and torch only, nothing else from clip_us, so the file can be copied.
 
@@ -287,6 +287,25 @@ def roc_auc(scores, labels) -> float:
                          "Evaluate on a set with both benign (0) and malignant (1) cases.")
     ranks = rankdata(s)  # average ranks: a tie between a positive and a negative counts ½
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) as scikit-learn's ``roc_curve(labels, scores, drop_intermediate=False)``:
+    one point per distinct score, tied scores cross the threshold together, and a first point
+    (0, 0) at threshold +inf. Class 1 (malignant) is positive; the trapezoid area under these
+    points equals ``roc_auc``."""
+    s, y = _vector(scores, "scores"), _labels(labels)
+    if s.shape != y.shape:
+        raise ValueError(f"roc_curve: {s.size} scores but {y.size} labels.")
+    if y.min() == y.max():
+        raise ValueError("roc_curve: only one class is present in labels; a ROC curve needs both "
+                         "benign (0) and malignant (1) cases.")
+    order = np.argsort(-s, kind="mergesort")  # descending, stable
+    s, y = s[order], y[order]
+    ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each run of tied scores
+    tps = np.cumsum(y)[ends].astype(np.float64)
+    fps = (ends + 1) - tps
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, s[ends]]
 
 
 def binary_report(probs, labels, threshold: float = 0.5) -> dict:

@@ -2,41 +2,32 @@
 
 - `overlay` draws a test case in the style of seed 003, Fig. 4: ground truth missed by the
   prediction in red, false positives in green, true positives in yellow, blended over the
-  grayscale image. `save_overlay_grid` tiles several cases, each with a small caption, into one PNG.
-- `roc_curve_points` follows scikit-learn's `roc_curve(..., drop_intermediate=False)`: one point
-  per distinct score, tied scores move together, and a first point (0, 0) at threshold +inf.
-  The positive class is 1 (malignant, DESIGN.md -> Labels).
-- `save_roc_svg` and `save_curves_svg` write plain SVG text.
+  grayscale image. `save_overlay_grid` tiles several cases into one PNG, enlarged so a lesion's
+  outline reads at a glance, under a colour legend, each with a caption, in natural case order
+  ("4, 22, 23", not "22, 23, 4").
+- `save_roc_svg` draws the ROC points of `metrics.roc_curve` (scikit-learn's convention).
+- `save_training_curves` puts the training loss and the validation metric of a run's log.jsonl
+  side by side; `save_curves_svg` is the plain line plot under it. Both write SVG text.
 
-PNG goes through Pillow (a dependency of torchvision); nothing here imports a model or torch.
-Every file is written to a temporary file in the same folder and then moved into place with
-os.replace, so a reader never sees a half-written figure.
+PNG goes through Pillow (a dependency of torchvision). Every file goes through clip_us/fileio.py:
+a temporary file in the same folder, then os.replace, so a reader never sees half a figure.
 """
 import math
+import re
 from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .fileio import atomic_path
+from .fileio import atomic_path, write_text
+from .metrics import roc_auc, roc_curve
+from .transform import CLIP_MEAN, CLIP_STD
 
 # Fig. 4 colours (RGB): ground truth only (false negative), false positive, true positive.
 RED, GREEN, YELLOW = (255, 0, 0), (0, 255, 0), (255, 255, 0)
-# CLIP's normalisation (OpenAI), undone when a caller says its float images are normalised.
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+OVERLAY_LEGEND = ((RED, "ground truth (missed)"), (GREEN, "false positive"),
+                  (YELLOW, "true positive"))
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def _atomic_write(path, write_fn):
-    """Call write_fn(file_object) on a temp file next to `path`, then os.replace it into place."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write_fn(f)
-
-
-def _write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------- overlays
@@ -103,69 +94,78 @@ def _grid_item(item, mean, std):
     return im, caption
 
 
-def save_overlay_grid(items, path, ncols=4, normalized=False, mean=None, std=None, pad=4):
-    """Tile cases into one PNG, each with a small caption (e.g. "case_12 Dice 0.91") above it.
+def natural_key(text):
+    """Sort key that orders the numbers inside names by value: "case_4" before "case_22"."""
+    # re.split with a group alternates text and digits, so equal positions hold equal types.
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(text))]
+
+
+def _font(size):
+    """Pillow's bundled scalable font at `size` px (Pillow >= 10.1, FreeType), else its bitmap one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _enlarge(im, min_side):
+    """Nearest-neighbour enlargement by a whole factor until the longer side reaches min_side:
+    mask edges stay crisp and the legend colours stay exact."""
+    k = max(1, math.ceil(min_side / max(im.size)))
+    return im.resize((im.width * k, im.height * k), Image.NEAREST) if k > 1 else im
+
+
+def _draw_legend(draw, x, y, font, line_h):
+    """The overlay colours as swatches with their meaning, in one line; returns its width."""
+    x0 = x
+    for colour, text in OVERLAY_LEGEND:
+        draw.rectangle([x, y + 2, x + line_h - 4, y + line_h - 2], fill=colour, outline=(0, 0, 0))
+        x += line_h + 2
+        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+        x += math.ceil(draw.textlength(text, font=font)) + 2 * line_h
+    return x - x0
+
+
+def save_overlay_grid(items, path, ncols=4, normalized=False, mean=None, std=None, pad=8,
+                      min_panel=256, font_size=16, sort=True):
+    """Tile cases into one PNG under a colour legend, each with a caption (e.g. "case_12 Dice 0.91").
 
     Items are (PIL image, caption) pairs, or dicts {image, gt, pred, label} that are drawn with
     `overlay`. `normalized=True` means float images carry CLIP's mean/std, which is undone;
-    `mean`/`std` override it for another normalisation. Cells take the largest tile's size.
+    `mean`/`std` override it for another normalisation. Panels are enlarged by a whole factor to
+    at least `min_panel` px and, with `sort`, ordered naturally by caption.
     """
     if normalized and mean is None:
         mean, std = CLIP_MEAN, CLIP_STD
     tiles = [_grid_item(it, mean, std) for it in items]
     if not tiles:
         raise ValueError(f"save_overlay_grid: no images to write to {path}")
-    font = ImageFont.load_default()
-    cap_h = 14  # one line of Pillow's default bitmap font plus a little room
+    tiles = sorted(tiles, key=lambda t: natural_key(t[1])) if sort else tiles
+    tiles = [(_enlarge(im.convert("RGB"), min_panel), str(c)) for im, c in tiles]
+    font, line_h = _font(font_size), font_size + 6
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = _draw_legend(measure, 0, 0, font, line_h)
     # Cells are wide enough for the caption too, so it never runs into the next tile.
-    cw = max(max(im.width, math.ceil(measure.textlength(str(c), font=font))) for im, c in tiles) + pad
-    ch = max(im.height for im, _ in tiles) + cap_h + pad
+    cw = max(max(im.width, math.ceil(measure.textlength(c, font=font))) for im, c in tiles) + pad
+    ch = max(im.height for im, _ in tiles) + line_h + pad
     ncols = max(1, min(ncols, len(tiles)))
-    sheet = Image.new("RGB", (ncols * cw + pad, math.ceil(len(tiles) / ncols) * ch + pad), "white")
+    top = pad + line_h + pad  # the legend line
+    sheet = Image.new("RGB", (max(ncols * cw + pad, legend_w + 2 * pad),
+                              top + math.ceil(len(tiles) / ncols) * ch), "white")
     draw = ImageDraw.Draw(sheet)
+    _draw_legend(draw, pad, pad, font, line_h)
     for i, (im, caption) in enumerate(tiles):
-        x, y = pad + (i % ncols) * cw, pad + (i // ncols) * ch
-        draw.text((x, y), str(caption), fill=(0, 0, 0), font=font)
-        sheet.paste(im.convert("RGB"), (x, y + cap_h))
-    _atomic_write(path, lambda f: sheet.save(f, format="PNG"))
-
-
-# ----------------------------------------------------------------------------- ROC
-
-def roc_curve_points(scores, labels):
-    """(fpr, tpr, thresholds) like sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False).
-
-    `labels` are 0/1 with 1 positive; `scores` are higher for the positive class.
-    """
-    s, y = _to_numpy(scores).astype(np.float64).ravel(), _to_numpy(labels).ravel()
-    if s.shape != y.shape or not np.isin(y, (0, 1)).all():
-        raise ValueError("roc_curve_points: need one 0/1 label per score "
-                         f"(got {s.size} scores, labels {np.unique(y)[:5]})")
-    if y.min() == y.max():
-        raise ValueError("roc_curve_points: ROC needs both classes in `labels`; got only "
-                         f"class {int(y[0]) if y.size else 'none'}")
-    order = np.argsort(-s, kind="mergesort")  # descending, stable
-    s, y = s[order], y[order].astype(np.float64)
-    # Last index of each run of tied scores: tied cases cross the threshold together.
-    ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    tps = np.cumsum(y)[ends]
-    fps = (ends + 1) - tps
-    fpr = np.r_[0.0, fps / fps[-1]]
-    tpr = np.r_[0.0, tps / tps[-1]]
-    return fpr, tpr, np.r_[np.inf, s[ends]]
-
-
-def auc_trapezoid(fpr, tpr):
-    """Area under a curve of points sorted by fpr (trapezoid rule), as sklearn.metrics.auc."""
-    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        x, y = pad + (i % ncols) * cw, top + (i // ncols) * ch
+        draw.text((x, y), caption, fill=(0, 0, 0), font=font)
+        sheet.paste(im, (x, y + line_h))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------- SVG plotting
 
-W, H = 480, 360
-LEFT, RIGHT, TOP, BOTTOM = 60, 20, 36, 48  # margins around the plot box, in SVG units
+W, H = 480, 360  # one plot panel, in SVG units
+LEFT, RIGHT, TOP, BOTTOM = 60, 20, 36, 48  # margins around the plot box
 
 
 def _nice_ticks(lo, hi, n=5):
@@ -177,22 +177,29 @@ def _nice_ticks(lo, hi, n=5):
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def _axes_svg(title, xlabel, ylabel, xlim, ylim):
-    """SVG header, frame, ticks, grid and labels; returns (parts, to_px) for drawing on top."""
+def _svg_open(width, height):
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{width}" height="{height}" fill="white"/>']
+
+
+def _axes_svg(title, xlabel, ylabel, xlim, ylim, ox=0):
+    """Frame, ticks, grid and labels of one panel whose left edge is at x = ox; returns
+    (parts, to_px) for drawing on top."""
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
 
     def to_px(x, y):
-        return (LEFT + (x - xlim[0]) / (xlim[1] - xlim[0]) * pw,
+        return (ox + LEFT + (x - xlim[0]) / (xlim[1] - xlim[0]) * pw,
                 TOP + ph - (y - ylim[0]) / (ylim[1] - ylim[0]) * ph)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="13">{escape(title)}</text>',
-             f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="black"/>',
-             f'<text x="{LEFT + pw / 2}" y="{H - 10}" text-anchor="middle">{escape(xlabel)}</text>',
-             f'<text x="14" y="{TOP + ph / 2}" text-anchor="middle" '
-             f'transform="rotate(-90 14 {TOP + ph / 2})">{escape(ylabel)}</text>']
+    parts = [f'<text x="{ox + W / 2}" y="20" text-anchor="middle" font-size="13">'
+             f'{escape(title)}</text>',
+             f'<rect x="{ox + LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" '
+             'stroke="black"/>',
+             f'<text x="{ox + LEFT + pw / 2}" y="{H - 10}" text-anchor="middle">'
+             f'{escape(xlabel)}</text>',
+             f'<text x="{ox + 14}" y="{TOP + ph / 2}" text-anchor="middle" '
+             f'transform="rotate(-90 {ox + 14} {TOP + ph / 2})">{escape(ylabel)}</text>']
     parts += _ticks_svg(to_px, xlim, ylim)
     return parts, to_px
 
@@ -216,10 +223,14 @@ def _polyline(points, to_px, colour, dash=""):
     return f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"{extra}/>'
 
 
-def _legend(entries, x0=None, y0=None):
-    """Legend box of (colour, text) entries in the plot's top-right corner (or at x0, y0)."""
-    x0 = W - RIGHT - 150 if x0 is None else x0
-    y0 = TOP + 8 if y0 is None else y0
+def _markers(points, to_px, colour):
+    """A dot per point: validation runs every few epochs, and a lone point has no line."""
+    return [f'<circle cx="{x:.2f}" cy="{y:.2f}" r="3" fill="{colour}"/>'
+            for x, y in (to_px(*p) for p in points)]
+
+
+def _legend(entries, x0, y0):
+    """Legend of (colour, text) entries, one per line, starting at (x0, y0)."""
     parts = []
     for i, (colour, text) in enumerate(entries):
         y = y0 + 14 * i
@@ -228,16 +239,22 @@ def _legend(entries, x0=None, y0=None):
     return parts
 
 
+def _legend_corner(corner, n_entries, ox=0):
+    """(x0, y0) of a legend in a panel's "top" or "bottom" right corner."""
+    y0 = TOP + 8 if corner == "top" else H - BOTTOM - 8 - 14 * (n_entries - 1)
+    return ox + W - RIGHT - 150, y0
+
+
 def save_roc_svg(scores, labels, path, title="ROC"):
     """ROC curve with the chance diagonal and the AUC in the legend, as SVG. Returns the AUC."""
-    fpr, tpr, _ = roc_curve_points(scores, labels)
-    auc = auc_trapezoid(fpr, tpr)
+    fpr, tpr, _ = roc_curve(scores, labels)
+    auc = roc_auc(scores, labels)  # equals the trapezoid area under (fpr, tpr)
     parts, to_px = _axes_svg(title, "False positive rate", "True positive rate", (0, 1), (0, 1))
     parts.append(_polyline([(0, 0), (1, 1)], to_px, "gray", dash="4 3"))
     parts.append(_polyline(zip(fpr, tpr), to_px, PALETTE[0]))
-    parts += _legend([(PALETTE[0], f"ROC (AUC = {auc:.3f})"), ("gray", "chance")],
-                     y0=H - BOTTOM - 30)  # bottom-right: the curve rarely goes there
-    _write_text(path, "\n".join(parts + ["</svg>\n"]))
+    entries = [(PALETTE[0], f"ROC (AUC = {auc:.3f})"), ("gray", "chance")]
+    parts += _legend(entries, *_legend_corner("bottom", 2))  # the curve rarely goes there
+    write_text(path, "\n".join(_svg_open(W, H) + parts + ["</svg>\n"]))
     return auc
 
 
@@ -248,18 +265,83 @@ def _limits(values):
     return lo, hi
 
 
-def save_curves_svg(series, path, title, xlabel="epoch", ylabel="value"):
-    """Line plot of {name: [(x, y), ...]} (losses, metrics) as SVG; non-finite points are skipped."""
+def _finite(series):
+    """{name: [(x, y), ...]} with non-finite points and then empty series left out."""
     clean = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
              for name, pts in series.items()}
-    clean = {name: pts for name, pts in clean.items() if pts}
+    return {name: pts for name, pts in clean.items() if pts}
+
+
+def _xlim(*series):
+    return _limits([x for s in series for pts in s.values() for x, _ in pts])
+
+
+def _panel(series, colours, title, xlabel, ylabel, ox=0, corner="top", dots=False, xlim=None):
+    """SVG parts of one line-plot panel; series are already finite and non-empty."""
+    ys = [y for pts in series.values() for _, y in pts]
+    parts, to_px = _axes_svg(title, xlabel, ylabel, xlim or _xlim(series), _limits(ys), ox)
+    for pts, c in zip(series.values(), colours):
+        parts.append(_polyline(sorted(pts), to_px, c))
+        parts += _markers(pts, to_px, c) if dots else []
+    return parts + _legend(list(zip(colours, series)), *_legend_corner(corner, len(series), ox))
+
+
+def save_curves_svg(series, path, title, xlabel="epoch", ylabel="value"):
+    """Line plot of {name: [(x, y), ...]} (losses, metrics) as SVG; non-finite points are skipped."""
+    clean = _finite(series)
     if not clean:
         raise ValueError(f"save_curves_svg: no finite points to plot in {path} "
                          f"(series: {list(series)})")
-    xs = [x for pts in clean.values() for x, _ in pts]
-    ys = [y for pts in clean.values() for _, y in pts]
-    parts, to_px = _axes_svg(title, xlabel, ylabel, _limits(xs), _limits(ys))
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(clean))]
-    parts += [_polyline(sorted(pts), to_px, c) for pts, c in zip(clean.values(), colours)]
-    parts += _legend(list(zip(colours, clean)))
-    _write_text(path, "\n".join(parts + ["</svg>\n"]))
+    parts = _panel(clean, colours, title, xlabel, ylabel)
+    write_text(path, "\n".join(_svg_open(W, H) + parts + ["</svg>\n"]))
+
+
+def _val_value(val, metric):
+    """A validation record's metric as a float: a plain number, or a report's {"mean": ...}."""
+    v = (val or {}).get(metric)
+    v = v.get("mean") if isinstance(v, dict) else v
+    return float(v) if isinstance(v, (int, float)) else math.nan  # None: no finite value
+
+
+def training_series(records, metric):
+    """({seed: [(epoch, loss)]}, {seed: [(epoch, val metric)]}) from log.jsonl records."""
+    loss, val = {}, {}
+    for r in records:
+        if "epoch" not in r:
+            continue  # e.g. the test record a script logs after training
+        name = f"seed {r['seed']}" if "seed" in r else "run"
+        if "loss" in r:
+            loss.setdefault(name, []).append((r["epoch"], r["loss"]))
+        if "val" in r:
+            val.setdefault(name, []).append((r["epoch"], _val_value(r["val"], metric)))
+    return loss, val
+
+
+def save_training_curves(records, path, metric, loss_name="training loss", metric_name=None,
+                         title=""):
+    """Training loss (left) and validation `metric` (right) per epoch and seed, one SVG.
+
+    `records` are log.jsonl dicts: {"seed", "epoch", "loss"} every epoch, plus "val": {metric:
+    value or {"mean": value}} on validation epochs. Seeds keep one colour in both panels.
+    Raises ValueError when no record has a finite loss.
+    """
+    loss, val = (_finite(s) for s in training_series(records, metric))
+    if not loss:
+        raise ValueError(f"save_training_curves: no finite training loss to plot in {path}; "
+                         "records need 'epoch' and 'loss'")
+    names = sorted(loss, key=natural_key)
+    colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+    metric_name, xlim = metric_name or metric, _xlim(loss, val)  # one epoch axis for both
+    parts = _panel({k: loss[k] for k in names}, list(colours.values()),
+                   f"{title} training".strip(), "epoch", loss_name, xlim=xlim)
+    if val:
+        val = {k: val[k] for k in sorted(val, key=natural_key)}
+        # Rising metrics leave the bottom-right corner free; dots, as validation is sparse.
+        parts += _panel(val, [colours.get(k, "black") for k in val],
+                        f"{title} validation".strip(), "epoch", f"validation {metric_name}",
+                        ox=W, corner="bottom", dots=True, xlim=xlim)
+    else:
+        parts.append(f'<text x="{W + W / 2}" y="{H / 2}" text-anchor="middle">'
+                     f'no finite validation {escape(metric_name)} in the log</text>')
+    write_text(path, "\n".join(_svg_open(2 * W, H) + parts + ["</svg>\n"]))

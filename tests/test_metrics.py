@@ -11,7 +11,8 @@ from medpy.metric import binary as medpy_binary
 from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
                            compute_iou)
 from scipy.ndimage import gaussian_filter
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score,
+                             roc_curve)
 
 from clip_us import metrics
 
@@ -198,6 +199,32 @@ def test_roc_auc_matches_sklearn_with_ties():
         assert abs(metrics.roc_auc(scores, labels) - roc_auc_score(labels, scores)) <= 1e-12
     assert metrics.roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
     assert metrics.roc_auc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_curve_matches_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes many ties
+    fpr, tpr, thr = metrics.roc_curve(scores, labels)
+    rf, rt, rthr = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, rf)
+    np.testing.assert_allclose(tpr, rt)
+    np.testing.assert_allclose(thr[1:], rthr[1:])
+    assert np.isinf(thr[0]) and np.isinf(rthr[0])
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(metrics.roc_auc(scores, labels), abs=1e-12)
+
+
+def test_roc_curve_all_tied_tensors_and_bad_input():
+    fpr, tpr, _ = metrics.roc_curve(torch.full((4,), 0.5), torch.tensor([0, 1, 0, 1]))
+    assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="only one class"):
+        metrics.roc_curve([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="labels must be 0"):
+        metrics.roc_curve([0.1, 0.2], [0, 2])
+    with pytest.raises(ValueError, match="2 scores but 3 labels"):
+        metrics.roc_curve([0.1, 0.2], [0, 1, 1])
 
 
 def test_roc_auc_errors():

@@ -1,4 +1,4 @@
-"""Tests for clip_us/viz.py: Fig. 4 overlay colours, ROC points against scikit-learn, SVG/PNG files."""
+"""Tests for clip_us/viz.py: Fig. 4 overlay colours, the overlay grid, ROC and training-curve SVGs."""
 import os
 import xml.etree.ElementTree as ET
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
-from clip_us import viz
+from clip_us import transform, viz
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -40,11 +40,11 @@ def test_overlay_colours_hand_made_case():
 def test_overlay_undoes_clip_normalisation_of_float_tensor():
     img, gt, pred = _case()
     rgb = torch.from_numpy(img).float().div(255).expand(3, 4, 4)  # [3, H, W] in [0, 1]
-    mean, std = torch.tensor(viz.CLIP_MEAN)[:, None, None], torch.tensor(viz.CLIP_STD)[:, None, None]
+    mean, std = torch.tensor(transform.CLIP_MEAN)[:, None, None], torch.tensor(transform.CLIP_STD)[:, None, None]
     normed = (rgb - mean) / std
     ref = np.asarray(viz.overlay(img, gt, pred)).astype(int)
     got = np.asarray(viz.overlay(normed, torch.from_numpy(gt), torch.from_numpy(pred),
-                                 mean=viz.CLIP_MEAN, std=viz.CLIP_STD)).astype(int)
+                                 mean=transform.CLIP_MEAN, std=transform.CLIP_STD)).astype(int)
     assert np.abs(got - ref).max() <= 1
     plain = np.asarray(viz.overlay(rgb, gt, pred)).astype(int)  # float [0, 1], no mean/std
     assert np.abs(plain - ref).max() <= 1
@@ -56,33 +56,6 @@ def test_overlay_rejects_mismatched_mask():
     img, gt, _ = _case()
     with pytest.raises(ValueError, match="pred mask has shape"):
         viz.overlay(img, gt, np.zeros((5, 4)))
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_roc_points_match_sklearn_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, 200)
-    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes many ties
-    fpr, tpr, thr = viz.roc_curve_points(scores, labels)
-    rf, rt, rthr = roc_curve(labels, scores, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, rf)
-    np.testing.assert_allclose(tpr, rt)
-    np.testing.assert_allclose(thr[1:], rthr[1:])
-    assert np.isinf(thr[0]) and np.isinf(rthr[0])
-    assert viz.auc_trapezoid(fpr, tpr) == pytest.approx(roc_auc_score(labels, scores))
-
-
-def test_roc_all_tied_and_tensor_input():
-    labels = torch.tensor([0, 1, 0, 1])
-    fpr, tpr, _ = viz.roc_curve_points(torch.full((4,), 0.5), labels)
-    assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
-
-
-def test_roc_bad_input():
-    with pytest.raises(ValueError, match="both classes"):
-        viz.roc_curve_points([0.1, 0.2], [1, 1])
-    with pytest.raises(ValueError, match="0/1 label"):
-        viz.roc_curve_points([0.1, 0.2], [0, 2])
 
 
 def _no_temp_files(folder):
@@ -126,34 +99,116 @@ def test_save_curves_svg(tmp_path):
     assert not (tmp_path / "bad.svg").exists() and _no_temp_files(tmp_path)
 
 
-def test_save_overlay_grid_pairs_and_dicts(tmp_path):
+def _block(px, colour):
+    """Bounding box (top, bottom, left, right) of the pixels of exactly `colour` in an RGB array."""
+    ys, xs = np.nonzero((px == np.asarray(colour)).all(axis=-1))
+    return ys.min(), ys.max(), xs.min(), xs.max()
+
+
+def test_save_overlay_grid_enlarges_sorts_and_has_a_legend(tmp_path):
     img, gt, pred = _case()
     tile = viz.overlay(img, gt, pred)
+    marker = Image.new("RGB", (4, 4), (1, 2, 3))  # a colour no overlay or text produces
+    names = ["case_22", "case_4", "case_36", "case_23"]
+    pairs = [(marker if n == "case_4" else tile, f"{n} Dice 0.50") for n in names]
     path = tmp_path / "grid.png"
-    viz.save_overlay_grid([(tile, f"case{i} Dice 0.50") for i in range(5)], path, ncols=4)
+    viz.save_overlay_grid(pairs, path, ncols=4, min_panel=64)
     with Image.open(path) as sheet:
-        assert sheet.format == "PNG" and sheet.width > 4 * 4 and sheet.height > 2 * 4
+        assert sheet.format == "PNG"
         px = np.asarray(sheet.convert("RGB"))
-    assert (px == np.asarray(tile)[0, 0]).all(axis=-1).any()  # the yellow TP pixel is in the sheet
-    rgb = (torch.from_numpy(img).float().div(255).expand(3, 4, 4)
-           - torch.tensor(viz.CLIP_MEAN)[:, None, None]) / torch.tensor(viz.CLIP_STD)[:, None, None]
-    items = [{"image": rgb, "gt": gt, "pred": pred, "label": "a Dice 0.5"}]
-    viz.save_overlay_grid(items, tmp_path / "d.png", normalized=True)
-    with Image.open(tmp_path / "d.png") as sheet:
-        crop = np.asarray(sheet.convert("RGB"))[4 + 14:4 + 14 + 4, 4:8].astype(int)
-    assert np.abs(crop - np.asarray(tile).astype(int)).max() <= 1
-    with pytest.raises(ValueError, match="missing"):
-        viz.save_overlay_grid([{"image": img}], tmp_path / "e.png")
+    top, bottom, left, right = _block(px, (1, 2, 3))
+    assert (bottom - top + 1, right - left + 1) == (64, 64)    # 4 px panel enlarged 16x
+    others = np.nonzero((px == np.asarray(tile)[0, 0]).all(axis=-1))[1]  # TP yellow pixels
+    assert left < others.min()                                  # case_4 comes first, not last
+    assert px.shape[1] > 4 * 64
+    legend = px[:top]                                           # the strip above the panels
+    for colour in (viz.RED, viz.GREEN, viz.YELLOW):
+        assert (legend == np.asarray(colour)).all(axis=-1).sum() >= 16  # a swatch, not a stray pixel
+    viz.save_overlay_grid(pairs, tmp_path / "asis.png", ncols=4, min_panel=64, sort=False)
+    with Image.open(tmp_path / "asis.png") as sheet:
+        assert _block(np.asarray(sheet.convert("RGB")), (1, 2, 3))[2] > left  # given order kept
     assert _no_temp_files(tmp_path)
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "x.svg"
-    path.write_text("old")
+def test_natural_key_orders_numbers_by_value():
+    names = ["case_38", "case_4", "case_22", "Case_23", "case_47", "case_36", "b", "a10", "a9"]
+    assert sorted(names, key=viz.natural_key) == ["a9", "a10", "b", "case_4", "case_22", "Case_23",
+                                                  "case_36", "case_38", "case_47"]
 
-    def boom(f):
-        f.write(b"partial")
-        raise RuntimeError("disk full")
-    with pytest.raises(RuntimeError):
-        viz._atomic_write(path, boom)
-    assert path.read_text() == "old" and _no_temp_files(tmp_path)
+
+def test_save_overlay_grid_dicts_undo_normalisation(tmp_path):
+    img, gt, pred = _case()
+    tile = np.asarray(viz.overlay(img, gt, pred)).astype(int)
+    rgb = (torch.from_numpy(img).float().div(255).expand(3, 4, 4)
+           - torch.tensor(transform.CLIP_MEAN)[:, None, None]) / torch.tensor(transform.CLIP_STD)[:, None, None]
+    items = [{"image": rgb, "gt": gt, "pred": pred, "label": "a Dice 0.5"}]
+    viz.save_overlay_grid(items, tmp_path / "d.png", normalized=True, min_panel=4)
+    with Image.open(tmp_path / "d.png") as sheet:
+        px = np.asarray(sheet.convert("RGB")).astype(int)
+    top, _, left, _ = _block(px, tile[0, 0])                     # the TP pixel, yellow over gray
+    assert np.abs(px[top:top + 4, left:left + 4] - tile).max() <= 1
+    with pytest.raises(ValueError, match="missing"):
+        viz.save_overlay_grid([{"image": img}], tmp_path / "e.png")
+    with pytest.raises(ValueError, match="no images"):
+        viz.save_overlay_grid([], tmp_path / "e.png")
+    assert _no_temp_files(tmp_path)
+
+
+def _log(seeds=(1, 2), epochs=6, every=2):
+    """log.jsonl records as the training loop writes them, plus a test record."""
+    recs = []
+    for s in seeds:
+        for e in range(1, epochs + 1):
+            r = {"seed": s, "epoch": e, "loss": 1.0 / e + 0.1 * s, "lr": 1e-4}
+            if e % every == 0:
+                r["val"] = {"dice": {"mean": 0.1 * e / s, "std": 0.0, "n_dropped": 0}, "iou": {}}
+            recs.append(r)
+        recs.append({"seed": s, "test": {"dice": {"mean": 0.5}}})
+    return recs
+
+
+def test_training_curves_loss_beside_validation(tmp_path):
+    path = tmp_path / "loss.svg"
+    viz.save_training_curves(_log(), path, "dice", "Dice-CE", "Dice", title="phantom")
+    root = ET.parse(path).getroot()
+    assert float(root.get("width")) == 2 * viz.W                # two panels side by side
+    lines = root.findall(f"{SVG}polyline")
+    assert [len(ln.get("points").split()) for ln in lines] == [6, 6, 3, 3]  # loss, loss, val, val
+    xs = [float(p.split(",")[0]) for ln in lines[2:] for p in ln.get("points").split()]
+    assert min(xs) >= viz.W                                     # validation sits in the right panel
+    assert lines[0].get("stroke") == lines[2].get("stroke")     # one colour per seed
+    assert len(root.findall(f"{SVG}circle")) == 6               # a dot per validation
+    texts = {t.text for t in root.iter(SVG + "text")}
+    assert {"Dice-CE", "validation Dice", "seed 1", "seed 2", "phantom training"} <= texts
+    first = [tuple(map(float, p.split(","))) for p in lines[2].get("points").split()]
+    assert first[0][1] > first[-1][1]                           # val Dice rises: y goes up the page
+
+
+def test_training_curves_plain_numbers_and_no_validation(tmp_path):
+    recs = [{"epoch": 1, "loss": 0.9, "val": {"acc": 0.5}}, {"epoch": 2, "loss": 0.7},
+            {"epoch": 3, "loss": 0.6, "val": {"acc": 0.75, "auc": None}}]
+    viz.save_training_curves(recs, tmp_path / "a.svg", "acc")
+    lines = ET.parse(tmp_path / "a.svg").getroot().findall(f"{SVG}polyline")
+    assert [len(ln.get("points").split()) for ln in lines] == [3, 2]
+    viz.save_training_curves(recs, tmp_path / "b.svg", "auc")   # no finite AUC: a note, no curve
+    root = ET.parse(tmp_path / "b.svg").getroot()
+    assert len(root.findall(f"{SVG}polyline")) == 1
+    assert any("no finite validation auc" in (t.text or "") for t in root.iter(SVG + "text"))
+    with pytest.raises(ValueError, match="no finite training loss"):
+        viz.save_training_curves([{"seed": 1, "test": {}}], tmp_path / "c.svg", "dice")
+    assert not (tmp_path / "c.svg").exists() and _no_temp_files(tmp_path)
+
+
+def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "grid.png"
+    path.write_bytes(b"old")
+
+    def boom(self, fp, format=None, **kw):
+        with open(fp, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", boom)
+    img, gt, pred = _case()
+    with pytest.raises(OSError, match="disk full"):
+        viz.save_overlay_grid([{"image": img, "gt": gt, "pred": pred}], path)
+    assert path.read_bytes() == b"old" and _no_temp_files(tmp_path)
