@@ -14,6 +14,12 @@ Differences from OpenAI's code, none of which change the numbers:
 - the vision tower can return chosen blocks' outputs for dense heads (DESIGN.md, Dense features),
   and interpolates its positional embedding (bicubic) for other input sizes.
 
+The one vision transformer also covers the other ViTs that feed the same heads (timm's ViT inside
+BiomedCLIP, DINOv2), through keyword options whose defaults are CLIP's: the activation, whether
+`ln_pre` exists, the LayerNorm epsilon, a bias on the patch embedding, the projection (a matrix,
+optionally with a bias, or none), and layer-scale (`ls_1`/`ls_2.gamma`, open_clip's names).
+Key-name maps from each authors' format to these names live in backbones.py.
+
 This file imports nothing else from clip_us, so it can be copied on its own.
 """
 from __future__ import annotations
@@ -107,29 +113,54 @@ class MLP(nn.Sequential):
         self.c_proj = nn.Linear(4 * width, width)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DINOv2's ls1/ls2; CaiT). `gamma` as in open_clip."""
 
-    def __init__(self, width: int, heads: int, quick_gelu: bool = True):
+    def __init__(self, width: int, init_value: float = 1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.gamma = nn.Parameter(torch.full((width,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    With `layer_scale`, each branch is scaled per channel before the residual sum (ls_1, ls_2), as
+    DINOv2's blocks are; without it, ls_1/ls_2 are identities and add no keys.
+    """
+
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True, ln_eps: float = 1e-5,
+                 layer_scale: bool = False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, quick_gelu)
+        self.ls_1 = LayerScale(width) if layer_scale else nn.Identity()
+        self.ls_2 = LayerScale(width) if layer_scale else nn.Identity()
+
+    def attn_residual(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        return x + self.ls_1(self.attn(self.ln_1(x), causal=causal))
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
     def forward(self, x: torch.Tensor, causal: bool = False, grid: tuple | None = None):
         # `grid` is the (rows, cols) patch layout of a vision sequence [CLS, patches...]. The plain
         # block ignores it; adapters that work on the spatial grid (mona.py) need it.
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+        return self.mlp_residual(self.attn_residual(x, causal=causal))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True):
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True,
+                 ln_eps: float = 1e-5, layer_scale: bool = False):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(
-            *[ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+            *[ResidualAttentionBlock(width, heads, quick_gelu, ln_eps, layer_scale)
+              for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
@@ -138,22 +169,39 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT image encoder: patches + class token -> transformer -> ln_post(CLS) @ proj."""
+    """ViT image encoder: patches + class token -> transformer -> ln_post(CLS) @ proj.
+
+    The keyword options describe the other ViTs this file builds; their defaults are CLIP's:
+    - `pre_norm`: CLIP's `ln_pre` on the embedded tokens; timm's ViT and DINOv2 have none.
+    - `ln_eps`: LayerNorm epsilon (1e-5 in CLIP, 1e-6 in timm's ViT and DINOv2).
+    - `patch_bias`: a bias on the patch embedding (`conv1.bias`; timm and DINOv2 have one).
+    - `output_dim`: the projection `proj` [width, output_dim] (x @ proj, OpenAI's layout);
+      0 means none (DINOv2), and the pooled output is then ln_post(CLS) of size width.
+    - `proj_bias`: a bias after the projection (`proj_bias`), for linear heads that have one.
+    - `layer_scale`: DINOv2's per-channel scales on both residual branches (`ls_1/ls_2.gamma`).
+    `ln_post` is the final norm: CLIP applies it to the pooled CLS token only, timm and DINOv2 to
+    every token; for the pooled CLS token the two are the same, and `norm=True` in `forward`
+    applies it to the returned blocks, like DINOv2's `get_intermediate_layers(norm=True)`.
+    """
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
-                 heads: int, output_dim: int, quick_gelu: bool = True):
+                 heads: int, output_dim: int, quick_gelu: bool = True, *, pre_norm: bool = True,
+                 ln_eps: float = 1e-5, patch_bias: bool = False, proj_bias: bool = False,
+                 layer_scale: bool = False):
         super().__init__()
         self.input_resolution, self.patch_size = input_resolution, patch_size
-        self.output_dim = output_dim
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.output_dim = output_dim or width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size,
+                               bias=patch_bias)
         scale = width ** -0.5
         grid = input_resolution // patch_size
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu)
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.ln_pre = nn.LayerNorm(width, eps=ln_eps) if pre_norm else nn.Identity()
+        self.transformer = Transformer(width, layers, heads, quick_gelu, ln_eps, layer_scale)
+        self.ln_post = nn.LayerNorm(width, eps=ln_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if output_dim else None
+        self.proj_bias = nn.Parameter(torch.zeros(output_dim)) if output_dim and proj_bias else None
 
     @property
     def width(self) -> int:
@@ -179,14 +227,22 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.pos_embed(grid).to(x.dtype)
         return self.ln_pre(x), grid
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, 1 + h*w, D] -> ln_post(CLS), projected when the model has a projection."""
+        x = self.ln_post(x[:, 0])
+        if self.proj is not None:
+            x = x @ self.proj
+        return x if self.proj_bias is None else x + self.proj_bias
+
     def forward(self, x: torch.Tensor, return_blocks: tuple[int, ...] | None = None,
-                pool: bool = True):
+                pool: bool = True, norm: bool = False):
         """Encode images.
 
-        Without `return_blocks`: the projected embedding [B, output_dim].
+        Without `return_blocks`: the pooled embedding [B, output_dim].
         With `return_blocks=(3, 6, 9)`: a tuple (pooled or None, [block outputs]), each output
         [B, 1 + h*w, width] with CLS first, taken after that block (and its adapters). With
         `pool=False` the forward stops after the deepest requested block and pooled is None.
+        `norm=True` passes each returned block through the final norm `ln_post`.
         """
         x, grid = self.embed(x)
         wanted = set(return_blocks or ())
@@ -198,9 +254,23 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.transformer.resblocks[: last + 1]):
             x = block(x, grid=grid)
             if i in wanted:
-                feats.append(x)
-        pooled = self.ln_post(x[:, 0]) @ self.proj if pool else None
+                feats.append(self.ln_post(x) if norm else x)
+        pooled = self.pool(x) if pool else None
         return pooled if return_blocks is None else (pooled, feats)
+
+
+@torch.no_grad()
+def init_transformer(tower: Transformer) -> None:
+    """OpenAI's initialisation of a tower's blocks (their `initialize_parameters`)."""
+    width, layers = tower.width, tower.layers
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    for block in tower.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+        nn.init.zeros_(block.attn.in_proj_bias)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(block.attn.out_proj.bias)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
 class CLIP(nn.Module):
@@ -228,15 +298,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         for tower in (self.visual.transformer, self.transformer):
-            width, layers = tower.width, tower.layers
-            proj_std = width ** -0.5 * (2 * layers) ** -0.5
-            for block in tower.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
-                nn.init.zeros_(block.attn.in_proj_bias)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.zeros_(block.attn.out_proj.bias)
-                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            init_transformer(tower)
         nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
 
     @property

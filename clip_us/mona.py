@@ -90,10 +90,10 @@ class MonaBlock(ResidualAttentionBlock):
             raise ValueError("MonaBlock needs the patch grid of a vision sequence: call it "
                              "through VisionTransformer.forward (which passes grid=); Mona is "
                              "for the vision tower only")
-        x = x + self.attn(self.ln_1(x))
+        x = self.attn_residual(x)  # the block's own residual (with its layer-scale, if any)
         if self.placement == "attn_and_mlp":
             x = self.mona1(x, grid)
-        x = x + self.mlp(self.ln_2(x))
+        x = self.mlp_residual(x)
         return self.mona2(x, grid)
 
 

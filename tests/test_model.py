@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_us.model import ARCHS, build_model, config_from_state_dict
+from clip_us.model import ARCHS, VisionTransformer, build_model, config_from_state_dict, init_transformer
 
 EOT = 49407
 
@@ -127,6 +127,68 @@ def test_non_square_input(tiny):
     assert feat.shape == (1, 1 + 14 * 20, 64) and pooled.shape == (1, 64)
     torch.testing.assert_close(emb, pooled)
     assert torch.isfinite(emb).all()
+
+
+# ----------------------------------------------------------------------------- other ViT layouts
+def _vit(**options):
+    torch.manual_seed(1)
+    vit = VisionTransformer(64, 16, 64, 12, 2, options.pop("output_dim", 32), **options)
+    init_transformer(vit.transformer)
+    with torch.no_grad():  # non-trivial norms, biases and gammas
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return vit.eval()
+
+
+def test_vit_options_change_keys_and_pooling():
+    """timm/DINOv2 layout: no ln_pre, patch bias, layer-scale, no projection (pooled = width)."""
+    vit = _vit(pre_norm=False, ln_eps=1e-6, patch_bias=True, layer_scale=True, output_dim=0)
+    keys = set(vit.state_dict())
+    assert {"conv1.bias", "transformer.resblocks.0.ls_1.gamma",
+            "transformer.resblocks.11.ls_2.gamma"} <= keys
+    assert not any(k.startswith(("ln_pre", "proj")) for k in keys)
+    assert vit.transformer.resblocks[0].ln_1.eps == 1e-6
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        pooled, (last,) = vit(x, return_blocks=(11,))
+        torch.testing.assert_close(pooled, vit.ln_post(last[:, 0]))
+    assert pooled.shape == (2, 64) and vit.output_dim == 64
+    clip_keys = set(_vit().state_dict())  # the defaults keep CLIP's keys exactly
+    assert {"ln_pre.weight", "proj"} <= clip_keys and not any(".ls_" in k for k in clip_keys)
+
+
+def test_layer_scale_scales_each_branch():
+    plain, scaled = _vit(), _vit(layer_scale=True)
+    scaled.load_state_dict(plain.state_dict(), strict=False)  # same weights; gammas stay
+    block = scaled.transformer.resblocks[0]
+    x = torch.randn(1, 17, 64)
+    with torch.inference_mode():
+        ln = block.attn_residual(x) - x
+        torch.testing.assert_close(ln, block.ls_1.gamma * block.attn(block.ln_1(x)))
+        for b in scaled.transformer.resblocks:  # gamma = 1 gives the plain model back
+            b.ls_1.gamma.fill_(1.0)
+            b.ls_2.gamma.fill_(1.0)
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(scaled(x), plain(x))
+
+
+def test_norm_true_returns_final_normed_blocks():
+    vit = _vit(output_dim=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        _, raw = vit(x, return_blocks=(8, 11), pool=False)
+        _, normed = vit(x, return_blocks=(8, 11), pool=False, norm=True)
+        for r, n in zip(raw, normed):
+            torch.testing.assert_close(n, vit.ln_post(r))
+    assert not torch.allclose(raw[0], normed[0])
+
+
+def test_proj_bias_is_added_after_the_projection():
+    vit = _vit(proj_bias=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        _, (last,) = vit(x, return_blocks=(11,))
+        torch.testing.assert_close(vit(x), vit.ln_post(last[:, 0]) @ vit.proj + vit.proj_bias)
 
 
 # ----------------------------------------------------------------------------- positional embedding
