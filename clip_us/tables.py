@@ -2,16 +2,22 @@
 
     python -m clip_us.tables RUNS_DIR [--out FILE] [--all-datasets]
 
-collects every `results.json` under RUNS_DIR (schema: DESIGN.md -> Labels, outputs and
-checkpoints) and prints or writes the tables. The paper's numbers are embedded below, transcribed
+collects every `results.json` under RUNS_DIR (the schema the scripts write: task, dataset, row,
+metrics, config, ...) and prints or writes the tables. The paper's numbers are embedded below, transcribed
 from seed 003's Tables 2 and 3 (mean of three runs, in percent).
 
 Units. Our results store Dice, IoU, Acc and AUC as fractions in [0, 1]; the tables (and row.csv)
-show them x100, in percent, like the paper. Our HD95, "ASD (directed)" and ASSD are pixels on
-224x224 masks. The paper labels its HD95/ASD "%", yet some values exceed the 317 px image
-diagonal, so its distance columns are shown but are not directly comparable (DESIGN.md -> Metrics).
-The paper's "ASD" is MONAI's default, the directed mean distance, so it sits beside our
-"ASD (directed)".
+show them x100, in percent, like the paper. Our HD95, "ASD (directed)" and ASSD are pixels on each
+run's own masks, whose size (the run's `image_size`) the "Masks px" column states. The paper labels
+its HD95/ASD "%", yet some values exceed the 317 px diagonal of a 224x224 image, so its distance
+columns are shown but are not directly comparable. The paper's "ASD" is MONAI's default, the
+directed mean distance, so it sits beside our "ASD (directed)".
+
+Eval-only results (`--eval-only`, config.eval_only) fill a row only where no trained run exists,
+as for an external test set (LN-1's model on LN-2). One on the data its checkpoint was trained on
+(results.json "trained_on" equals its dataset, or, when that is not recorded, a trained run of the
+same row and dataset exists) gets its own row, "<row> (eval-only)", with a note: its test set
+holds every image, training images included, so it never stands in for the trained row.
 
 Also here, for the scripts: `row_csv` (one table row as CSV, in Table 2/3 column order) and
 `write_results` (results.json + row.csv, written atomically). Nothing here imports a model.
@@ -199,6 +205,7 @@ def write_results(out_dir, results: dict):
 
 REQUIRED = ("task", "dataset", "row", "metrics")
 TASKS = ("seg", "cls", "zeroshot", "align")
+EVAL_ONLY = " (eval-only)"  # suffix of the row an eval-only result gets of its own
 
 
 def _canonical(name, known):
@@ -216,8 +223,8 @@ def load_result(path):
         raise ValueError(f"{path}: not valid JSON ({e}); delete or rewrite this results.json") from e
     missing = [k for k in REQUIRED if k not in res] if isinstance(res, dict) else list(REQUIRED)
     if missing:
-        raise ValueError(f"{path}: results.json lacks {missing} (schema: DESIGN.md -> "
-                         "Labels, outputs and checkpoints)")
+        raise ValueError(f"{path}: results.json lacks {missing}; it was not written by "
+                         "train_seg.py, train_cls.py or zeroshot.py")
     if res["task"] not in TASKS:
         raise ValueError(f"{path}: unknown task {res['task']!r}; expected one of {TASKS}")
     _check_fractions(path, res)
@@ -235,22 +242,16 @@ def _check_fractions(path, res):
                              "fractions in [0, 1]; divide it by 100")
 
 
-def collect(runs_dir):
-    """{(task, dataset, row): result} from every results.json under runs_dir, plus notes.
+def _key(res):
+    return res["task"], res["dataset"], res["row"]
 
-    When two files share (task, dataset, row), the newest by modification time wins and a note
-    names both.
-    """
-    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(runs_dir)
-                   if "results.json" in files)
-    if not paths:
-        raise FileNotFoundError(f"no results.json under {runs_dir}; pass the folder that holds "
-                                "the runs (e.g. runs/)")
-    found = {}
-    for p in paths:
-        res = load_result(p)
-        res["_path"], res["_mtime"] = os.path.relpath(p, runs_dir), os.path.getmtime(p)
-        found.setdefault((res["task"], res["dataset"], res["row"]), []).append(res)
+
+def _eval_only(res):
+    return bool(res.get("eval_only", (res.get("config") or {}).get("eval_only", False)))
+
+
+def _newest(found):
+    """{key: newest result} from {key: [results]}, and a note per key that had several."""
     chosen, notes = {}, []
     for key, group in found.items():
         group.sort(key=lambda r: r["_mtime"], reverse=True)
@@ -260,6 +261,52 @@ def collect(runs_dir):
             notes.append((key, f"{len(group)} results for {DATASETS.get(key[1], key[1])} / {key[2]} "
                                f"({key[0]}): used the newest, `{group[0]['_path']}`; ignored {older}."))
     return chosen, notes
+
+
+def _place_eval_only(res, trained):
+    """Move an eval-only result to its own "(eval-only)" row when it is on its training data, or
+    when a trained run holds its row; returns the note to show beside it."""
+    ds = DATASETS.get(res["dataset"], res["dataset"])
+    known = res.get("trained_on")
+    on_own_data = _canonical(known, DATASETS) == res["dataset"] if known else _key(res) in trained
+    if not on_own_data and _key(res) not in trained:
+        origin = f"trained on {DATASETS.get(_canonical(known, DATASETS), known)}" if known else \
+            "its training data not recorded"
+        return f"`{res['_path']}`: an --eval-only result on every image of {ds} ({origin})."
+    why = (f"on {ds}, the data its checkpoint was trained on, so its test set holds the training "
+           "images too" if known and on_own_data else
+           f"on {ds}, where a trained run of this row exists" +
+           ("" if known else " (results.json does not say what its checkpoint was trained on)"))
+    res["row"] += EVAL_ONLY
+    return (f"`{res['_path']}`: an --eval-only result {why}; shown as its own row, not in "
+            "place of the trained one.")
+
+
+def collect(runs_dir):
+    """{(task, dataset, row): result} from every results.json under runs_dir, plus notes.
+
+    When two files share (task, dataset, row), the newest by modification time wins and a note
+    names both. An eval-only result never replaces a trained run (see the module docstring).
+    """
+    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(runs_dir)
+                   if "results.json" in files)
+    if not paths:
+        raise FileNotFoundError(f"no results.json under {runs_dir}; pass the folder that holds "
+                                "the runs (e.g. runs/)")
+    results = []
+    for p in paths:
+        res = load_result(p)
+        res["_path"], res["_mtime"] = os.path.relpath(p, runs_dir), os.path.getmtime(p)
+        results.append(res)
+    trained = {_key(r) for r in results if not _eval_only(r)}
+    eval_notes = [(r, _place_eval_only(r, trained)) for r in results if _eval_only(r)]
+    found = {}
+    for res in results:
+        found.setdefault(_key(res), []).append(res)
+    chosen, notes = _newest(found)
+    # Eval-only notes only for the results shown, so a superseded one does not leave a stray note.
+    shown = {id(r) for r in chosen.values()}
+    return chosen, [(_key(r), text) for r, text in eval_notes if id(r) in shown] + notes
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -282,6 +329,12 @@ def _fmt_paper(value):
     return MISSING if value is None else f"{value:.2f}"
 
 
+def _fmt_size(res):
+    """The run's square input and mask side, from its config: distances are pixels at this size."""
+    size = ((res or {}).get("config") or {}).get("image_size")
+    return MISSING if size is None else f"{size}×{size}"
+
+
 def _fmt_count(res):
     """Seeds and test-set size (with the largest number of images dropped from any metric)."""
     if res is None:
@@ -293,10 +346,15 @@ def _fmt_count(res):
 
 
 def _row_order(paper_rows, our_rows):
-    """The paper's rows in its order, then ours that it lacks (known names first)."""
-    extra = sorted(set(our_rows) - set(paper_rows),
-                   key=lambda r: (ROWS.index(r) if r in ROWS else len(ROWS), r))
-    return list(paper_rows) + extra
+    """The paper's rows in its order, then ours that it lacks (known names first); an eval-only
+    row right after the row it was kept apart from."""
+    known = list(paper_rows) + [r for r in ROWS if r not in paper_rows]
+    extra = {r.removesuffix(EVAL_ONLY) for r in our_rows} - set(paper_rows)
+    extra = sorted(extra, key=lambda r: (known.index(r) if r in known else len(known), r))
+    out = []
+    for base in list(paper_rows) + extra:
+        out += [r for r in (base, base + EVAL_ONLY) if r in our_rows or r in paper_rows]
+    return out
 
 
 def _dataset_order(keys):
@@ -313,7 +371,7 @@ def _method(name, key, marks):
 
 
 SEG_HEADER = ["Method", "Dice", "Dice (paper)", "IoU", "IoU (paper)", "HD95 px", "HD95 (paper)†",
-              "ASD (directed) px", "ASD (paper)†", "ASSD px", "Seeds", "n test"]
+              "ASD (directed) px", "ASD (paper)†", "ASSD px", "Seeds", "n test", "Masks px"]
 
 
 def _seg_rows(dataset, chosen, marks):
@@ -325,7 +383,7 @@ def _seg_rows(dataset, chosen, marks):
         f = lambda k: _fmt_ours(res, k)  # noqa: E731
         out.append([_method(row, ("seg", dataset, row), marks), f("dice"), _fmt_paper(p[0]),
                     f("iou"), _fmt_paper(p[1]), f("hd95"), _fmt_paper(p[2]), f("asd_directed"),
-                    _fmt_paper(p[3]), f("assd")] + _fmt_count(res))
+                    _fmt_paper(p[3]), f("assd")] + _fmt_count(res) + [_fmt_size(res)])
     return out
 
 
@@ -335,7 +393,8 @@ def render_table2(chosen, marks, all_datasets=False):
     lines = ["## Table 2: segmentation", "",
              "Ours: mean ± std over seeds; the paper: mean of three runs. Dice and IoU in percent "
              "(our results.json stores fractions in [0, 1]; shown ×100). Our HD95, ASD (directed) "
-             "and ASSD are in pixels on 224×224 masks.", "",
+             "and ASSD are in pixels on each run's own masks, of the size in its Masks px column "
+             "(its input size): distances at different sizes are not comparable.", "",
              "† The paper's HD95 and ASD are labelled \"%\" there, yet some exceed the 317 px "
              "diagonal of a 224×224 image (DINOv2, LN-2: HD95 332.36), so their unit is unclear: "
              "they are **not directly comparable** with our pixel distances. The paper's ASD "
@@ -347,7 +406,8 @@ def render_table2(chosen, marks, all_datasets=False):
     return lines if datasets else lines + ["", "_No segmentation results found._"]
 
 
-CLS_HEADER = ["Group", "Method", "Acc", "Acc (paper)", "AUC", "AUC (paper)", "Seeds", "n test"]
+CLS_HEADER = ["Group", "Method", "Acc", "Acc (paper)", "AUC", "AUC (paper)", "Seeds", "n test",
+              "Input px"]
 GROUPS = (("zeroshot", "Zero-shot"), ("cls", "Supervised"))
 
 
@@ -361,7 +421,8 @@ def _cls_rows(dataset, chosen, marks):
             p = paper[row][2 * col:2 * col + 2] if row in paper else (None, None)
             res = ours.get(row)
             out.append([group, _method(row, (task, dataset, row), marks), _fmt_ours(res, "acc"),
-                        _fmt_paper(p[0]), _fmt_ours(res, "auc"), _fmt_paper(p[1])] + _fmt_count(res))
+                        _fmt_paper(p[0]), _fmt_ours(res, "auc"), _fmt_paper(p[1])]
+                       + _fmt_count(res) + [_fmt_size(res)])
     return out
 
 
@@ -387,11 +448,15 @@ def render_table3(chosen, marks, all_datasets=False):
 
 def render(chosen, notes=(), all_datasets=False):
     """The whole Markdown document: Tables 2 and 3, duplicate notes and the source files."""
-    marks = {key: f"d{i + 1}" for i, (key, _) in enumerate(notes)}
+    merged = {}
+    for key, text in notes:  # one footnote per row, however many notes it has
+        merged.setdefault(key, []).append(text)
+    marks = {key: f"d{i + 1}" for i, key in enumerate(merged)}
     lines = ["# clip_us results beside seed 003's Tables 2 and 3", ""]
     lines += render_table2(chosen, marks, all_datasets) + [""]
     lines += render_table3(chosen, marks, all_datasets) + [""]
-    lines += [f"[^{marks[key]}]: {text}" for key, text in notes] + ([""] if notes else [])
+    lines += [f"[^{marks[key]}]: {' '.join(texts)}" for key, texts in merged.items()]
+    lines += [""] if notes else []
     return "\n".join(lines + _sources(chosen)) + "\n"
 
 

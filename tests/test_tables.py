@@ -102,6 +102,70 @@ def test_duplicate_rows_take_newest_and_footnote(tmp_path):
     assert os.path.join("old", "results.json") in note.split("ignored")[1]
 
 
+def _eval_only(res, trained_on=None, size=224):
+    res = {**res, "config": {"eval_only": True, "image_size": size}}
+    return {**res, "trained_on": trained_on} if trained_on else res
+
+
+def _note(text, mark):
+    return next(ln for ln in text.splitlines() if ln.startswith(f"[^{mark}]:"))
+
+
+def test_eval_only_never_replaces_the_trained_row(tmp_path):
+    _write(tmp_path, "trained", {**_seg(dice=(0.6,) * 3), "config": {"image_size": 128}},
+           mtime=1_000_000)
+    _write(tmp_path, "evalonly", _eval_only(_seg(dice=(0.9,) * 3), size=128), mtime=2_000_000)
+    chosen, notes = tables.collect(tmp_path)
+    assert chosen[("seg", "ln1", "CLIP (Mona)")]["_path"] == os.path.join("trained", "results.json")
+    text = tables.render(chosen, notes)
+    assert _row_cells(text, "### LN-1", "CLIP (Mona)")[1] == "60.00 ± 0.00"   # the trained run
+    own = _row_cells(text, "### LN-1", "CLIP (Mona) (eval-only)")
+    assert own[0] == "CLIP (Mona) (eval-only) [^d1]" and own[1] == "90.00 ± 0.00"
+    assert "not in place of the trained one" in _note(text, "d1")
+    body = text[text.index("### LN-1"):].split("\n\n")[1].splitlines()        # the table's lines
+    names = [ln.split("|")[1].strip() for ln in body[2:]]
+    assert names.index("CLIP (Mona) (eval-only) [^d1]") == names.index("CLIP (Mona)") + 1
+
+
+def test_eval_only_on_its_training_data_gets_its_own_row_even_alone(tmp_path):
+    _write(tmp_path, "e", _eval_only(_seg(), trained_on="LN-1"))
+    chosen, notes = tables.collect(tmp_path)
+    assert list(chosen) == [("seg", "ln1", "CLIP (Mona) (eval-only)")]
+    text = tables.render(chosen, notes)
+    assert _row_cells(text, "### LN-1", "CLIP (Mona)")[1] == "—"
+    assert "the data its checkpoint was trained on" in _note(text, "d1")
+
+
+def test_eval_only_on_an_external_set_fills_the_row(tmp_path):
+    _write(tmp_path, "ext", _eval_only(_seg("ln2"), trained_on="ln1"))
+    _write(tmp_path, "zs", {**_cls("cls", "busi"), "config": {"eval_only": True, "image_size": 224}})
+    chosen, notes = tables.collect(tmp_path)
+    text = tables.render(chosen, notes)
+    cells = _row_cells(text, "### LN-2", "CLIP (Mona)")
+    assert cells[0] == "CLIP (Mona) [^d1]" and cells[1] == "50.00 ± 0.82"
+    assert "trained on LN-1" in _note(text, "d1")
+    assert "training data not recorded" in _note(text, "d2")    # no trained BUSI run: it fills
+    assert ("cls", "busi", "CLIP (Mona)") in chosen
+    _write(tmp_path, "trained2", _seg("ln2"))                      # a trained LN-2 run keeps its row
+    chosen, _ = tables.collect(tmp_path)
+    assert chosen[("seg", "ln2", "CLIP (Mona)")]["_path"] == os.path.join("trained2", "results.json")
+    assert ("seg", "ln2", "CLIP (Mona) (eval-only)") in chosen
+
+
+def test_distances_state_each_runs_mask_size(tmp_path):
+    _write(tmp_path, "a", {**_seg(), "config": {"image_size": 128}})
+    _write(tmp_path, "b", {**_seg(row="DINOv2"), "config": {"image_size": 518}})
+    _write(tmp_path, "c", {**_cls(), "config": {"image_size": 224}})
+    text = tables.render(*tables.collect(tmp_path))
+    assert tables.SEG_HEADER[-1] == "Masks px" and tables.CLS_HEADER[-1] == "Input px"
+    assert _row_cells(text, "### LN-1", "CLIP (Mona)")[12] == "128×128"
+    assert _row_cells(text, "### LN-1", "DINOv2")[12] == "518×518"
+    assert _row_cells(text, "### LN-1", "UNet")[12] == "—"
+    sup = next(ln for ln in text.splitlines() if ln.startswith("| Supervised | CLIP (Mona) |"))
+    assert sup.strip("| ").split(" | ")[8] == "224×224"
+    assert "224×224 masks" not in text and "each run's own masks" in text
+
+
 def test_bad_results_files_raise_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         tables.collect(tmp_path)
