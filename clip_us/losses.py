@@ -99,7 +99,8 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale) -> torch.Tensor:
+def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale,
+              gather: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE: mean of image→text and text→image cross-entropy over the cosine logits.
 
     img_emb, txt_emb: [B, D], already L2-normalised, row i of one paired with row i of the other.
@@ -113,12 +114,13 @@ def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale) -> torc
     local rows is multiplied by the world size. We scale that gradient rather than the loss so the
     returned value is the global-batch loss and a learnable logit_scale (whose gradient each rank
     already has in full) is not scaled too. N ranks × B then equal one process with N·B, in loss
-    and in every parameter gradient.
+    and in every parameter gradient. ``gather=False`` computes the loss of the given rows only,
+    also under DDP (e.g. on embeddings already gathered for validation).
     """
     if img_emb.ndim != 2 or img_emb.shape != txt_emb.shape:
         raise ValueError(f"clip_loss: img_emb and txt_emb must both be [B, D], got "
                          f"{tuple(img_emb.shape)} and {tuple(txt_emb.shape)}.")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         img_emb, txt_emb = _gather(img_emb), _gather(txt_emb)
     logits = logit_scale * img_emb @ txt_emb.t()  # [N, N], row = image, column = text
     labels = torch.arange(logits.shape[0], device=logits.device)

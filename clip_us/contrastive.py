@@ -1,0 +1,181 @@
+"""Contrastive fine-tuning of CLIP on image–caption pairs: the data set, which parameters each
+`--train` mode trains, the model wrapper that DDP sees, and the validation pass.
+
+Seed 003 §3.1 (Fig. 1a), as its official code runs it (NextGen-UIA `src/models/clip/finetune.py`):
+CLIP frozen, the adapter in the vision tower trains; symmetric InfoNCE on L2-normalised
+embeddings with the temperature fixed at 0.07; images bicubic-resized to 224 and centre-cropped;
+captions tokenised to 77 tokens with truncation. EchoCare-CLIP (seed 000) instead trains the
+projection heads and the temperature, optionally with one or both towers; `--train heads|image|
+text|full` does that in CLIP's own embedding space, with CLIP's logit scale as the learnable
+temperature (capped at 100, as CLIP's training did).
+
+Validation follows both papers: the InfoNCE loss over batches of the training batch size (the
+official code's validation loader), retrieval R@1/5/10 both ways counting identical captions as
+matches, and EchoCare-CLIP's paired / cross alignment scores and their gap.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from . import metrics
+from .losses import clip_loss
+from .lora import mark_only_trainable
+from .tokenizer import tokenize
+from .transform import CLIP_MEAN, CLIP_STD, Preprocess
+
+__all__ = ["TRAIN_MODES", "CaptionDataset", "ContrastiveCLIP", "set_trainable",
+           "trainable_names", "validate", "MAX_LOGIT_SCALE"]
+
+TRAIN_MODES = ("adapter", "heads", "image", "text", "full")
+HEADS = ("visual.proj", "text_projection", "logit_scale")
+TEXT_TOWER = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
+
+
+# ----------------------------------------------------------------------------- data
+class CaptionDataset(Dataset):
+    """manifest.Pair list -> dict(image [3, S, S], text [77] token ids, caption, key).
+
+    Images: bicubic resize of the shortest side to S, centre crop (OpenAI's preprocessing, which
+    the official fine-tuning uses), then CLIP's mean/std, or plain [0, 1] pixels with
+    ``clip_norm=False`` as the official fine-tuning fed them. Captions are tokenised once, here.
+    """
+
+    def __init__(self, pairs, size: int = 224, clip_norm: bool = True, context_length: int = 77):
+        self.pairs = list(pairs)
+        mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
+        self.preprocess = Preprocess(size, mean, std)
+        captions = [p.caption for p in self.pairs]
+        self.tokens = tokenize(captions, context_length, truncate=True) if captions else \
+            torch.zeros(0, context_length, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        p = self.pairs[i]
+        return {"image": self.preprocess(p.image), "text": self.tokens[i], "caption": p.caption,
+                "key": p.key, "index": i}
+
+
+# ----------------------------------------------------------------------------- what trains
+def _is_head(name: str) -> bool:
+    return name in HEADS or name.startswith("visual.proj")  # visual.proj and visual.proj_bias
+
+
+def _trains(name: str, mode: str) -> bool:
+    if mode == "full":
+        return True
+    if mode == "image" and name.startswith("visual."):
+        return True
+    if mode == "text" and name.startswith(TEXT_TOWER):
+        return True
+    return _is_head(name)
+
+
+def set_trainable(clip: nn.Module, mode: str, learn_temperature: bool) -> list[str]:
+    """Set requires_grad on a CLIP for a `--train` mode; returns the trainable names.
+
+    adapter: only LoRA / Mona tensors (the backbone, heads and temperature stay frozen).
+    heads:   visual.proj, text_projection and logit_scale; image: + the vision tower;
+    text:    + the text tower; full: everything. logit_scale trains only when
+    ``learn_temperature`` (not with a fixed --temperature).
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"--train must be one of {TRAIN_MODES}, got {mode!r}")
+    if mode == "adapter":
+        mark_only_trainable(clip, ("lora_", "mona"))
+    else:
+        for name, p in clip.named_parameters():
+            p.requires_grad_(_trains(name, mode))
+    clip.logit_scale.requires_grad_(learn_temperature and mode != "adapter")
+    return trainable_names(clip)
+
+
+def trainable_names(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- the model DDP wraps
+class ContrastiveCLIP(nn.Module):
+    """CLIP -> (image embeddings, text embeddings, logit scale), both L2-normalised.
+
+    ``temperature`` > 0 fixes the scale at 1/temperature; 0 uses exp(clip.logit_scale), capped
+    at MAX_LOGIT_SCALE. The text tower runs without autograd when none of its weights train
+    (the adapter and image modes), which saves its activations.
+    """
+
+    def __init__(self, clip: nn.Module, temperature: float = 0.07):
+        super().__init__()
+        self.clip, self.temperature = clip, temperature
+
+    def scale(self) -> torch.Tensor:
+        if self.temperature > 0:
+            return torch.tensor(1.0 / self.temperature, device=self.clip.logit_scale.device)
+        return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def text_trains(self) -> bool:
+        c = self.clip
+        return c.text_projection.requires_grad or any(
+            p.requires_grad for p in c.transformer.parameters())
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        img = F.normalize(self.clip.encode_image(image), dim=-1)  # [B, D]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trains()):
+            txt = F.normalize(self.clip.encode_text(text), dim=-1)  # [B, D]
+        return img, txt, self.scale()
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def embed(model: ContrastiveCLIP, loader, device, autocast) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """(indices, image embeddings [N, D], text embeddings [N, D]) of one loader, in fp32."""
+    model.eval()
+    idx, imgs, txts = [], [], []
+    for batch in loader:
+        with autocast():
+            img, txt, _ = model(batch["image"].to(device), batch["text"].to(device))
+        idx += batch["index"].tolist()
+        imgs.append(img.float().cpu())
+        txts.append(txt.float().cpu())
+    d = model.clip.text_projection.shape[1]
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, d))
+    return idx, cat(imgs), cat(txts)
+
+
+def batch_losses(img: torch.Tensor, txt: torch.Tensor, scale: float, batch_size: int) -> float:
+    """Mean InfoNCE over consecutive batches, as the official validation loader (no shuffle,
+    last batch kept) gives it. Local only: the embeddings are already complete."""
+    losses = [clip_loss(img[s:s + batch_size], txt[s:s + batch_size], scale, gather=False).item()
+              for s in range(0, len(img), batch_size)]
+    return sum(losses) / max(len(losses), 1)
+
+
+def validate(model: ContrastiveCLIP, loader, captions: list[str], batch_size: int, device,
+             gather=None, autocast=None) -> dict:
+    """Loss, duplicate-aware retrieval both ways and alignment on the whole validation set.
+
+    `loader` yields this rank's shard; `gather` (engine.gather_list under DDP) collects every
+    rank's rows, which are put back in data set order, so every rank returns the same numbers.
+    """
+    import contextlib
+    autocast = autocast or contextlib.nullcontext
+    idx, img, txt = embed(model, loader, device, autocast)
+    if gather is not None:
+        rows = gather([(i, a, b) for i, a, b in zip(idx, img, txt)])
+        rows.sort(key=lambda r: r[0])
+        idx = [r[0] for r in rows]
+        img, txt = torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+    scale = float(model.scale().detach())
+    out = {"loss": batch_losses(img, txt, scale, batch_size), "n": len(idx),
+           "temperature": 1.0 / scale}
+    if len(idx) >= 2:
+        out.update(metrics.retrieval_recall(img, txt, groups=[captions[i] for i in idx]))
+        out.update(metrics.alignment_scores(img, txt))
+    out["loss"] = out["loss"] if math.isfinite(out["loss"]) else float("inf")
+    return out
