@@ -85,7 +85,7 @@ def test_table3_groups_and_zero_shot_mona_note(tmp_path):
     assert [c.strip() for c in zs[0].strip("|").split("|")][2:6] == ["60.00", "57.50", "55.00", "50.73"]
     assert [c.strip() for c in sup[0].strip("|").split("|")][2:6] == ["87.50", "83.33", "90.00", "87.57"]
     assert "equal CLIP (vanilla) exactly" in text and "evaluation evidently ran without" in text
-    assert "1 alignment result(s)" in text
+    assert "## EchoCare-CLIP evaluation" in text and "| CLIP (Mona) | ours (BUSI) | — |" in text
     assert "## Table 2" in text and "_No segmentation results found._" in text
 
 
@@ -204,8 +204,10 @@ def test_row_csv_columns_and_units():
     assert [tables.COLUMN_NAMES[k] for k in tables.ROW_CSV_COLUMNS["seg"]] == seg[0][2:]
     with pytest.raises(ValueError, match="lack metrics"):
         tables.row_csv({**_cls(), "metrics": {"acc": _metric([0.5])}})
-    with pytest.raises(ValueError, match="no table row"):
+    with pytest.raises(ValueError, match="lack metrics"):
         tables.row_csv({"task": "align", "metrics": {}})
+    with pytest.raises(ValueError, match="no table row"):
+        tables.row_csv({"task": "contrastive", "metrics": {}})
 
 
 def test_write_results(tmp_path):
@@ -215,9 +217,30 @@ def test_write_results(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["results.json", "row.csv"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]["dice"]["mean"] == 0.5
     assert (tmp_path / "run" / "row.csv").read_text() == tables.row_csv(res)
-    align = {"task": "align", "dataset": "busi", "row": "x", "metrics": {}}
-    assert len(tables.write_results(tmp_path / "al", align)) == 1
+    other = {"task": "contrastive", "dataset": "busi", "row": "x", "metrics": {}}
+    assert len(tables.write_results(tmp_path / "al", other)) == 1
     assert sorted(os.listdir(tmp_path / "al")) == ["results.json"]  # no temp files, no row.csv
+
+
+def _align(row="CLIP (heads ft.)"):
+    m = {k: _metric([0.5]) for k in tables.ROW_CSV_COLUMNS["align"]}
+    m["paired"], m["cross"] = _metric([0.7]), _metric([0.6])
+    return {"task": "align", "dataset": "busi", "row": row, "metrics": m, "n_test": 117,
+            "ci": {"paired": {"low": 0.65, "high": 0.75}}}
+
+
+def test_echocare_table_beside_the_papers_rows(tmp_path):
+    rows = list(csv.reader(io.StringIO(tables.row_csv(_align()))))
+    assert rows[0][:5] == ["dataset", "row", "paired", "cross", "gap"]  # cosines: not x100
+    assert rows[1][:4] == ["busi", "CLIP (heads ft.)", "0.7000", "0.6000"]
+    _write(tmp_path, "al", _align())
+    text = tables.render(*tables.collect(tmp_path))
+    lines = text[text.index("## EchoCare-CLIP evaluation"):].splitlines()
+    paper = [ln for ln in lines if ln.startswith("| OpenAI CLIP (ViT-B/32) | paper |")]
+    assert paper and "0.329" in paper[0] and "0.855" in paper[0] and "0.943" in paper[0]
+    ours = [c.strip() for c in next(ln for ln in lines if "| ours (BUSI) |" in ln).strip("|").split("|")]
+    assert ours[:4] == ["CLIP (heads ft.)", "ours (BUSI)", "0.700 [0.650, 0.750]", "0.600"]
+    assert ours[-1] == "117" and "0.014" in text  # the abstract's cross score is noted
 
 
 def test_paper_numbers_shape():
