@@ -418,6 +418,34 @@ def _write_all(tmp: Path, cfg: PhantomConfig) -> None:
         json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}, f)
 
 
+def caption_root(cfg: PhantomConfig) -> Path:
+    """The cache folder of a captioned phantom, named by its settings."""
+    from clip_us.fileio import cache_dir
+    organs = "+".join(o.replace(" ", "_") for o in cfg.organs)
+    name = f"captions-n{cfg.n}-s{cfg.size}-seed{cfg.seed}-{organs}-normal{cfg.p_normal:g}"
+    return Path(cache_dir()) / "phantom" / name
+
+
+def caption_manifest(root=None, cfg: PhantomConfig | None = None, caption_seed: int = 0,
+                     tier_weights=(0.2, 0.3, 0.5)) -> Path:
+    """The phantom's image-caption manifest (what `train_contrastive.py` reads with no
+    arguments): writes the phantom into `root` (default: a cache folder named by `cfg`) if it
+    is not there yet, then `captions-seed{caption_seed}.csv` beside its images with
+    clip_us.captions' three-tier templates, and returns that CSV's path. The default `cfg`
+    draws all four organs and 17 % normal images, so every tier has something to say."""
+    from clip_us import captions   # the generator itself needs no tokenizer
+    cfg = cfg or PhantomConfig(organs=ORGANS, p_normal=0.17)
+    root = Path(root) if root else caption_root(cfg)
+    if not (root / "metadata.jsonl").is_file():
+        write_dataset(root, cfg)
+    weights = "-".join(f"{w:g}" for w in captions.parse_tier_weights(tier_weights))
+    out = root / f"captions-seed{caption_seed}-tiers{weights}.csv"
+    if not out.is_file():
+        captions.template_manifest(root, out, dataset="busi", dataset_name="phantom",
+                                   seed=caption_seed, tier_weights=tier_weights)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write a synthetic B-mode ultrasound data set "
                                             "in the BUSI layout.")
@@ -428,6 +456,8 @@ def main(argv=None) -> None:
     p.add_argument("--organs", nargs="+", default=list(ORGANS), choices=ORGANS)
     p.add_argument("--p-malignant", type=float, default=PhantomConfig.p_malignant)
     p.add_argument("--p-normal", type=float, default=PhantomConfig.p_normal)
+    p.add_argument("--captions", action="store_true",
+                   help="also write a three-tier template caption manifest (clip_us.captions)")
     a = p.parse_args(argv)
     cfg = PhantomConfig(size=a.size, n=a.n, seed=a.seed, organs=tuple(a.organs),
                         p_malignant=a.p_malignant, p_normal=a.p_normal)
@@ -435,6 +465,8 @@ def main(argv=None) -> None:
     root = write_dataset(a.out, cfg)
     dt = time.perf_counter() - t0
     print(f"wrote {cfg.n} images to {root} in {dt:.1f} s ({1000 * dt / max(1, cfg.n):.1f} ms/image)")
+    if a.captions:
+        print(f"wrote the caption manifest {caption_manifest(root, cfg, caption_seed=a.seed)}")
 
 
 if __name__ == "__main__":

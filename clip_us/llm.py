@@ -1,0 +1,243 @@
+"""A small client for OpenAI-compatible chat servers, standard library only.
+
+Both papers rewrite captions with a language model: seed 003 §4.1 translated and shortened the
+Chinese CURD captions with Qwen3-8B; EchoCare-CLIP (seed 000) wrote captions from metadata with
+Qwen3-4B-Instruct served by vLLM. Any server that speaks OpenAI's `POST {base}/chat/completions`
+works: vLLM, Ollama, llama.cpp's server, hosted APIs.
+
+- `complete` sends one request and retries with exponential backoff on HTTP errors, timeouts,
+  refused or dropped connections, malformed JSON and replies the caller rejects (an empty one,
+  say). 401/403/404 stop the whole run: every other request would fail the same way.
+- `ReplyCache` is an append-only JSONL file of answers keyed by a hash of the request body, so a
+  killed run resumes without repeating a call and a rerun makes none.
+- `run_requests` keeps `concurrency` requests in flight with threads and shows a progress bar
+  with the rate and the error count.
+
+The API key travels only in the Authorization header: it is never printed, cached or put into an
+error message.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+# Worth another try: the server is busy, overloaded or restarting.
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+# The server refuses this client (key, model or URL): every request would fail the same way.
+FATAL_STATUS = {401: "the API key was refused (set it in the environment variable --api-key-env "
+                     "names)",
+                403: "the API key may not use this model or endpoint",
+                404: "no such endpoint or model (check --endpoint, which should end in /v1, and "
+                     "--model)"}
+
+
+class LLMError(RuntimeError):
+    """One request failed after all its retries; the message says why."""
+
+
+class FatalLLMError(LLMError):
+    """The server refuses every request (bad key, model or URL): stop the run."""
+
+
+class BadReply(ValueError):
+    """A reply that is not the expected JSON, or whose text the caller rejected."""
+
+
+@dataclass
+class ChatConfig:
+    endpoint: str                   # OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1
+    model: str
+    api_key: str | None = field(default=None, repr=False)   # never printed
+    timeout: float = 120.0          # seconds per request
+    retries: int = 5                # tries after the first one
+    backoff: float = 1.0            # first wait in seconds; doubles after every failed try
+    max_backoff: float = 60.0
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.rstrip("/") + "/chat/completions"
+
+
+def request_body(model: str, messages: list, **params) -> dict:
+    """The JSON body of a chat completion; parameters that are None are left out, so servers
+    that do not know one (OpenAI's API rejects `repetition_penalty`) never see it."""
+    return {"model": model, "messages": messages,
+            **{k: v for k, v in params.items() if v is not None}}
+
+
+def request_key(body: dict) -> str:
+    """The cache key: SHA-256 of the body as canonical JSON (the endpoint and key are not in it,
+    so moving the same model to another server keeps the cache)."""
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def reply_text(payload) -> str:
+    """choices[0].message.content of a chat completion."""
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise BadReply(f"no choices[0].message.content in the reply ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(content, str):
+        raise BadReply(f"message content is {type(content).__name__}, not text")
+    return content
+
+
+def post_chat(cfg: ChatConfig, body: dict) -> str:
+    """One POST; the reply's text. Raises urllib/socket errors or BadReply."""
+    headers = {"Content-Type": "application/json"}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    req = urllib.request.Request(cfg.url, data=json.dumps(body).encode("utf-8"),
+                                 headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
+        raw = resp.read()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise BadReply(f"the reply is not JSON: {raw[:80]!r}") from None
+    return reply_text(payload)
+
+
+def _http_error(e: urllib.error.HTTPError) -> str:
+    try:
+        detail = e.read(300).decode("utf-8", "replace").strip()
+    except OSError:
+        detail = ""
+    return f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
+
+
+class Stats:
+    """Thread-safe counters shown on the progress bar."""
+
+    def __init__(self):
+        self.lock, self.retries, self.failed = threading.Lock(), 0, 0
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+def complete(cfg: ChatConfig, body: dict, check=None, stats: Stats | None = None) -> str:
+    """The reply text of one request, after `check(text)` (which raises BadReply to reject it)
+    passes. Retries with exponential backoff; raises LLMError after the last try, FatalLLMError
+    at once on 401/403/404."""
+    error = ""
+    for attempt in range(cfg.retries + 1):
+        if attempt:
+            if stats is not None:
+                stats.add("retries")
+            wait = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1))
+            time.sleep(wait * random.uniform(0.75, 1.0))   # jitter: retries do not march in step
+        try:
+            text = post_chat(cfg, body)
+            if check is not None:
+                check(text)
+            return text
+        except urllib.error.HTTPError as e:
+            error = _http_error(e)
+            if e.code in FATAL_STATUS:
+                raise FatalLLMError(f"{cfg.url}: {error}; {FATAL_STATUS[e.code]}") from None
+            if e.code not in RETRY_STATUS and e.code < 500:
+                raise LLMError(error) from None   # this request is wrong; asking again won't help
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                socket.timeout, TimeoutError) as e:
+            error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        except BadReply as e:
+            error = str(e)
+    raise LLMError(f"gave up after {cfg.retries + 1} tries; last error: {error}")
+
+
+class ReplyCache:
+    """Append-only JSONL of {"key", "reply"}: one line per answer, flushed as it arrives. A line
+    cut short by a killed run is skipped on reading."""
+
+    def __init__(self, path):
+        self.path, self.lock, self.replies, self.torn = str(path), threading.Lock(), {}, 0
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    self._load(line)
+        except FileNotFoundError:
+            pass
+        self.file = None
+
+    def _load(self, line: str) -> None:
+        try:
+            rec = json.loads(line)
+            self.replies[rec["key"]] = rec["reply"]
+        except (ValueError, KeyError, TypeError):
+            self.torn += 1
+
+    def get(self, key: str):
+        return self.replies.get(key)
+
+    def put(self, key: str, reply: str) -> None:
+        line = json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n"
+        with self.lock:
+            if self.file is None:
+                self.file = open(self.path, "a", encoding="utf-8")
+                # a torn last line from a killed run: start on a fresh line
+                if self.file.tell() and not _ends_with_newline(self.path):
+                    self.file.write("\n")
+            self.file.write(line)
+            self.file.flush()
+            self.replies[key] = reply
+
+    def close(self) -> None:
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def run_requests(cfg: ChatConfig, bodies: dict, cache: ReplyCache, check=None,
+                 concurrency: int = 8, progress: bool = True) -> tuple[dict, dict, Stats]:
+    """Send every body of `bodies` ({key: body}) that the cache lacks, `concurrency` at a time.
+    Returns ({key: reply} for all answered keys, {key: error} for failed ones, stats).
+    Each answer goes into the cache the moment it arrives."""
+    todo = [k for k in bodies if cache.get(k) is None]
+    errors, stats = {}, Stats()
+
+    def one(key):
+        text = complete(cfg, bodies[key], check, stats)
+        cache.put(key, text)
+
+    bar = tqdm(total=len(todo), unit="req", disable=not progress, desc="refine", dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
+        futures = {pool.submit(one, k): k for k in todo}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+            except FatalLLMError:
+                raise
+            except LLMError as e:
+                errors[futures[fut]] = str(e)
+                stats.add("failed")
+            bar.update()
+            bar.set_postfix(errors=stats.failed, retries=stats.retries, refresh=False)
+    finally:
+        # on Ctrl-C or a fatal error, queued requests are dropped instead of sent
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    replies = {k: cache.get(k) for k in bodies if cache.get(k) is not None}
+    return replies, errors, stats
