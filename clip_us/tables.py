@@ -211,7 +211,7 @@ def write_results(out_dir, results: dict):
 # ----------------------------------------------------------------------------- collecting results
 
 REQUIRED = ("task", "dataset", "row", "metrics")
-TASKS = ("seg", "cls", "zeroshot", "align")
+TASKS = ("seg", "cls", "zeroshot", "align", "contrastive")  # contrastive: listed under Sources only
 EVAL_ONLY = " (eval-only)"  # suffix of the row an eval-only result gets of its own
 
 
@@ -470,8 +470,9 @@ def render(chosen, notes=(), all_datasets=False):
 
 
 def _sources(chosen):
+    note = {"contrastive": ", train_contrastive.py: not a table row"}
     return ["## Sources", ""] + [
-        f"- {DATASETS.get(ds, ds)} / {row} ({task}): `{r.get('_path', '?')}`"
+        f"- {DATASETS.get(ds, ds)} / {row} ({task}{note.get(task, '')}): `{r.get('_path', '?')}`"
         for (task, ds, row), r in sorted(chosen.items())]
 
 

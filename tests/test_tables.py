@@ -166,6 +166,15 @@ def test_distances_state_each_runs_mask_size(tmp_path):
     assert "224×224 masks" not in text and "each run's own masks" in text
 
 
+def test_contrastive_results_are_listed_not_tabled(tmp_path):
+    _write(tmp_path, "a", _seg())
+    _write(tmp_path, "c", {"task": "contrastive", "dataset": "phantom", "row": "CLIP (Mona) contrastive",
+                           "metrics": {"loss": _metric([1.2]), "i2t_R@1": _metric([0.3])}})
+    text = tables.render(*tables.collect(tmp_path))
+    assert "### Phantom" not in text                     # no table section for it
+    assert "(contrastive, train_contrastive.py: not a table row): `c/results.json`" in text
+
+
 def test_bad_results_files_raise_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         tables.collect(tmp_path)
