@@ -1,0 +1,166 @@
+"""The labelled image–caption set evaluate.py runs on: classes, organs, the split, the overlap check.
+
+EchoCare-CLIP (seed 000) evaluates on a held-out data set (BUSI: 780 images, three classes) split
+70/15/15; its probes train on the 70 %, pick C on the 15 % validation part and report on the test
+part. Here:
+
+- Pairs come from ``clip_us.manifest.read_manifest`` (every format train_contrastive.py reads).
+- Classes: every label present in the manifest, in clip_us's fixed order (benign, malignant,
+  normal) and then alphabetically; ``classes`` restricts them and drops the other images. This
+  differs from the supervised scripts, whose binary default follows seed 003.
+- Organ: the manifest's ``organ`` column, else the ``organ`` argument.
+- Split: images a checkpoint's split.json places in train/val/test stay there; the others (held
+  out from that run, or unknown to it) get a seeded 70/15/15 split stratified by ``dataset`` and
+  then label, saved as split.json and reused. A ``split_file`` replaces both.
+- Overlap: test images a model trained on (its split's train and val) are refused unless allowed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .labels import CLASSES, parse_label
+from .manifest import SPLITS, read_manifest
+
+FRACTIONS = (0.70, 0.15, 0.15)
+
+
+@dataclass
+class EvalSet:
+    """Pairs (one per caption) and images (one per image key) of one manifest."""
+    pairs: list          # clip_us.manifest.Pair
+    keys: list           # image keys in manifest order
+    label: dict          # key -> class index, only when the manifest has labels
+    organ: dict          # key -> organ name ("" when unknown)
+    dataset: dict        # key -> dataset name
+    classes: list        # class names, index order
+    report: dict
+
+
+def _class_name(value: str) -> str:
+    v = str(value).strip()
+    idx = parse_label(v)
+    return CLASSES[idx] if idx is not None else v.lower()
+
+
+def _order(names) -> list:
+    known = [c for c in CLASSES if c in names]
+    return known + sorted(set(names) - set(known))
+
+
+def _labels(pairs, classes_flag) -> tuple[dict, list]:
+    """(key -> class name, classes); an image whose captions disagree on its label is an error."""
+    names = {}
+    for p in pairs:
+        if not p.label:
+            continue
+        name = _class_name(p.label)
+        if names.setdefault(p.key, name) != name:
+            raise ValueError(f"manifest row {p.row}: image {p.key} is labelled both "
+                             f"{names[p.key]!r} and {name!r}")
+    classes = _order(set(names.values()))
+    if classes_flag:
+        wanted = [_class_name(c) for c in classes_flag]
+        absent = [c for c in wanted if c not in classes]
+        if absent:
+            raise ValueError(f"--classes {absent}: not in the manifest (its labels: {classes})")
+        classes = _order(wanted)
+    return names, classes
+
+
+def load_eval_set(path, organ: str = "", classes=(), **manifest_kw) -> EvalSet:
+    """Read the manifest; with labels, keep only labelled images of the chosen classes."""
+    pairs, report = read_manifest(path, **manifest_kw)
+    if not pairs:
+        raise ValueError(f"{path}: no usable rows")
+    names, class_list = _labels(pairs, classes)
+    if names:
+        unlabelled = {p.key for p in pairs if p.key not in names}
+        pairs = [p for p in pairs if names.get(p.key) in class_list]
+        report["dropped_unlabelled_or_other_class"] = len(unlabelled) + sum(
+            1 for k in set(names) if names[k] not in class_list)
+    keys = list(dict.fromkeys(p.key for p in pairs))
+    first = {p.key: p for p in reversed(pairs)}
+    label = {k: class_list.index(names[k]) for k in keys} if names else {}
+    organs = {k: (first[k].organ or organ).strip().lower() for k in keys}
+    return EvalSet(pairs, keys, label, organs, {k: first[k].dataset for k in keys}, class_list, report)
+
+
+def stratified_split(keys, strata: dict, seed: int, fractions=FRACTIONS) -> dict:
+    """Per stratum (dataset, label), a seeded shuffle cut into train/val/test: val and test get
+    round(n·f) of each stratum, train the rest."""
+    rng = np.random.default_rng(seed)
+    out = {s: [] for s in SPLITS}
+    for stratum in sorted(set(strata.values())):
+        group = [k for k in keys if strata[k] == stratum]
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_val, n_test = (int(round(len(group) * f)) for f in fractions[1:])
+        n_train = len(group) - n_val - n_test
+        out["train"] += group[:n_train]
+        out["val"] += group[n_train:n_train + n_val]
+        out["test"] += group[n_train + n_val:]
+    return out
+
+
+def read_split(path) -> dict:
+    try:
+        saved = json.loads(Path(path).read_text())
+        return {s: list(saved.get(s, [])) for s in (*SPLITS, "held_out")}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot read split file ({e})") from e
+
+
+def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | None = None,
+                 checkpoint_split: str | None = None) -> tuple[dict, str]:
+    """({train, val, test: [keys]}, how it was made). Order of precedence: ``split_file``; else
+    the checkpoint's split.json for the images it places, plus a fresh (or the ``saved``)
+    split for the rest."""
+    have = set(es.keys)
+    if split_file:
+        parts = read_split(split_file)
+        out = {s: [k for k in parts[s] if k in have] for s in SPLITS}
+        lost = have - {k for v in out.values() for k in v}
+        if lost:
+            raise ValueError(f"--split-file {split_file}: {len(lost)} images of the manifest are "
+                             f"in none of train/val/test (e.g. {sorted(lost)[0]})")
+        return out, f"--split-file {split_file}"
+    ckpt = read_split(checkpoint_split) if checkpoint_split else {s: [] for s in SPLITS}
+    out = {s: [k for k in ckpt[s] if k in have] for s in SPLITS}
+    rest = [k for k in es.keys if k not in {k for v in out.values() for k in v}]
+    how = [f"checkpoint split {checkpoint_split} for {len(have) - len(rest)} images"] if len(rest) < len(have) else []
+    if rest:
+        fresh, what = _fresh_split(es, rest, seed, saved)
+        out = {s: out[s] + fresh[s] for s in SPLITS}
+        how.append(what)
+    return out, "; ".join(how)
+
+
+def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict, str]:
+    """Reuse ``saved`` when it places exactly these images, else make and save a new split."""
+    if saved is not None and saved.is_file():
+        parts = read_split(saved)
+        if set(k for s in SPLITS for k in parts[s]) == set(keys):
+            return {s: parts[s] for s in SPLITS}, f"reused {saved}"
+        raise ValueError(f"{saved} was made for other images than this manifest's; delete it or "
+                         f"use another --out-dir")
+    strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
+    parts = stratified_split(keys, strata, seed)
+    if saved is not None:
+        from .fileio import write_json
+        write_json(saved, {"how": f"70/15/15 stratified by dataset then label, seed {seed}", **parts}, indent=1)
+    return parts, f"70/15/15 stratified by dataset then label, seed {seed}" + (f", saved to {saved}" if saved else "")
+
+
+def check_overlap(test_keys, models, allow: bool) -> dict:
+    """{model name: number of test images it trained on}; raises unless ``allow``."""
+    test = set(test_keys)
+    seen = {m.name: len(test & m.trained_on) for m in models}
+    bad = {n: c for n, c in seen.items() if c}
+    if bad and not allow:
+        raise ValueError(f"the test split holds images these models trained on (train/val of their "
+                         f"split.json): {bad}. Evaluate on other images, drop --split-file so the "
+                         f"checkpoint's own split is used, or pass --allow-overlap to go on anyway")
+    return seen

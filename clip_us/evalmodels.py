@@ -1,0 +1,256 @@
+"""The models evaluate.py judges, behind one interface: frozen encoders, then trainable heads.
+
+EchoCare-CLIP's evaluation (seed 000) compares vanilla CLIP, contrastively fine-tuned CLIPs and its
+own dual encoders. Its end-to-end few-shot stage keeps both encoders frozen and trains only the
+heads (projections) and the temperature. So every model is split in two here:
+
+- ``image_features(pixels)`` / ``text_features(texts)``: the frozen encoders' outputs, before any
+  head. They are computed once and cached on disk; the probes and every few-shot seed reuse them.
+- ``heads``: an ``nn.Module`` with ``embed_image(f)``, ``embed_text(f)`` (L2-normalised) and
+  ``scale()`` = 1/τ capped at 100. A fresh copy trains in each end-to-end few-shot run.
+
+Builders:
+- ``from_weights``: a CLIP (``--weights NAME|PATH|none --arch``). Features = ``ln_post(CLS)`` and the
+  pooled end-of-text feature after ``ln_final``; heads = ``visual.proj``, ``text_projection`` and
+  ``logit_scale``, exactly CLIP's own.
+- ``from_checkpoint``: a ``train_contrastive.py`` checkpoint (CLIP + adapters and/or trained
+  weights, rebuilt from its config), or an EchoCare-CLIP dual encoder (``model: "echocare"``)
+  through ``clip_us.echocare.load``.
+- ``from_dual_encoder``: anything else with ``encode_image(pixels)``, ``encode_text(list of str)``
+  and a preprocessing; see the docstring for what makes its heads trainable.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transform import CLIP_MEAN, CLIP_STD, Preprocess
+
+MAX_SCALE = 100.0  # CLIP's cap on exp(logit_scale); EchoCare-CLIP's evaluation caps 1/τ alike
+
+
+class CLIPHeads(nn.Module):
+    """CLIP's projections and logit scale, copied out of the model so they can train alone."""
+
+    def __init__(self, visual_proj: torch.Tensor, text_projection: torch.Tensor, logit_scale: torch.Tensor):
+        super().__init__()
+        self.visual_proj = nn.Parameter(visual_proj.detach().clone().float())
+        self.text_projection = nn.Parameter(text_projection.detach().clone().float())
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone().float().reshape(()))
+
+    def embed_image(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f @ self.visual_proj, dim=-1)  # [B, width] @ [width, D] -> [B, D]
+
+    def embed_text(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f @ self.text_projection, dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=MAX_SCALE)
+
+
+class ModuleHeads(nn.Module):
+    """A dual encoder's own head modules and log-temperature (EchoCare-CLIP: MLPs, log τ)."""
+
+    def __init__(self, image_head: nn.Module, text_head: nn.Module, log_temperature: torch.Tensor):
+        super().__init__()
+        self.image_head, self.text_head = copy.deepcopy(image_head), copy.deepcopy(text_head)
+        self.log_temperature = nn.Parameter(log_temperature.detach().clone().float().reshape(()))
+
+    def embed_image(self, f):
+        return F.normalize(self.image_head(f), dim=-1)
+
+    def embed_text(self, f):
+        return F.normalize(self.text_head(f), dim=-1)
+
+    def scale(self):
+        return (-self.log_temperature).exp().clamp(max=MAX_SCALE)  # 1/τ, capped
+
+
+@dataclass
+class EvalModel:
+    """One model under evaluation. ``trained_on``: image keys its training used (train + val of
+    its split.json), for the overlap check; ``split_path``: that split.json, if any."""
+    name: str
+    kind: str                      # "clip", "contrastive", "echocare" or "dual"
+    vanilla: bool                  # picks the end-to-end few-shot learning rate
+    preprocess: object             # path or PIL image -> [3, S, S] tensor
+    image_features: object         # [B, 3, S, S] -> [B, F] (frozen)
+    text_features: object          # list of str -> [T, F'] (frozen)
+    heads: nn.Module
+    identity: dict                 # what the embedding cache is keyed on
+    split_path: str | None = None
+    trained_on: set = field(default_factory=set)
+    source: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_identity(path) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@contextlib.contextmanager
+def _identity_projections(model):
+    """Swap CLIP's two projections for identity matrices, so ``encode_image``/``encode_text``
+    return the pre-projection features (``ln_post(CLS)``, pooled ``ln_final``) through the
+    model's own forward, adapters included; the originals come back afterwards."""
+    vis, txt = model.visual.proj, model.text_projection
+    try:
+        model.visual.proj = nn.Parameter(torch.eye(vis.shape[0], dtype=vis.dtype, device=vis.device),
+                                         requires_grad=False)
+        model.text_projection = nn.Parameter(torch.eye(txt.shape[0], dtype=txt.dtype, device=txt.device),
+                                             requires_grad=False)
+        yield model
+    finally:
+        model.visual.proj, model.text_projection = vis, txt
+
+
+def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity: dict, device,
+               source: dict | None = None) -> EvalModel:
+    """Wrap a CLIP (clip_us.model.CLIP, adapters allowed) as an EvalModel."""
+    from .tokenizer import tokenize
+    model = model.eval().to(device)
+
+    @torch.inference_mode()
+    def image_features(x):
+        with _identity_projections(model):
+            return model.encode_image(x.to(device)).float().cpu()
+
+    @torch.inference_mode()
+    def text_features(texts):
+        tokens = tokenize(list(texts), context_length=model.context_length, truncate=True).to(device)
+        with _identity_projections(model):
+            return model.encode_text(tokens).float().cpu()
+
+    heads = CLIPHeads(model.visual.proj.cpu(), model.text_projection.cpu(), model.logit_scale.cpu())
+    return EvalModel(name, kind, vanilla, preprocess, image_features, text_features, heads, identity,
+                     source=source or {})
+
+
+def from_weights(weights: str, arch: str, image_size: int, device, name: str = "",
+                 clip_norm: bool = True) -> EvalModel:
+    """Vanilla CLIP from a weights name or file, or random weights (``none``) of ``arch``."""
+    from .taskmodel import build_clip
+    model = build_clip(weights, arch)
+    ident = {"weights": _file_identity(weights) if os.path.isfile(weights) else weights,
+             "arch": arch if weights == "none" else None, "image_size": image_size, "clip_norm": clip_norm}
+    mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
+    row = name or ("CLIP (random weights)" if weights == "none" else f"CLIP {arch if arch else weights} (vanilla)")
+    return clip_model(model, row, "clip", True, Preprocess(image_size, mean, std), ident, device,
+                      {"weights": weights, "arch": arch})
+
+
+def find_split(checkpoint) -> Path | None:
+    """The run folder's split.json: beside the checkpoint, or one or two folders up
+    (train_contrastive.py may keep checkpoints in a sub-folder of its run)."""
+    folder = Path(checkpoint).resolve().parent
+    for d in (folder, folder.parent, folder.parent.parent):
+        if (d / "split.json").is_file():
+            return d / "split.json"
+    return None
+
+
+def trained_keys(split_path) -> set:
+    """The images a run trained on or selected its checkpoint with: its train and val lists."""
+    if split_path is None:
+        return set()
+    saved = json.loads(Path(split_path).read_text())
+    return set(saved.get("train", [])) | set(saved.get("val", []))
+
+
+def _contrastive(ckpt: dict, path: str, device, name: str) -> EvalModel:
+    """A train_contrastive.py checkpoint: CLIP from its config's --weights/--arch, its adapter,
+    then every trained tensor it holds (model_state_dict when backbone weights trained)."""
+    from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+    from .taskmodel import build_clip
+    cfg = ckpt.get("config") or {}
+    if "weights" not in cfg or "arch" not in cfg:
+        raise ValueError(f"{path}: checkpoint config has no weights/arch; it was not written by "
+                         f"train_contrastive.py (or any clip_us script)")
+    model = build_clip(cfg["weights"], cfg["arch"])
+    adapter = AdapterConfig.from_dict(dict(ckpt.get("adapter_config") or {"kind": "none"}))
+    if adapter.kind != "none":
+        apply_adapter(model, adapter)
+        load_adapter_state_dict(model, ckpt.get("adapter_state_dict", {}), adapter)
+    trained = dict(ckpt.get("model_state_dict") or {})
+    missing = set(trained) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{path}: checkpoint tensors {sorted(missing)[:5]} do not fit the model "
+                         f"rebuilt from its config ({cfg['arch']}, adapter {ckpt.get('adapter_config')})")
+    model.load_state_dict(trained, strict=False)
+    size = int(cfg.get("image_size", 224))
+    norm = cfg.get("clip_norm", True)
+    mean, std = (CLIP_MEAN, CLIP_STD) if norm else ((0.0,) * 3, (1.0,) * 3)
+    row = name or ckpt.get("row") or f"CLIP ({cfg.get('train', 'adapter')}, ft.)"
+    ev = clip_model(model, row, "contrastive", False, Preprocess(size, mean, std),
+                    {"checkpoint": _file_identity(path)}, device, {"checkpoint": str(path)})
+    if float(cfg.get("temperature") or 0) > 0:  # trained with a fixed τ: start the heads from it
+        ev.heads.logit_scale.data.fill_(math.log(1.0 / float(cfg["temperature"])))
+    return ev
+
+
+def from_dual_encoder(model, name: str, preprocess, identity: dict, device, source=None) -> EvalModel:
+    """A dual encoder with ``encode_image(pixels)`` and ``encode_text(list of str)``.
+
+    Its heads train in end-to-end few-shot when it also has ``image_features``/``text_features``
+    (the frozen encoders' outputs), ``image_head``/``text_head`` modules and ``log_temperature``,
+    as clip_us.echocare's model does. Without them its embeddings are its features, the heads are
+    identities and only the temperature (starting at 0.07) trains; the results say so.
+    """
+    model = model.eval().to(device)
+    split = all(hasattr(model, a) for a in ("image_features", "text_features", "image_head", "text_head"))
+    enc_i = model.image_features if split else model.encode_image
+    enc_t = model.text_features if split else model.encode_text
+
+    @torch.inference_mode()
+    def image_features(x):
+        return enc_i(x.to(device)).float().cpu()
+
+    @torch.inference_mode()
+    def text_features(texts):
+        return enc_t(list(texts)).float().cpu()
+
+    log_t = getattr(model, "log_temperature", torch.tensor(0.07).log())
+    heads = ModuleHeads(model.image_head, model.text_head, log_t) if split else \
+        ModuleHeads(nn.Identity(), nn.Identity(), log_t)
+    source = {**(source or {}), "heads_trainable": split}
+    return EvalModel(name, "dual", False, preprocess, image_features, text_features, heads,
+                     identity, source=source)
+
+
+def _echocare(path: str, device, name: str) -> EvalModel:
+    try:
+        from . import echocare
+    except ImportError as e:
+        raise ValueError(f"{path} is an EchoCare-CLIP checkpoint, but clip_us.echocare is not "
+                         f"available in this install ({e})") from e
+    model = echocare.load(path)
+    size = int(getattr(model, "image_size", 256))
+    mean, std = getattr(model, "mean", CLIP_MEAN), getattr(model, "std", CLIP_STD)
+    ev = from_dual_encoder(model, name or "EchoCare-CLIP", Preprocess(size, mean, std),
+                           {"checkpoint": _file_identity(path)}, device, {"checkpoint": str(path)})
+    ev.kind = "echocare"
+    return ev
+
+
+def from_checkpoint(path: str, device, name: str = "") -> EvalModel:
+    """A train_contrastive.py checkpoint, CLIP-based or EchoCare-CLIP, with its run's split."""
+    from .checkpoint import load_checkpoint
+    ckpt = load_checkpoint(path)
+    model = _echocare(path, device, name) if ckpt.get("model") == "echocare" else \
+        _contrastive(ckpt, path, device, name)
+    split = find_split(path)
+    model.split_path, model.trained_on = (str(split) if split else None), trained_keys(split)
+    return model

@@ -1,0 +1,334 @@
+"""evaluate.py: EchoCare-CLIP's evaluation protocol, one table row per model.
+
+Alignment (paired / cross / gap), retrieval (strict and duplicate-aware R@1/5/10 both ways, mean
+rank), zero-shot ("An ultrasound image of {organ} with {label} findings."), linear probe, few-shot
+probe (1/5/10 %), end-to-end few-shot (heads + temperature) and bootstrap 95 % CIs, per organ and
+overall, for every model given (seed 000; protocol notes in docs/evaluation.md).
+
+Classes: every label present in the manifest is a class (BUSI with `normal` is a 3-class task, as
+in the authors' held-out results); --classes restricts them. This differs from train_cls.py and
+zeroshot.py, whose binary benign/malignant default follows seed 003.
+
+    python evaluate.py --manifest data/busi_captions.csv --organ breast --weights ViT-B/32
+    python evaluate.py --manifest m.csv --checkpoint runs/train_contrastive/x/best.pt --name "CLIP (heads ft.)"
+    python evaluate.py --arch tiny --weights none       # the phantom's caption manifest, random weights
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import clip_us
+from clip_us import evaldata, evalmodels, evalplots, protocol, tables
+from clip_us.fileio import write_json, write_text
+from clip_us.prompts import ECHOCARE_TEMPLATE
+
+
+@dataclass
+class Config:
+    manifest: str = field(default="", metadata={"help": "image-caption manifest (CSV/JSONL, any format "
+                                                "train_contrastive.py reads); '' = the phantom's"})
+    image_col: str = ""
+    caption_col: str = ""
+    ascii_only: bool = False
+    skip_bad: bool = False
+    organ: str = field(default="", metadata={"help": "organ for rows without an organ column value"})
+    classes: list = field(default_factory=list, metadata={
+        "help": "restrict to these labels (default: every label present, e.g. 3 classes for BUSI "
+                "with normal; train_cls.py/zeroshot.py default to benign/malignant)"})
+    checkpoint: list = field(default_factory=list, metadata={"repeat": True, "help": "a "
+                             "train_contrastive.py or EchoCare-CLIP checkpoint (repeatable)"})
+    weights: list = field(default_factory=list, metadata={"repeat": True, "help": "vanilla CLIP: a "
+                          "name, a file or none (repeatable); default ViT-B/16 when no model is given"})
+    arch: str = field(default="ViT-B/16", metadata={"help": "architecture for --weights none (tiny, ...)"})
+    name: list = field(default_factory=list, metadata={"repeat": True, "help": "row names, checkpoints "
+                       "first, then weights (repeatable)"})
+    image_size: int = field(default=224, metadata={"help": "for --weights models; checkpoints use their own"})
+    clip_norm: bool = True
+    split_file: str = field(default="", metadata={"help": "split.json to evaluate on (its test part)"})
+    allow_overlap: bool = field(default=False, metadata={"help": "evaluate even on images a model trained on"})
+    seed: int = field(default=42, metadata={"help": "split and bootstrap seed"})
+    probe_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.10])
+    probe_seeds: list = field(default_factory=lambda: list(protocol.FEWSHOT_SEEDS))
+    e2e_fractions: list = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30])
+    e2e_seeds: list = field(default_factory=lambda: [42, 43, 44])
+    e2e_epochs: int = 8
+    e2e_batch_size: int = 16
+    e2e_lr: float = field(default=0.0, metadata={"help": "0 = 1e-5 for trained models, 5e-6 for vanilla"})
+    bootstrap: int = field(default=1000, metadata={"help": "resamples (0 = no CIs)"})
+    batch_size: int = 32
+    workers: int = 2
+    device: str = "auto"
+    out_dir: str = ""
+
+
+def parse_config(argv=None) -> Config:
+    """The CLI from Config: list fields marked "repeat" accumulate (--checkpoint a --checkpoint b)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2].split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag, helptext = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
+        elif isinstance(default, list):
+            kind = type(default[0]) if default else str
+            action = "extend" if f.metadata.get("repeat") else "store"
+            parser.add_argument(flag, default=default, nargs="+", type=kind, action=action, help=helptext)
+        else:
+            parser.add_argument(flag, default=default, type=type(default), help=helptext)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+cfg = parse_config()
+device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+torch.manual_seed(cfg.seed)
+print(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+# ----------------------------------------------------------------------------- data and split
+try:
+    if not cfg.manifest:
+        from clip_us import phantom
+        cfg.manifest = str(phantom.caption_manifest())
+    es = evaldata.load_eval_set(cfg.manifest, cfg.organ, cfg.classes, image_col=cfg.image_col or None,
+                                caption_col=cfg.caption_col or None, ascii_only=cfg.ascii_only,
+                                skip_bad=cfg.skip_bad)
+except (ValueError, OSError, AttributeError) as e:
+    fail(str(e))
+labelled = bool(es.label)
+out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+out.mkdir(parents=True, exist_ok=True)
+write_json(out / "config.json", dataclasses.asdict(cfg))
+print(f"{len(es.pairs)} pairs, {len(es.keys)} images from {cfg.manifest} "
+      f"({es.report.get('format')}); classes: {es.classes or 'none (no labels)'}")
+if not labelled:
+    print("no labels in the manifest: computing alignment and retrieval only; skipping zero-shot, "
+          "linear probe, few-shot probe and end-to-end few-shot")
+
+# ----------------------------------------------------------------------------- models
+try:
+    names = list(cfg.name)
+    models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "") for p in cfg.checkpoint]
+    weights = cfg.weights or ([] if cfg.checkpoint else [cfg.arch])
+    models += [evalmodels.from_weights(w, cfg.arch, cfg.image_size, device, names.pop(0) if names else "",
+                                       cfg.clip_norm) for w in weights]
+    if names or len({m.name for m in models}) < len(models):
+        raise ValueError(f"--name: give one distinct name per model ({len(models)} models, names "
+                         f"{[m.name for m in models]}, left over {names})")
+    ckpt_split = next((m.split_path for m in models if m.split_path), None)
+    split, how = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json", ckpt_split)
+    overlap = evaldata.check_overlap(split["test"], models, cfg.allow_overlap)
+except (ValueError, OSError, KeyError) as e:
+    fail(str(e))
+print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images")
+need = [s for s in ("train", "val", "test") if labelled or s == "test"]
+if any(len(split[s]) == 0 for s in need):
+    fail(f"a split part is empty ({ {s: len(split[s]) for s in need} }); the protocol needs "
+         f"train, val and test images: use a larger manifest")
+
+
+class Images(torch.utils.data.Dataset):
+    """Manifest images through one model's preprocessing."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.paths[i])
+
+
+def features(model, keys, texts) -> tuple[dict, dict]:
+    """{key: image feature}, {text: text feature}: the frozen encoders' outputs, read from the
+    model's cache file when it was made by the same model, computed (and added) otherwise."""
+    path = out / slug(model.name) / "features.pt"
+    cache = torch.load(path, weights_only=True) if path.is_file() else {}
+    if cache.get("fingerprint") != model.fingerprint():
+        cache = {"fingerprint": model.fingerprint(), "images": {}, "texts": {}}
+    todo = [k for k in keys if k not in cache["images"]]
+    where = {p.key: str(p.image) for p in es.pairs}
+    loader = DataLoader(Images([where[k] for k in todo], model.preprocess), cfg.batch_size,
+                        num_workers=cfg.workers)
+    done = 0
+    for batch in tqdm(loader, f"embedding images ({model.name})", disable=not todo):
+        feats = model.image_features(batch)
+        cache["images"].update(zip(todo[done:done + len(feats)], feats))
+        done += len(feats)
+    new = [t for t in dict.fromkeys(texts) if t not in cache["texts"]]
+    for i in tqdm(range(0, len(new), cfg.batch_size), f"embedding texts ({model.name})", disable=not new):
+        cache["texts"].update(zip(new[i:i + cfg.batch_size], model.text_features(new[i:i + cfg.batch_size])))
+    if todo or new:
+        from clip_us.fileio import atomic_path
+        with atomic_path(path) as tmp:
+            torch.save(cache, tmp)
+    return cache["images"], cache["texts"]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+
+
+def metric(value) -> dict:
+    return protocol.summary([value])
+
+
+# ----------------------------------------------------------------------------- the protocol, per model
+organs = sorted({es.organ[k] for k in es.keys})
+if labelled and "" in organs:
+    fail("some images have no organ (no organ column value): pass --organ (e.g. breast)")
+prompts = {o: [ECHOCARE_TEMPLATE.format(organ=o, label=c) for c in es.classes] for o in organs}
+test_pairs = [p for p in es.pairs if p.key in set(split["test"])]
+test_organ = np.array([es.organ[k] for k in split["test"]])
+pair_organ = np.array([es.organ[p.key] for p in test_pairs])
+
+
+def alignment(heads, img_f, txt_f) -> tuple[dict, dict, dict]:
+    """(metrics, ci, per_organ) for alignment and retrieval on the test pairs."""
+    with torch.no_grad():
+        img = heads.embed_image(torch.stack([img_f[p.key] for p in test_pairs]))
+        txt = heads.embed_text(torch.stack([txt_f[p.caption] for p in test_pairs]))
+    captions = [p.caption for p in test_pairs]
+    found = {k: metric(v) for k, v in protocol.alignment_and_retrieval(img, txt, captions).items()}
+    ci = protocol.bootstrap_alignment(img, txt, cfg.bootstrap, cfg.seed) if cfg.bootstrap else {}
+    per_organ = {}
+    for o in organs:
+        sel = np.flatnonzero(pair_organ == o)
+        if len(sel) >= 2:  # alignment's cross score needs two pairs
+            block = protocol.alignment_and_retrieval(img[sel], txt[sel], [captions[i] for i in sel])
+            per_organ[o] = {"metrics": {k: metric(v) for k, v in block.items()}, "ci": {}, "n_pairs": len(sel)}
+    return found, ci, per_organ
+
+
+def arrays(img_f, part):
+    """(features [N, F], labels [N], organ index [N]) of one split part."""
+    ks = split[part]
+    return (torch.stack([img_f[k] for k in ks]), torch.tensor([es.label[k] for k in ks]),
+            torch.tensor([organs.index(es.organ[k]) for k in ks]))
+
+
+def scored(prefix, probs, y, found, ci, per_organ):
+    """Add acc / weighted F1 / AUROC of `probs`, overall and per organ, with bootstrap CIs."""
+    found.update({f"{prefix}_{k}": metric(v) for k, v in protocol.classification_report(probs, y).items()})
+    if cfg.bootstrap:
+        ci.update({f"{prefix}_{k}": v for k, v in protocol.bootstrap_cls(probs, y, cfg.bootstrap, cfg.seed).items()})
+    for o in organs:
+        sel = np.flatnonzero(test_organ == o)
+        if not len(sel):
+            continue
+        block = per_organ.setdefault(o, {"metrics": {}, "ci": {}})
+        block["n_test"] = len(sel)
+        block["metrics"].update({f"{prefix}_{k}": metric(v)
+                                 for k, v in protocol.classification_report(probs[sel], y[sel]).items()})
+        if cfg.bootstrap:
+            boot = protocol.bootstrap_cls(probs[sel], y[sel], cfg.bootstrap, cfg.seed)
+            block["ci"].update({f"{prefix}_{k}": v for k, v in boot.items()})
+
+
+def classification(model, heads, img_f, txt_f, found, ci, per_organ) -> tuple[dict, dict]:
+    """Zero-shot, linear probe, few-shot probe and end-to-end few-shot; returns (fewshot, details)."""
+    parts = {s: arrays(img_f, s) for s in ("train", "val", "test")}
+    (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, o_te) = (parts[s] for s in ("train", "val", "test"))
+    prompt_f = torch.stack([torch.stack([txt_f[t] for t in prompts[o]]) for o in organs])  # [O, C, F']
+    with torch.no_grad():
+        emb = {s: heads.embed_image(parts[s][0]).double().numpy() for s in parts}
+    scored("zs", protocol.zeroshot_probs(heads, x_te, prompt_f, o_te), y_te.numpy(), found, ci, per_organ)
+    probs, probe_info = protocol.linear_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"])
+    scored("probe", probs, y_te.numpy(), found, ci, per_organ)
+    fewshot = {}
+    with protocol.progress(len(cfg.probe_fractions) * len(cfg.probe_seeds), f"few-shot probe ({model.name})") as bar:
+        runs = protocol.fewshot_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"],
+                                      y_te.numpy(), cfg.probe_fractions, cfg.probe_seeds, bar)
+    fewshot.update(protocol.fewshot_summary(runs, "probe"))
+    lr = cfg.e2e_lr or (5e-6 if model.vanilla else 1e-5)
+    total = len(cfg.e2e_fractions) * len(cfg.e2e_seeds) * cfg.e2e_epochs
+    with protocol.progress(total, f"end-to-end few-shot ({model.name})") as bar:
+        runs = protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f, cfg.e2e_fractions,
+                                    cfg.e2e_seeds, lr, cfg.e2e_epochs, cfg.e2e_batch_size, bar)
+    fewshot.update(protocol.fewshot_summary(runs, "e2e"))
+    e2e = {"lr": lr, "best_epoch": {f"{f:g}": [r["best_epoch"] for r in v] for f, v in runs.items()},
+           "heads_trainable": model.source.get("heads_trainable", True)}
+    return fewshot, {"probe": probe_info, "e2e": e2e}
+
+
+all_results = []
+for model in models:
+    mdir = out / slug(model.name)
+    keys = [k for s in need for k in split[s]]
+    texts = [p.caption for p in test_pairs] + ([t for o in organs for t in prompts[o]] if labelled else [])
+    img_f, txt_f = features(model, keys, texts)
+    heads = model.heads.eval()
+    found, ci, per_organ = alignment(heads, img_f, txt_f)
+    fewshot, details, skipped = {}, {}, []
+    if labelled:
+        with protocol.single_thread():
+            fewshot, details = classification(model, heads, img_f, txt_f, found, ci, per_organ)
+    else:
+        skipped = ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
+
+    results = {
+        "script": "evaluate.py", "task": "align", "dataset": Path(cfg.manifest).stem, "row": model.name,
+        "backbone": model.kind, "adapter": None, "init": model.source.get("checkpoint"),
+        "seeds": list(cfg.probe_seeds), "classes": es.classes, "organs": organs,
+        "metrics": found, "ci": ci, "per_organ": per_organ, "fewshot": fewshot, "skipped": skipped,
+        "details": details, "split": {"how": how, **{s: len(split[s]) for s in ("train", "val", "test")}},
+        "overlap": overlap[model.name], "prompt": ECHOCARE_TEMPLATE, "units": {"mean_rank": "rank (1-based)"},
+        "n_test": len(split["test"]), "n_pairs": len(test_pairs), "n_dropped": 0, "source": model.source,
+        "machine": f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
+    }
+    if model.source.get("weights") == "none":
+        results["warning"] = "random weights: these numbers say nothing about CLIP"
+    mdir.mkdir(parents=True, exist_ok=True)
+    tables.write_results(mdir, results)
+    all_results.append(results)
+    m = found
+    line = f"{model.name}: paired {m['paired']['mean']:.3f} cross {m['cross']['mean']:.3f} gap {m['gap']['mean']:.3f}"
+    if labelled:
+        line += f"  zero-shot acc {m['zs_acc']['mean']:.3f}  probe acc {m['probe_acc']['mean']:.3f}"
+    print(line + f"  -> {mdir / 'results.json'}")
+
+# ----------------------------------------------------------------------------- table and figures
+buf = io.StringIO()
+rows = [list(csv.reader(io.StringIO(tables.row_csv(r)))) for r in all_results]
+csv.writer(buf, lineterminator="\n").writerows([rows[0][0]] + [r[1] for r in rows])
+write_text(out / "table.csv", buf.getvalue())
+note = f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}; bars: 95% bootstrap CI"
+
+
+def bars(keys):
+    return {r["row"]: [(r["metrics"][k]["mean"], r["ci"].get(k, {}).get("low"), r["ci"].get(k, {}).get("high"))
+                       if k in r["metrics"] else None for k in keys] for r in all_results}
+
+
+evalplots.save_bars_svg(out / "alignment.svg", "alignment (test pairs)", ["paired", "cross", "gap"],
+                        bars(["paired", "cross", "gap"]), "cosine", note)
+if labelled:
+    for prefix, title in (("zs", "zero-shot"), ("probe", "linear probe")):
+        evalplots.save_bars_svg(out / f"{prefix}.svg", f"{title} (test images)", ["acc", "weighted F1", "AUROC"],
+                                bars([f"{prefix}_{k}" for k in protocol.CLS_METRICS]), "score", note)
+    for prefix, title in (("probe", "few-shot linear probe"), ("e2e", "end-to-end few-shot")):
+        series = {r["row"]: [(float(f), v["mean"], v["std"]) for f, v in r["fewshot"][f"{prefix}_acc"].items()]
+                  for r in all_results}
+        evalplots.save_fewshot_svg(out / f"fewshot_{prefix}.svg", f"{title}: accuracy (mean ± std over seeds)",
+                                   series, "accuracy", note.split(";")[0])
+print(f"table: {out / 'table.csv'}; figures in {out}")
