@@ -36,6 +36,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -446,16 +447,21 @@ def _natural(key: str) -> list:
 
 
 def folder_records(root, out_dir: Path, layout: str | None = None, organ: str | None = None,
-                   nextgen_name: str | None = None, skip_bad: bool = False) -> list[dict]:
-    """Records (image relative to out_dir, organ, label, attributes) of a labelled data set in
-    any layout the supervised scripts read, listed by clip_us.data itself."""
-    from .data import DataConfig, build_datasets    # torchvision only when a folder is read
+                   nextgen_name: str | None = None, skip_bad: bool = False) -> tuple[list, list]:
+    """(records, keys): a record (image relative to out_dir, organ, label, attributes) and the
+    image's path inside the data set for every image of a labelled data set in any layout the
+    supervised scripts read, listed by clip_us.data itself."""
+    from . import data    # torchvision only when a folder is read
     root = Path(root)
     layout = layout or detect_layout(root)
-    cfg = DataConfig(dataset=layout, root=str(root), task="cls", keep_normal=True,
-                     check_files=False, skip_bad=skip_bad, nextgen_name=nextgen_name)
-    parts = build_datasets(cfg)[:3]
-    items = sorted((it for ds in parts for it in ds.items), key=lambda it: _natural(it.key))
+    cfg = data.DataConfig(dataset=layout, root=str(root), task="cls", keep_normal=True,
+                          skip_bad=skip_bad, nextgen_name=nextgen_name)
+    # The layout's own scanner lists the images and labels; no split is made (a caption
+    # manifest of a handful of images is fine) and no file is decoded.
+    tally = data.Tally(skip_bad)
+    items = sorted(data.SCANNERS[layout](root, cfg, tally)[0], key=lambda it: _natural(it.key))
+    if tally.messages:
+        warnings.warn(f"skipped {len(tally.messages)} bad file(s), e.g. {tally.messages[0]}")
     meta = read_metadata(root)
     guess = guess_organ(nextgen_name, root.name, layout)
     if organ is None and guess is None and not meta:
@@ -467,13 +473,14 @@ def folder_records(root, out_dir: Path, layout: str | None = None, organ: str | 
         records.append({"image": Path(os.path.relpath(it.image, out_dir)).as_posix(), **attrs,
                         "organ": organ or attrs.get("organ") or guess or "",
                         "label": CLASSES[it.label]})
-    return records
+    return records, [it.key for it in items]
 
 
 def csv_records(path, out_dir: Path, image_col: str | None = None,
-                organ: str | None = None) -> tuple[list, list]:
-    """(columns, records) of a CSV/JSONL of metadata columns, one image per row; image paths
-    are rebased onto out_dir and any existing caption is kept as `original_caption`."""
+                organ: str | None = None) -> tuple[list, list, list]:
+    """(columns, records, keys) of a CSV/JSONL of metadata columns, one image per row: image
+    paths are rebased onto out_dir (keys keep them as written) and any existing caption is
+    kept as `original_caption`."""
     path = Path(path)
     columns, rows = read_rows(path)
     icol = pick_column(columns, image_col, IMAGE_COLS, "image", "--image-col")
@@ -487,17 +494,20 @@ def csv_records(path, out_dir: Path, image_col: str | None = None,
         records.append({"image": rebase(row[icol], path.parent, out_dir),
                         **({"organ": organ} if organ else {}), **rec})
     rest = [c for c in columns if c not in (icol, "caption")]
-    return ["organ"] * (organ is not None and "organ" not in rest) + rest, records
+    extra = ["organ"] * (organ is not None and "organ" not in rest) + rest
+    return extra, records, [row[icol] for row in rows]
 
 
-def add_captions(records: list, seed: int = 0, tier_weights=TIER_WEIGHTS,
+def add_captions(records: list, keys: list, seed: int = 0, tier_weights=TIER_WEIGHTS,
                  context_length: int = CONTEXT_LENGTH) -> dict:
-    """Fill `caption` and `tier` in every record (in place); the number of rows per tier."""
+    """Fill `caption` and `tier` in every record (in place), drawing from (seed, row, key):
+    the same data set gives the same captions wherever the manifest is written. Returns the
+    number of rows per tier."""
     weights = parse_tier_weights(tier_weights)
     counts = {1: 0, 2: 0, 3: 0}
-    for i, rec in enumerate(records):
-        rec["caption"], rec["tier"] = template_caption(rec, row_rng(seed, i, rec["image"]),
-                                                       weights, context_length)
+    for i, (rec, key) in enumerate(zip(records, keys)):
+        rec["caption"], rec["tier"] = template_caption(rec, row_rng(seed, i, key), weights,
+                                                       context_length)
         counts[rec["tier"]] += 1
     return counts
 
@@ -514,13 +524,14 @@ def template_manifest(data, out, dataset: str | None = None, organ: str | None =
     data, out = Path(data), Path(out)
     out_dir = out.resolve().parent
     if data.is_dir():
-        records, extra = folder_records(data, out_dir, dataset, organ, nextgen_name, skip_bad), []
+        extra, (records, keys) = [], folder_records(data, out_dir, dataset, organ, nextgen_name,
+                                                    skip_bad)
     else:
-        extra, records = csv_records(data, out_dir, image_col, organ)
+        extra, records, keys = csv_records(data, out_dir, image_col, organ)
     name = dataset_name or (data.name if data.is_dir() else data.parent.name)
     for rec in records:
         rec.setdefault("dataset", name)
-    counts = add_captions(records, seed, tier_weights, context_length)
+    counts = add_captions(records, keys, seed, tier_weights, context_length)
     present = list(dict.fromkeys(k for r in records for k in r))
     columns = list(dict.fromkeys([*(c for c in MANIFEST_COLUMNS if c in present), *extra,
                                   *present]))

@@ -1,0 +1,620 @@
+"""Captions: every template of every tier (all fields, each field missing), tier sampling against
+its weights, reproducibility across processes, fit_to_context (long clinical text, CJK, emoji),
+the template/fit commands on data set layouts and metadata CSVs, the phantom's manifest, and LLM
+refinement against a fake OpenAI-compatible server on 127.0.0.1: HTTP 500s, a timeout, malformed
+JSON, an over-long reply, an empty reply, a killed run resumed, a rerun with no calls, N requests
+in flight, describe mode's settings, the API key kept out of every output, a refused key."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+from PIL import Image
+
+from clip_us import captions, llm, phantom
+from clip_us.captions import (FALLBACK, FIELDS, TEMPLATES, fit_to_context, record_fields, render,
+                              token_count)
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {"organ": "breast", "label": "malignant", "age": "52", "sex": "F",
+        "region": "upper outer quadrant", "shape": "irregular", "margin": "spiculated",
+        "echogenicity": "heterogeneous hypoechoic", "posterior_features": "acoustic shadowing",
+        "calcifications": "microcalcifications", "size_mm": "14.2"}
+# The record column that carries each field, and the text the field puts into a caption.
+COLUMN = {"condition": "label", "posterior": "posterior_features"}
+SHOWN = {"organ": "breast", "condition": "malignant", "age": "52-year-old", "sex": "woman",
+         "region": "quadrant", "shape": "irregular", "margin": "spiculated",
+         "echogenicity": "heterogeneous", "posterior": "shadowing"}
+
+
+# ----------------------------------------------------------------------------- templates
+def uses(template: str, slot: str) -> bool:
+    return "{" + slot + "}" in template
+
+
+def check_clean(caption: str):
+    assert "{" not in caption and "}" not in caption and "None" not in caption, caption
+    assert "  " not in caption and caption[0].isupper() and caption.endswith("."), caption
+    assert token_count(caption) <= 77, caption
+
+
+def test_ten_templates_per_tier_all_distinct():
+    for tier, templates in TEMPLATES.items():
+        assert len(templates) == 10 and len(set(templates)) == 10, tier
+    assert all(uses(t, "organ") for t in TEMPLATES[1])
+    assert all(uses(t, "organ") and uses(t, "condition") for t in TEMPLATES[2])
+    for slot in ("patient", "region", "findings", "diagnosis"):
+        assert all(uses(t, slot) for t in TEMPLATES[3]), slot
+
+
+def test_every_template_renders_with_all_fields():
+    fields = record_fields(FULL)
+    assert set(FIELDS) <= set(fields)
+    for tier, templates in TEMPLATES.items():
+        for t in templates:
+            c = render(t, fields)
+            check_clean(c)
+            assert "breast" in c.lower()
+            if tier == 2:
+                assert "malignant" in c
+            if tier == 3:
+                for text in ("52-year-old woman", "upper outer quadrant of the breast",
+                             "irregular 14.2 mm lesion", "spiculated margins",
+                             "heterogeneous hypoechoic echotexture",
+                             "posterior acoustic shadowing", "microcalcifications",
+                             "suspicious for malignancy"):
+                    assert text in c, (text, c)
+
+
+def expected_fallback(field: str, template: str) -> str | None:
+    """The wording that must replace a missing field in this template (None: slot unused)."""
+    if field == "organ":
+        return "tissue" if uses(template, "organ") else None
+    if field == "condition":
+        return FALLBACK["condition"] if uses(template, "condition") else \
+            (FALLBACK["diagnosis"] if uses(template, "diagnosis") else None)
+    if not uses(template, "patient"):
+        return None
+    return {"age": "female patient", "sex": "52-year-old patient", "region": "the breast",
+            "shape": "a 14.2 mm lesion", "margin": FALLBACK["margin"],
+            "echogenicity": FALLBACK["echogenicity"], "posterior": FALLBACK["posterior"]}[field]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_every_template_renders_with_each_field_missing(field):
+    rec = {k: v for k, v in FULL.items() if k != COLUMN.get(field, field)}
+    fields = record_fields(rec)
+    assert field not in fields
+    for templates in TEMPLATES.values():
+        for t in templates:
+            c = render(t, fields)
+            check_clean(c)
+            assert SHOWN[field] not in c.lower(), (field, c)
+            want = expected_fallback(field, t)
+            assert want is None or want in c.lower(), (field, want, c)
+
+
+def test_templates_render_with_nothing_but_fallbacks():
+    for tier, templates in TEMPLATES.items():
+        for t in templates:
+            c = render(t, {})
+            check_clean(c)
+            if tier == 3:
+                assert FALLBACK["patient"] in c.lower() and FALLBACK["findings"] in c
+                assert FALLBACK["diagnosis"] in c and "the tissue" in c
+    normal = render(TEMPLATES[3][0], record_fields({"organ": "liver", "label": "normal",
+                                                    "age": "40"}))
+    assert "no focal lesion" in normal and "with no abnormality" in normal
+
+
+def test_patient_and_label_wording():
+    assert captions.patient_phrase({"age": "18", "sex": "male"}) == "an 18-year-old man"
+    assert captions.patient_phrase({"age": "8"}) == "an 8-year-old patient"
+    assert captions.patient_phrase({"age": "61 years", "sex": "f"}) == "a 61-year-old woman"
+    assert record_fields({"Label": "1"})["condition"] == "malignant"
+    assert record_fields({"diagnosis": "Cyst", "margin": "N/A"}) == {"condition": "cyst"}
+
+
+def draw_tiers(rec, n, weights):
+    fields = record_fields(rec)
+    rng = captions.row_rng(0, 0)
+    return Counter(captions.usable_tier(rng.choices((1, 2, 3), weights=weights)[0], fields)
+                   for _ in range(n))
+
+
+def test_tier_sampling_matches_weights():
+    n = 40000
+    for spec in ("20,30,50", "60,0,40", (1, 1, 1)):
+        w = captions.parse_tier_weights(spec)
+        counts = draw_tiers(FULL, n, w)
+        for tier in (1, 2, 3):   # 4 standard deviations of a proportion at n = 40000 < 0.01
+            assert abs(counts[tier] / n - w[tier - 1]) < 0.01, (spec, counts)
+    # template_caption itself draws with those weights (fewer draws: it renders too)
+    rng = captions.row_rng(1, 2)
+    tiers = Counter(captions.template_caption(FULL, rng)[1] for _ in range(3000))
+    for tier, w in zip((1, 2, 3), captions.TIER_WEIGHTS):
+        assert abs(tiers[tier] / 3000 - w) < 0.04, tiers
+
+
+def test_tiers_fall_back_when_fields_are_missing():
+    label_only = draw_tiers({"organ": "breast", "label": "benign"}, 5000, (0.2, 0.3, 0.5))
+    assert set(label_only) == {1, 2} and abs(label_only[2] / 5000 - 0.8) < 0.03
+    assert set(draw_tiers({"organ": "breast"}, 500, (0.2, 0.3, 0.5))) == {1}
+    with pytest.raises(captions.CaptionError, match="three non-negative"):
+        captions.parse_tier_weights("50,50")
+
+
+def test_choices_are_seeded_and_survive_a_new_process():
+    rows = [dict(FULL, image=f"img{i}.png") for i in range(30)]
+    ours = [captions.template_caption(r, captions.row_rng(7, i, r["image"])) for i, r in
+            enumerate(rows)]
+    again = [captions.template_caption(r, captions.row_rng(7, i, r["image"])) for i, r in
+             enumerate(rows)]
+    other = [captions.template_caption(r, captions.row_rng(8, i, r["image"])) for i, r in
+             enumerate(rows)]
+    assert ours == again and ours != other
+    code = ("import json,sys; from clip_us import captions as c; rows=json.loads(sys.argv[1]);"
+            "print(json.dumps([c.template_caption(r, c.row_rng(7, i, r['image'])) "
+            "for i, r in enumerate(rows)]))")
+    env = dict(os.environ, PYTHONHASHSEED="12345")   # a different salt for hash()
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(rows)], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert [tuple(x) for x in json.loads(out)] == ours
+
+
+# ----------------------------------------------------------------------------- fit_to_context
+CLINICAL = ("Ultrasound of the left breast at 2 o'clock demonstrates an irregular, taller-than-"
+            "wide hypoechoic mass measuring 14 x 11 x 9 mm with spiculated margins and posterior "
+            "acoustic shadowing. Internal microcalcifications are present; vascularity is "
+            "increased on colour Doppler. The axillary lymph nodes show cortical thickening up to "
+            "4 mm without a fatty hilum. Findings are highly suggestive of malignancy, BI-RADS 5. "
+            "Ultrasound-guided core needle biopsy is recommended.")
+ONE_SENTENCE = ("Irregular hypoechoic mass in the upper outer quadrant of the left breast, "
+                "measuring fourteen by eleven millimetres, with spiculated and angular margins, "
+                "a taller-than-wide orientation, heterogeneous internal echoes, punctate "
+                "microcalcifications, posterior acoustic shadowing, increased peripheral "
+                "vascularity and an echogenic halo, with adjacent architectural distortion and "
+                "skin thickening.")
+NO_PUNCT = " ".join(["hypoechoic"] * 30 + ["microlobulated"] * 30)
+CJK = ("左乳外上象限可见一低回声结节，大小约14×11毫米，形态不规则，边缘呈毛刺状，纵横比大于1，内部回声不均匀，"
+       "可见多发微钙化，后方回声衰减。彩色多普勒显示周边血流信号丰富。同侧腋窝可见肿大淋巴结，皮质增厚，"
+       "淋巴门结构消失。超声诊断：左乳实性结节，BI-RADS 5类，建议穿刺活检。")
+JAPANESE = "乳腺の外上部に不整形の低エコー腫瘤を認めます" * 6
+EMOJI = "Scan done 👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷 " * 12 + "👨‍👩‍👧‍👦" * 40
+
+
+def graphemes(text):
+    return regex.findall(r"\X", text)
+
+
+def assert_whole_words(original: str, fitted: str):
+    """`fitted` is a prefix of `original` made of whole grapheme clusters, ending at a space,
+    a punctuation mark, or a character of a script written without spaces."""
+    assert original.startswith(fitted) and fitted.strip()
+    g, h = graphemes(fitted), graphemes(original)
+    assert h[:len(g)] == g, "a grapheme cluster (emoji, combining mark) was split"
+    rest = original[len(fitted):]
+    if rest:
+        nxt, last = rest[0], g[-1]
+        assert (nxt.isspace() or regex.match(r"\p{P}", nxt) or captions.STANDALONE.match(last)
+                or captions.STANDALONE.match(graphemes(rest)[0])), (fitted[-20:], rest[:20])
+
+
+@pytest.mark.parametrize("text", [CLINICAL, ONE_SENTENCE, NO_PUNCT, CJK, JAPANESE, EMOJI],
+                         ids=["clinical", "one-sentence", "no-punctuation", "cjk", "japanese",
+                              "emoji"])
+def test_fit_to_context_fits_and_keeps_words(text):
+    assert token_count(text) > 77
+    fitted = fit_to_context(text, 77)
+    assert token_count(fitted) <= 77
+    assert_whole_words(text, fitted)
+    captions.default_tokenizer()(fitted, 77)          # no truncation needed
+    assert token_count(fit_to_context(text, 20)) <= 20
+
+
+def test_fit_to_context_cut_order():
+    # sentence boundary first: the two whole first sentences fit (69 tokens), the third not
+    fitted = fit_to_context(CLINICAL)
+    assert fitted.endswith("Doppler.") and fitted.count(".") == 2
+    # one long sentence: cut at a clause boundary, trailing comma dropped
+    clause = fit_to_context(ONE_SENTENCE)
+    assert ONE_SENTENCE[len(clause)] == "," and not clause.endswith(",")
+    # no punctuation at all: whole words, as many as fit
+    words = fit_to_context(NO_PUNCT)
+    assert token_count(words + " microlobulated") > 77 and words.split() == NO_PUNCT.split()[
+        :len(words.split())]
+    # CJK: its first sentence is too long, so the cut is at a clause mark (，); short
+    # sentences are kept whole up to a full stop (。)
+    assert CJK[len(fit_to_context(CJK))] == "，"
+    assert fit_to_context("左乳低回声结节，边缘不规则。" * 12).endswith("不规则。")
+
+
+def test_fit_to_context_leaves_fitting_captions_alone():
+    for text in ("  An ultrasound image of the breast.  ", "乳腺超声。", "ok 👍🏽", "",
+                 " ".join(["word"] * 75)):
+        assert fit_to_context(text) is text
+    with pytest.raises(ValueError, match="context_length"):
+        fit_to_context("x", 2)
+
+
+# ----------------------------------------------------------------------------- template command
+def png(path: Path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8)).save(path)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def make_busi(root: Path):
+    for cls, n in (("benign", 3), ("malignant", 2), ("normal", 2)):
+        for i in range(1, n + 1):
+            png(root / cls / f"{cls} ({i}).png")
+            png(root / cls / f"{cls} ({i})_mask.png", 255)
+
+
+def test_template_command_on_busi(tmp_path, capsys):
+    make_busi(tmp_path / "BUSI")
+    out = tmp_path / "manifests" / "busi.csv"
+    captions.main(["template", str(tmp_path / "BUSI"), "--out", str(out), "--seed", "3"])
+    assert "wrote 7 captions" in capsys.readouterr().out
+    rows = read_csv(out)
+    assert [r["label"] for r in rows] == ["benign"] * 3 + ["malignant"] * 2 + ["normal"] * 2
+    assert {r["organ"] for r in rows} == {"breast"} and {r["dataset"] for r in rows} == {"BUSI"}
+    assert list(rows[0])[:6] == ["image", "caption", "organ", "label", "dataset", "tier"]
+    for r in rows:   # images are relative to the manifest, masks are not rows
+        assert (out.parent / r["image"]).is_file() and "_mask" not in r["image"]
+        assert r["tier"] in ("1", "2") and "breast" in r["caption"].lower()
+    again = tmp_path / "again.csv"
+    captions.template_manifest(tmp_path / "BUSI", again, seed=3)
+    assert [r["caption"] for r in read_csv(again)] == [r["caption"] for r in rows]
+
+
+def test_template_command_on_folder_layout_and_errors(tmp_path, capsys):
+    root = tmp_path / "scans"
+    for i in range(4):
+        png(root / "images" / f"case{i}.png")
+    (root / "labels.csv").write_text("image,label\ncase0.png,benign\ncase1.png,malignant\n"
+                                     "case2.png,benign\ncase3.png,1\n")
+    out = root / "captions.csv"
+    with pytest.raises(SystemExit) as e:     # "scans" names no organ
+        captions.main(["template", str(root), "--out", str(out)])
+    assert e.value.code == 2 and "--organ" in capsys.readouterr().err
+    captions.main(["template", str(root), "--out", str(out), "--organ", "thyroid",
+                   "--tier-weights", "0,100,0"])
+    rows = read_csv(out)
+    assert [r["image"] for r in rows] == [f"images/case{i}.png" for i in range(4)]
+    assert [r["label"] for r in rows] == ["benign", "malignant", "benign", "malignant"]
+    assert all(r["tier"] == "2" and "thyroid" in r["caption"].lower() for r in rows)
+    with pytest.raises(SystemExit):
+        captions.main(["template", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_template_command_on_metadata_csv(tmp_path):
+    src = tmp_path / "raw" / "meta.csv"
+    png(tmp_path / "raw" / "img" / "a.png")
+    png(tmp_path / "raw" / "img" / "b.png")
+    src.write_text("file_name,organ,label,age,sex,shape,margin,note\n"
+                   "img/a.png,thyroid,malignant,61,F,irregular,ill-defined,x1\n"
+                   "img/b.png,liver,,,,,,x2\n")
+    out = tmp_path / "out" / "captions.jsonl"
+    s = captions.template_manifest(src, out, tier_weights="0,0,1")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert s["tiers"] == {1: 1, 2: 0, 3: 1}          # b.png has only its organ: tier 1
+    assert rows[0]["image"] == "../raw/img/a.png" and (out.parent / rows[0]["image"]).is_file()
+    assert "61-year-old woman" in rows[0]["caption"] and rows[0]["note"] == "x1"
+    assert FALLBACK["echogenicity"] in rows[0]["caption"]
+    assert rows[1]["caption"] in [render(t, {"organ": "liver"}) for t in TEMPLATES[1]]
+    with pytest.raises(captions.CaptionError, match="--organ"):
+        src.write_text("image,label\nimg/a.png,benign\n")
+        captions.template_manifest(src, out)
+
+
+def test_fit_command_counts_changes(tmp_path, capsys):
+    src = tmp_path / "m.csv"
+    with open(src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([["Caption", "filename"], [CLINICAL, "a.png"], ["Short caption.", "b.png"]])
+    captions.main(["fit", str(src), "--out", str(tmp_path / "o.csv")])
+    assert "1 changed" in capsys.readouterr().out
+    rows = read_csv(tmp_path / "o.csv")
+    assert rows[0]["Caption"] == fit_to_context(CLINICAL) and rows[0]["original_caption"] == CLINICAL
+    assert rows[1]["Caption"] == "Short caption." and rows[1]["filename"] == "b.png"
+
+
+def test_phantom_caption_manifest(tmp_path):
+    cfg = phantom.PhantomConfig(n=16, size=64, organs=phantom.ORGANS, p_normal=0.2)
+    path = phantom.caption_manifest(tmp_path / "ph", cfg, caption_seed=1)
+    rows = read_csv(path)
+    meta = [json.loads(x) for x in (tmp_path / "ph" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {r["dataset"] for r in rows} == {"phantom"}
+    by_file = {m["file"]: m for m in meta}
+    for r in rows:
+        m = by_file[r["image"]]
+        assert (path.parent / r["image"]).is_file()
+        assert r["organ"] == m["organ"] and r["label"] == m["label_name"]
+        if r["tier"] == "3" and r["label"] != "normal":
+            assert m["attributes"]["margin"] in r["caption"]
+    mtime = path.stat().st_mtime_ns
+    assert phantom.caption_manifest(tmp_path / "ph", cfg, caption_seed=1) == path
+    assert path.stat().st_mtime_ns == mtime           # reused, not rewritten
+
+
+# ----------------------------------------------------------------------------- fake LLM server
+def chat_reply(text) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+class FakeLLM:
+    """A threaded OpenAI-compatible server on 127.0.0.1. `behave(caption, attempt, body)`
+    returns (status, body bytes, seconds to wait first)."""
+
+    def __init__(self, behave):
+        self.behave, self.lock = behave, threading.Lock()
+        self.requests, self.attempts, self.headers = [], Counter(), []
+        self.in_flight = self.max_in_flight = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                with fake.lock:
+                    attempt = fake.attempts[text]
+                    fake.attempts[text] += 1
+                    fake.requests.append(body)
+                    fake.headers.append(dict(self.headers))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    status, payload, wait = fake.behave(text, attempt, body)
+                    time.sleep(wait)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass                                  # the client timed out and left
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture
+def serve(no_proxy):
+    servers = []
+
+    def start(behave):
+        servers.append(FakeLLM(behave))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+LONG_REPLY = " ".join(["The lesion is irregular and hypoechoic with spiculated margins."] * 12)
+
+
+def robust_behaviour(text, attempt, body):
+    ok = (200, chat_reply(f"EN: {text}"), 0)
+    if text.startswith("five-hundred") and attempt < 2:
+        return 500, b'{"error": "overloaded"}', 0
+    if text.startswith("slow") and attempt == 0:
+        return 200, chat_reply("too late"), 1.0          # the client gives up at 0.3 s
+    if text.startswith("garbled") and attempt == 0:
+        return 200, b'{"choices": [{"message": ', 0
+    if text.startswith("wordy"):
+        return 200, chat_reply(LONG_REPLY), 0
+    if text.startswith("silent"):
+        return 200, chat_reply("   "), 0
+    if text.startswith("broken"):
+        return 503, b"down", 0
+    return ok
+
+
+def write_manifest(path: Path, caps):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "organ"])
+        w.writerows([[f"im{i}.png", c, "breast"] for i, c in enumerate(caps)])
+
+
+def refine(src, out, url, retries=2, **kw):
+    chat = llm.ChatConfig(url, "fake-model", timeout=0.3, retries=retries, backoff=0.01)
+    return captions.refine_manifest(src, out, chat, captions.RefineConfig(progress=False, **kw))
+
+
+def test_refine_retries_fits_and_reports_failures(tmp_path, serve):
+    server = serve(robust_behaviour)
+    caps = ["plain one", "five-hundred twice", "slow first", "garbled json", "wordy reply",
+            "silent reply", "broken server", "plain two", "plain one"]
+    write_manifest(tmp_path / "m.csv", caps)
+    s = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
+    rows = read_csv(tmp_path / "out.csv")
+    assert [r["image"] for r in rows] == [f"im{i}.png" for i in range(9)]      # order kept
+    assert [r["original_caption"] for r in rows] == caps
+    status = [r["refine_status"] for r in rows]
+    assert status == ["ok", "ok", "ok", "ok", "fitted", "failed", "failed", "ok", "ok"]
+    for i in (0, 1, 2, 3, 7, 8):
+        assert rows[i]["caption"] == f"EN: {caps[i]}"
+    assert token_count(rows[4]["caption"]) <= 77 and LONG_REPLY.startswith(rows[4]["caption"])
+    assert rows[5]["caption"] == "silent reply" and rows[6]["caption"] == "broken server"
+    assert server.attempts["five-hundred twice"] == 3 and server.attempts["slow first"] == 2
+    assert server.attempts["garbled json"] == 2
+    assert server.attempts["silent reply"] == 3 and server.attempts["broken server"] == 3
+    assert server.attempts["plain one"] == 1              # duplicate captions: one request
+    assert s["failed_rows"] == [5, 6] and s["failed"] == 2 and s["fitted"] == 1
+    assert "empty reply" in s["errors"][5] and "HTTP 503" in s["errors"][6]
+    assert s["requests"] == 8 and s["sent"] == 8 and s["retries"] == 2 + 1 + 1 + 2 + 2
+    # a rerun asks again only for the two failures; everything else comes from the cache
+    before = len(server.requests)
+    s2 = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
+    assert s2["cached"] == 6 and s2["sent"] == 2
+    assert len(server.requests) - before == 2 * 3
+
+
+def test_rerun_makes_no_calls_and_writes_the_same_file(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (200, chat_reply(text.upper()), 0))
+    write_manifest(tmp_path / "m.csv", [f"caption {i}" for i in range(12)])
+    refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
+    first, n = (tmp_path / "out.csv").read_bytes(), len(server.requests)
+    assert n == 12
+    s = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
+    assert len(server.requests) == n and s["sent"] == 0 and s["cached"] == 12
+    assert (tmp_path / "out.csv").read_bytes() == first
+    server.close()                                     # nothing to ask: no server needed
+    refine(tmp_path / "m.csv", tmp_path / "out2.csv", server.url,
+           cache=str(tmp_path / "out.csv.cache.jsonl"))
+    assert (tmp_path / "out2.csv").read_bytes() == first
+
+
+def test_requests_in_flight_at_once(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (200, chat_reply("done"), 0.25))
+    write_manifest(tmp_path / "m.csv", [f"caption {i}" for i in range(16)])
+    t0 = time.perf_counter()
+    refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url, concurrency=8)
+    assert server.max_in_flight == 8
+    assert time.perf_counter() - t0 < 16 * 0.25 / 2      # far from one at a time
+
+
+def test_killed_run_resumes_without_repeating_calls(tmp_path, serve):
+    release, answered = threading.Event(), []
+
+    def behave(text, attempt, body):
+        with server.lock:
+            first = len(answered) < 4
+            if first:
+                answered.append(text)
+        if not first:
+            release.wait(20)                         # hold every later request
+        return 200, chat_reply(f"EN: {text}"), 0
+
+    server = serve(behave)
+    caps = [f"caption {i}" for i in range(10)]
+    write_manifest(tmp_path / "m.csv", caps)
+    out, cache = tmp_path / "out.csv", tmp_path / "out.csv.cache.jsonl"
+    cmd = [sys.executable, "-m", "clip_us.captions", "refine", str(tmp_path / "m.csv"),
+           "--out", str(out), "--endpoint", server.url, "--model", "fake-model", "--concurrency", "2",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not cache.exists() or cache.read_text().count("\n") < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    release.set()
+    assert not out.exists() and cache.read_text().count("\n") == 4
+    before = len(server.requests)
+    s = refine(tmp_path / "m.csv", out, server.url)
+    resent = [b["messages"][-1]["content"] for b in server.requests[before:]]
+    assert s["cached"] == 4 and s["sent"] == 6 and len(resent) == 6
+    assert not set(resent) & set(answered)             # no answered request asked again
+    assert [r["caption"] for r in read_csv(out)] == [f"EN: {c}" for c in caps]
+
+
+def test_describe_mode_settings_and_seeded_pick(tmp_path, serve):
+    three = "1. First caption of the lesion.\n2) **Second caption.**\n3. \"Third caption.\""
+    server = serve(lambda text, attempt, body: (200, chat_reply(f"<think>hm</think>{three}"), 0))
+    src = tmp_path / "m.csv"
+    src.write_text("image,caption,organ,label,margin,split\n" +
+                   "".join(f"im{i}.png,old {i},breast,benign,circumscribed,train\n"
+                           for i in range(20)))
+    refine(src, tmp_path / "a.csv", server.url, mode="describe", seed=1)
+    body = server.requests[0]
+    assert body["temperature"] == 1.0 and body["top_p"] == 0.95
+    assert body["repetition_penalty"] == 1.05 and body["max_tokens"] == 320
+    assert body["model"] == "fake-model" and len(server.requests) == 1   # 20 identical rows
+    user = body["messages"][-1]["content"]
+    assert "organ: breast" in user and "margin: circumscribed" in user
+    assert "old 0" not in user and "train" not in user and "im0" not in user
+    picks = [r["caption"] for r in read_csv(tmp_path / "a.csv")]
+    assert set(picks) <= {"First caption of the lesion.", "Second caption.", "Third caption."}
+    assert len(set(picks)) == 3                          # the pick varies by row
+    refine(src, tmp_path / "b.csv", server.url, mode="describe", seed=1)
+    refine(src, tmp_path / "c.csv", server.url, mode="describe", seed=2)
+    assert [r["caption"] for r in read_csv(tmp_path / "b.csv")] == picks
+    assert [r["caption"] for r in read_csv(tmp_path / "c.csv")] != picks
+    translate = captions.RefineConfig().params
+    assert translate["repetition_penalty"] is None          # not sent unless asked
+    no_meta = tmp_path / "n.csv"
+    write_manifest(no_meta, ["x"])
+    no_meta.write_text("image,caption\nim.png,x\n")
+    with pytest.raises(captions.CaptionError, match="metadata"):
+        refine(no_meta, tmp_path / "d.csv", server.url, mode="describe")
+
+
+def test_describe_reply_without_numbered_lines_is_retried(tmp_path, serve):
+    server = serve(lambda text, attempt, body:
+                   (200, chat_reply("Sure! Here you go." if attempt == 0 else "1. Fine."), 0))
+    (tmp_path / "m.csv").write_text("image,caption,organ\na.png,x,liver\n")
+    refine(tmp_path / "m.csv", tmp_path / "o.csv", server.url, mode="describe")
+    assert read_csv(tmp_path / "o.csv")[0]["caption"] == "Fine." and len(server.requests) == 2
+
+
+def test_api_key_sent_but_never_written(tmp_path, serve, monkeypatch, capsys):
+    secret = "sk-test-SECRET-1234"
+    monkeypatch.setenv("MY_LLM_KEY", secret)
+    server = serve(lambda text, attempt, body: (200, chat_reply("fine caption"), 0))
+    write_manifest(tmp_path / "m.csv", ["a", "b"])
+    out = tmp_path / "o.csv"
+    captions.main(["refine", str(tmp_path / "m.csv"), "--out", str(out), "--endpoint",
+                   server.url + "/", "--model", "m", "--api-key-env", "MY_LLM_KEY"])
+    assert {h.get("Authorization") for h in server.headers} == {f"Bearer {secret}"}
+    printed = capsys.readouterr()
+    assert "MY_LLM_KEY" in printed.out and secret not in printed.out + printed.err
+    for f in tmp_path.iterdir():
+        assert secret not in f.read_text()
+    assert repr(llm.ChatConfig("u", "m", api_key=secret)).find(secret) == -1
+
+
+def test_refused_key_stops_the_run(tmp_path, serve, capsys):
+    server = serve(lambda text, attempt, body: (401, b'{"error": "bad key"}', 0))
+    write_manifest(tmp_path / "m.csv", [f"c{i}" for i in range(30)])
+    with pytest.raises(SystemExit) as e:
+        captions.main(["refine", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv"),
+                       "--endpoint", server.url, "--model", "m", "--concurrency", "1",
+                       "--no-progress"])
+    assert e.value.code == 2 and "API key" in capsys.readouterr().err
+    assert len(server.requests) < 5 and not (tmp_path / "o.csv").exists()
+
+
+def test_refused_connection_is_retried_then_kept(tmp_path, no_proxy):
+    import socket
+    with socket.socket() as s:                          # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_manifest(tmp_path / "m.csv", ["a"])
+    s = refine(tmp_path / "m.csv", tmp_path / "o.csv", f"http://127.0.0.1:{port}/v1", retries=1)
+    assert s["failed_rows"] == [0] and "refused" in s["errors"][0].lower()
+    assert read_csv(tmp_path / "o.csv")[0]["caption"] == "a"
