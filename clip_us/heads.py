@@ -10,6 +10,8 @@ The official code of seed 003 (NextGen-UIA, `CLIPAdapter`) is followed by defaul
   The paper does not say how pooled features become class logits; our assumption is a 1x1 conv to
   the classes (dim*classes + classes parameters, 1,026 at dim 512), which is the only trainable
   part of that head.
+  `kind="linear"` is the official head of the MetaCLIP, BiomedCLIP and UniMedCLIP rows (NextGen-UIA's
+  baselines): adaptive average pool -> Dropout(0.5) -> Linear(512, classes), on the same reducer.
 
 Both heads apply their 1x1 conv *before* up-sampling. Bilinear weights are a convex combination,
 so conv(up(x)) == up(conv(x)) exactly in real arithmetic, and the small order costs 2 channels of
@@ -73,20 +75,28 @@ class SegHead(nn.Module):
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+CLS_KINDS = ("mlp", "pool", "linear")
+_DROPOUT = {"mlp": 0.1, "linear": 0.5}  # the official code's rates for each head
+
+
 class ClsHead(nn.Module):
-    """Reducer -> class logits [B, classes]. kind="mlp" (official code) or "pool" (paper text)."""
+    """Reducer -> class logits [B, classes]. kind="mlp" (official code), "pool" (paper text) or
+    "linear" (the official MetaCLIP/BiomedCLIP/UniMedCLIP head)."""
 
     def __init__(self, width: int, layers=(3, 6, 9), dim: int = 512, fuse: str = "sum",
-                 num_classes: int = 2, kind: str = "mlp", dropout: float = 0.1):
+                 num_classes: int = 2, kind: str = "mlp", dropout: float | None = None):
         super().__init__()
-        if kind not in ("mlp", "pool"):
-            raise ValueError(f"kind must be 'mlp' or 'pool', got {kind!r}")
+        if kind not in CLS_KINDS:
+            raise ValueError(f"kind must be one of {CLS_KINDS}, got {kind!r}")
         self.kind = kind
         self.reducer = FeatureReducer(width, layers, dim, fuse)
         d = self.reducer.out_dim
+        p = _DROPOUT.get(kind) if dropout is None else dropout
         if kind == "mlp":
-            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout),
+            self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(p),
                                      nn.Linear(d, num_classes))
+        elif kind == "linear":
+            self.fc = nn.Sequential(nn.Dropout(p), nn.Linear(d, num_classes))
         else:
             self.conv = nn.Conv2d(d, num_classes, kernel_size=1)
 
@@ -96,8 +106,8 @@ class ClsHead(nn.Module):
 
     def forward(self, feats, grid, size) -> torch.Tensor:
         x = self.reducer(feats, grid)  # [B, C, h, w]
-        if self.kind == "mlp":
-            return self.mlp(x.mean(dim=(2, 3)))  # adaptive average pool to 1x1, flattened
+        if self.kind != "pool":  # adaptive average pool to 1x1, flattened: [B, C]
+            return (self.mlp if self.kind == "mlp" else self.fc)(x.mean(dim=(2, 3)))
         x = F.interpolate(self.conv(x), size=tuple(size), mode="bilinear", align_corners=False)
         return x.mean(dim=(2, 3))  # [B, classes]
 

@@ -80,6 +80,18 @@ def test_parameter_counts_vit_b16_width():
     assert count(ClsHead(w, kind="mlp")) == reducer + (d * d + d) + (d * 2 + 2)
     # The paper's head: only our assumed 1x1 conv to the classes is trainable beyond the reducer.
     assert count(ClsHead(w, kind="pool")) - reducer == 1026
+    assert count(ClsHead(w, kind="linear")) - reducer == d * 2 + 2  # Linear(512, 2)
+
+
+def test_linear_head_is_pool_dropout_linear():
+    """The official baseline head: average pool -> Dropout(0.5) -> Linear."""
+    torch.manual_seed(0)
+    head = ClsHead(64, dim=32, kind="linear").eval()
+    assert head.fc[0].p == 0.5 and head.fc[1].in_features == 32
+    feats = feats_for()
+    with torch.no_grad():
+        ref = head.fc[1](head.reducer(feats, (4, 5)).mean(dim=(2, 3)))
+        torch.testing.assert_close(head(feats, (4, 5), (64, 80)), ref)
 
 
 def test_task_model_stops_after_deepest_block(tiny):
@@ -93,7 +105,7 @@ def test_task_model_stops_after_deepest_block(tiny):
 
 
 def test_task_model_cls_shapes(tiny):
-    for kind in ("mlp", "pool"):
+    for kind in ("mlp", "pool", "linear"):
         model = build_task_model(tiny.visual, "cls", dim=32, cls_head=kind)
         assert model(torch.randn(3, 3, 64, 64)).shape == (3, 2)
 
