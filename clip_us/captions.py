@@ -596,12 +596,16 @@ class RefineConfig:
     only_non_ascii: bool = False            # refine only mostly non-ASCII captions (CURD)
     caption_col: str | None = None
     cache: str | None = None                # default: OUT + ".cache.jsonl"
+    extra_body: dict = field(default_factory=dict)   # more request fields, server-specific
     progress: bool = True
     params: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
             raise CaptionError(f"--mode must be one of {sorted(MODE_DEFAULTS)}, got {self.mode!r}")
+        if not 0 < self.fraction <= 1 or self.concurrency < 1:
+            raise CaptionError(f"--fraction must be in (0, 1] and --concurrency at least 1; "
+                               f"got {self.fraction} and {self.concurrency}")
         given = {k: getattr(self, k) for k in MODE_DEFAULTS[self.mode]}
         self.params = {k: (MODE_DEFAULTS[self.mode][k] if v is None else v)
                        for k, v in given.items()}
@@ -657,7 +661,7 @@ def build_request(row: dict, ccol: str, model: str, rcfg: RefineConfig) -> dict 
             return None
         messages = [{"role": "system", "content": DESCRIBE_INSTRUCTIONS},
                     {"role": "user", "content": "Metadata:\n" + "\n".join(lines)}]
-    return llm.request_body(model, messages, **rcfg.params)
+    return llm.request_body(model, messages, **{**rcfg.params, **rcfg.extra_body})
 
 
 def selected(index: int, row: dict, ccol: str, rcfg: RefineConfig) -> bool:
@@ -752,6 +756,17 @@ def print_refine_summary(s: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
+def _json_object(value: str) -> dict:
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {value!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', "
+                                         f"got {value!r}")
+    return obj
+
+
 def _penalty(value: str):
     return 0.0 if value.lower() in ("none", "off") else float(value)
 
@@ -801,6 +816,9 @@ def _refine_args(r) -> None:
     r.add_argument("--cache", help="reply cache (default: OUT.cache.jsonl)")
     r.add_argument("--fraction", type=float, default=1.0, help="refine a seeded fraction of rows")
     r.add_argument("--only-non-ascii", action="store_true", help="refine only non-English rows")
+    r.add_argument("--extra-body", type=_json_object, default={},
+                   help='more request fields as JSON, e.g. \'{"chat_template_kwargs": '
+                        '{"enable_thinking": false}}\' (vLLM, Qwen3)')
     r.add_argument("--caption-col")
     r.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
     r.add_argument("--no-progress", action="store_true")
@@ -813,7 +831,8 @@ def run_refine(a) -> None:
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
                         seed=a.seed, context_length=a.context_length, concurrency=a.concurrency,
                         fraction=a.fraction, only_non_ascii=a.only_non_ascii,
-                        caption_col=a.caption_col, cache=a.cache, progress=not a.no_progress)
+                        caption_col=a.caption_col, cache=a.cache, progress=not a.no_progress,
+                        extra_body=a.extra_body)
     key_note = f"key from ${a.api_key_env}" if chat.api_key else "no API key"
     print(f"refine {a.manifest} -> {a.out}: {chat.url}, model {chat.model}, mode {rcfg.mode}, "
           f"{rcfg.params}, concurrency {rcfg.concurrency}, {key_note}")

@@ -618,3 +618,25 @@ def test_refused_connection_is_retried_then_kept(tmp_path, no_proxy):
     s = refine(tmp_path / "m.csv", tmp_path / "o.csv", f"http://127.0.0.1:{port}/v1", retries=1)
     assert s["failed_rows"] == [0] and "refused" in s["errors"][0].lower()
     assert read_csv(tmp_path / "o.csv")[0]["caption"] == "a"
+
+
+def test_refine_flags_reach_the_request_and_the_row_choice(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (200, chat_reply(f"EN {len(text)}"), 0))
+    caps = [f"caption number {i}" for i in range(40)] + ["左乳低回声结节", "甲状腺结节，边界清"]
+    write_manifest(tmp_path / "m.csv", caps)
+    args = ["refine", str(tmp_path / "m.csv"), "--endpoint", server.url, "--model", "m",
+            "--no-progress", "--temperature", "0.7", "--max-tokens", "64",
+            "--repetition-penalty", "1.1", "--extra-body", '{"chat_template_kwargs": {"x": 1}}']
+    captions.main(args + ["--out", str(tmp_path / "a.csv"), "--only-non-ascii"])
+    body = server.requests[0]
+    assert (body["temperature"], body["max_tokens"], body["repetition_penalty"]) == (0.7, 64, 1.1)
+    assert body["chat_template_kwargs"] == {"x": 1} and body["top_p"] == 0.95
+    status = [r["refine_status"] for r in read_csv(tmp_path / "a.csv")]
+    assert status == ["skipped"] * 40 + ["ok", "ok"] and len(server.requests) == 2
+    captions.main(args + ["--out", str(tmp_path / "b.csv"), "--fraction", "0.5", "--seed", "4"])
+    picked = [r["refine_status"] == "ok" for r in read_csv(tmp_path / "b.csv")]
+    assert 10 <= sum(picked) <= 32 and not all(picked[:40])
+    captions.main(args + ["--out", str(tmp_path / "c.csv"), "--fraction", "0.5", "--seed", "4"])
+    assert [r["refine_status"] == "ok" for r in read_csv(tmp_path / "c.csv")] == picked
+    with pytest.raises(captions.CaptionError, match="fraction"):
+        captions.RefineConfig(fraction=0)
