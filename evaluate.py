@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import clip_us
 from clip_us import evaldata, evalmodels, evalplots, protocol, tables
@@ -145,45 +143,6 @@ if any(len(split[s]) == 0 for s in need):
          f"train, val and test images: use a larger manifest")
 
 
-class Images(torch.utils.data.Dataset):
-    """Manifest images through one model's preprocessing."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.preprocess(self.paths[i])
-
-
-def features(model, keys, texts) -> tuple[dict, dict]:
-    """{key: image feature}, {text: text feature}: the frozen encoders' outputs, read from the
-    model's cache file when it was made by the same model, computed (and added) otherwise."""
-    path = out / slug(model.name) / "features.pt"
-    cache = torch.load(path, weights_only=True) if path.is_file() else {}
-    if cache.get("fingerprint") != model.fingerprint():
-        cache = {"fingerprint": model.fingerprint(), "images": {}, "texts": {}}
-    todo = [k for k in keys if k not in cache["images"]]
-    where = {p.key: str(p.image) for p in es.pairs}
-    loader = DataLoader(Images([where[k] for k in todo], model.preprocess), cfg.batch_size,
-                        num_workers=cfg.workers)
-    done = 0
-    for batch in tqdm(loader, f"embedding images ({model.name})", disable=not todo):
-        feats = model.image_features(batch)
-        cache["images"].update(zip(todo[done:done + len(feats)], feats))
-        done += len(feats)
-    new = [t for t in dict.fromkeys(texts) if t not in cache["texts"]]
-    for i in tqdm(range(0, len(new), cfg.batch_size), f"embedding texts ({model.name})", disable=not new):
-        cache["texts"].update(zip(new[i:i + cfg.batch_size], model.text_features(new[i:i + cfg.batch_size])))
-    if todo or new:
-        from clip_us.fileio import atomic_path
-        with atomic_path(path) as tmp:
-            torch.save(cache, tmp)
-    return cache["images"], cache["texts"]
-
-
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
@@ -275,7 +234,9 @@ for model in models:
     mdir = out / slug(model.name)
     keys = [k for s in need for k in split[s]]
     texts = [p.caption for p in test_pairs] + ([t for o in organs for t in prompts[o]] if labelled else [])
-    img_f, txt_f = features(model, keys, texts)
+    where = {p.key: str(p.image) for p in es.pairs}
+    img_f, txt_f = evalmodels.cached_features(model, out / slug(model.name) / "features.pt", keys,
+                                              [where[k] for k in keys], texts, cfg.batch_size, cfg.workers)
     heads = model.heads.eval()
     found, ci, per_organ = alignment(heads, img_f, txt_f)
     fewshot, details, skipped = {}, {}, []

@@ -254,3 +254,47 @@ def from_checkpoint(path: str, device, name: str = "") -> EvalModel:
     split = find_split(path)
     model.split_path, model.trained_on = (str(split) if split else None), trained_keys(split)
     return model
+
+
+# ----------------------------------------------------------------------------- the feature cache
+class _Images(torch.utils.data.Dataset):
+    """Image files through one model's preprocessing."""
+
+    def __init__(self, paths, preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.preprocess(self.paths[i])
+
+
+def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int = 32,
+                    workers: int = 0) -> tuple[dict, dict]:
+    """({image key: feature}, {text: feature}) of the frozen encoders, read from the cache file
+    `path` when the same model made it (``fingerprint``); what is missing is computed and added,
+    so each image and caption text is encoded once per model, whatever the split or seed."""
+    from tqdm import tqdm
+
+    from .fileio import atomic_path
+    path = Path(path)
+    cache = torch.load(path, weights_only=True) if path.is_file() else {}
+    if cache.get("fingerprint") != model.fingerprint():
+        cache = {"fingerprint": model.fingerprint(), "images": {}, "texts": {}}
+    todo = [(k, p) for k, p in zip(keys, paths) if k not in cache["images"]]
+    loader = torch.utils.data.DataLoader(_Images([p for _, p in todo], model.preprocess), batch_size,
+                                         num_workers=workers)
+    done = 0
+    for batch in tqdm(loader, f"embedding images ({model.name})", disable=not todo):
+        feats = model.image_features(batch)
+        cache["images"].update(zip([k for k, _ in todo[done:done + len(feats)]], feats))
+        done += len(feats)
+    new = [t for t in dict.fromkeys(texts) if t not in cache["texts"]]
+    for i in tqdm(range(0, len(new), batch_size), f"embedding texts ({model.name})", disable=not new):
+        chunk = new[i:i + batch_size]
+        cache["texts"].update(zip(chunk, model.text_features(chunk)))
+    if todo or new:
+        with atomic_path(path) as tmp:
+            torch.save(cache, tmp)
+    return cache["images"], cache["texts"]

@@ -151,6 +151,8 @@ COLUMN_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "asd_directed": "A
                 "dup_i2t_R@1": "I2T R@1 (duplicate-aware)", "zs_acc": "zero-shot acc",
                 "zs_f1": "zero-shot F1", "zs_auroc": "zero-shot AUROC", "probe_acc": "probe acc",
                 "probe_f1": "probe F1", "probe_auroc": "probe AUROC"}
+# evaluate.py on a manifest without labels has no classification metrics: written as nan
+OPTIONAL = {"align": ("zs_acc", "zs_f1", "zs_auroc", "probe_acc", "probe_f1", "probe_auroc")}
 PERCENT = {"dice", "iou", "acc", "auc"}  # stored as fractions, shown x100
 MISSING = "—"
 
@@ -173,10 +175,10 @@ def row_csv(results: dict) -> str:
         raise ValueError(f"row_csv: task {task!r} has no table row; expected one of "
                          f"{sorted(ROW_CSV_COLUMNS)}")
     keys = ROW_CSV_COLUMNS[task]
-    missing = [k for k in keys if k not in results.get("metrics", {})]
+    missing = [k for k in keys if k not in results.get("metrics", {}) and k not in OPTIONAL.get(task, ())]
     if missing:
         raise ValueError(f"row_csv: results for {results.get('row')!r} lack metrics {missing}")
-    values = [f"{_display(k, results['metrics'][k]['mean']):.4f}" for k in keys]
+    values = [f"{_display(k, results['metrics'].get(k, {}).get('mean')):.4f}" for k in keys]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")  # quotes row names such as "CLIP (Mona, ft.)"
     writer.writerow(["dataset", "row"] + [COLUMN_NAMES[k] for k in keys])

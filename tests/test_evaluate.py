@@ -1,0 +1,218 @@
+"""evaluate.py (EchoCare-CLIP's protocol) on a small phantom caption manifest, the tiny architecture.
+
+In-process: the model adapter (frozen features + heads give the model's own embeddings), a
+checkpoint's trained heads, the feature cache, the split helpers. Then the script itself (through
+runpy, so the runs share one import of torch), with its command line as a user types it: the whole protocol with few seeds/epochs, a checkpoint's split.json reused, the overlap
+refusal, and a manifest without labels.
+"""
+import csv
+import json
+import os
+import runpy
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip_us import evaldata, evalmodels, phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--arch", "tiny", "--image-size", "64", "--workers", "0", "--probe-fractions", "0.1",
+         "--probe-seeds", "42", "--e2e-fractions", "0.3", "--e2e-seeds", "42", "--e2e-epochs", "1",
+         "--bootstrap", "20"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {"CLIP_US_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """40 phantom images, two organs, three classes (benign, malignant, normal)."""
+    cfg = phantom.PhantomConfig(n=40, size=96, organs=("breast", "thyroid"), p_normal=0.2)
+    return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
+
+
+def run(args, env, capsys, check=True):
+    """evaluate.py as `python evaluate.py ARGS` would run it, but in this process (runpy), so the
+    runs share one import of torch and scipy. Returns (exit code, stdout, stderr)."""
+    old_argv, old_env = sys.argv, dict(os.environ)
+    sys.argv = [str(ROOT / "evaluate.py"), *map(str, args)]
+    os.environ.update(env)
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old_argv
+        os.environ.clear()
+        os.environ.update(old_env)
+    out, err = capsys.readouterr()
+    if check and code:
+        raise AssertionError(f"evaluate.py failed ({code}):\n{out[-3000:]}\n{err[-3000:]}")
+    return code, out, err
+
+
+def tiny_clip():
+    from clip_us.taskmodel import build_clip
+    return build_clip("none", "tiny")
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_clip_adapter_features_and_heads_give_the_models_embeddings(one_thread):
+    model = tiny_clip()
+    ev = evalmodels.clip_model(model, "x", "clip", True, None, {}, torch.device("cpu"))
+    x = torch.randn(3, 3, 64, 64)
+    texts = ["an ultrasound image of a benign lesion.", "a malignant mass in the breast."]
+    with torch.no_grad():
+        img = ev.heads.embed_image(ev.image_features(x))
+        txt = ev.heads.embed_text(ev.text_features(texts))
+        from clip_us.tokenizer import tokenize
+        ref_img = F.normalize(model.encode_image(x), dim=-1)
+        ref_txt = F.normalize(model.encode_text(tokenize(texts)), dim=-1)
+    torch.testing.assert_close(img, ref_img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, ref_txt, atol=1e-5, rtol=1e-5)
+    assert ev.image_features(x).shape == (3, model.visual.conv1.out_channels)  # pre-projection width
+    assert ev.heads.scale().item() == pytest.approx(min(100.0, model.logit_scale.exp().item()))
+    # the projections came back after the identity swap
+    assert model.visual.proj.shape == (64, 64) and not torch.allclose(model.visual.proj, torch.eye(64))
+
+
+def write_checkpoint(folder: Path, split: dict | None, temperature=0.0) -> Path:
+    """A checkpoint as train_contrastive.py writes one (--train heads): the config it was built
+    from and its trained tensors under OpenAI keys; split.json beside it."""
+    model = tiny_clip()
+    torch.manual_seed(1)
+    trained = {"visual.proj": torch.randn_like(model.visual.proj), "text_projection":
+               torch.randn_like(model.text_projection), "logit_scale": torch.tensor(3.0)}
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = {"config": {"weights": "none", "arch": "tiny", "image_size": 64, "clip_norm": True,
+                       "train": "heads", "temperature": temperature},
+            "adapter_config": {"kind": "none"}, "adapter_state_dict": {}, "model_state_dict": trained}
+    torch.save(ckpt, folder / "best.pt")
+    if split is not None:
+        (folder / "split.json").write_text(json.dumps(split))
+    return folder / "best.pt"
+
+
+def test_checkpoint_heads_split_and_fixed_temperature(tmp_path):
+    path = write_checkpoint(tmp_path / "run", {"train": ["a.png"], "val": ["b.png"], "test": ["c.png"]})
+    ev = evalmodels.from_checkpoint(str(path), torch.device("cpu"), name="ft")
+    saved = torch.load(path, weights_only=True)["model_state_dict"]
+    torch.testing.assert_close(ev.heads.visual_proj.data, saved["visual.proj"])
+    torch.testing.assert_close(ev.heads.text_projection.data, saved["text_projection"])
+    assert ev.heads.scale().item() == pytest.approx(np.exp(3.0), rel=1e-5)
+    assert ev.trained_on == {"a.png", "b.png"} and ev.split_path.endswith("split.json")
+    assert not ev.vanilla and ev.name == "ft"
+    fixed = evalmodels.from_checkpoint(str(write_checkpoint(tmp_path / "t", None, temperature=0.07)),
+                                       torch.device("cpu"))
+    assert fixed.heads.scale().item() == pytest.approx(1 / 0.07, rel=1e-5) and fixed.split_path is None
+
+
+def test_feature_cache_computes_each_image_and_text_once(tmp_path, manifest, one_thread):
+    ev = evalmodels.from_weights("none", "tiny", 64, torch.device("cpu"))
+    calls = {"img": 0, "txt": 0}
+    img_fn, txt_fn = ev.image_features, ev.text_features
+    ev.image_features = lambda x: (calls.__setitem__("img", calls["img"] + len(x)), img_fn(x))[1]
+    ev.text_features = lambda t: (calls.__setitem__("txt", calls["txt"] + len(t)), txt_fn(t))[1]
+    es = evaldata.load_eval_set(manifest)
+    paths = {p.key: str(p.image) for p in es.pairs}
+    keys = es.keys[:6]
+    img, txt = evalmodels.cached_features(ev, tmp_path / "f.pt", keys[:4], [paths[k] for k in keys[:4]], ["t1", "t2", "t1"])
+    assert calls == {"img": 4, "txt": 2}
+    img, txt = evalmodels.cached_features(ev, tmp_path / "f.pt", keys, [paths[k] for k in keys], ["t2", "t3"])
+    assert calls == {"img": 6, "txt": 3}  # only the two new images and the new text
+    assert set(img) == set(keys) and set(txt) == {"t1", "t2", "t3"}
+    ev.identity = {"other": 1}  # another model: the cache is not reused
+    evalmodels.cached_features(ev, tmp_path / "f.pt", keys[:1], [paths[keys[0]]], [])
+    assert calls["img"] == 7
+
+
+def test_split_stratified_by_dataset_then_label_and_classes(manifest):
+    es = evaldata.load_eval_set(manifest)
+    assert es.classes == ["benign", "malignant", "normal"]  # every label present, fixed order
+    split, how = evaldata.choose_split(es, seed=42)
+    assert sorted(k for s in ("train", "val", "test") for k in split[s]) == sorted(es.keys)
+    for c in range(3):
+        n = sum(1 for k in es.keys if es.label[k] == c)
+        n_test = sum(1 for k in split["test"] if es.label[k] == c)
+        assert n_test == round(0.15 * n)
+    two = evaldata.load_eval_set(manifest, classes=["malignant", "benign"])
+    assert two.classes == ["benign", "malignant"] and len(two.keys) < len(es.keys)
+    with pytest.raises(ValueError, match="not in the manifest"):
+        evaldata.load_eval_set(manifest, classes=["cyst"])
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifest, env, capsys, one_thread):
+    out = tmp_path / "eval"
+    _, stdout, _ = run(["--manifest", manifest, "--weights", "none", "--name", "tiny random", "--out-dir", out] + SMALL,
+                       env, capsys)
+    assert "RANDOM weights" in stdout
+    res = json.loads((out / "tiny-random" / "results.json").read_text())
+    assert res["task"] == "align" and res["row"] == "tiny random" and res["classes"] == ["benign", "malignant", "normal"]
+    for k in ("paired", "cross", "gap", "strict_i2t_R@1", "dup_t2i_R@10", "strict_i2t_mean_rank",
+              "zs_acc", "zs_f1", "zs_auroc", "probe_acc", "probe_f1", "probe_auroc"):
+        assert set(res["metrics"][k]) == {"mean", "std", "per_seed"}, k
+    for k in ("paired", "gap", "zs_acc", "zs_auroc", "probe_f1"):
+        assert res["ci"][k]["low"] <= res["metrics"][k]["mean"] <= res["ci"][k]["high"], k
+    assert res["metrics"]["gap"]["mean"] == pytest.approx(res["metrics"]["paired"]["mean"] - res["metrics"]["cross"]["mean"])
+    assert res["metrics"]["dup_i2t_R@1"]["mean"] >= res["metrics"]["strict_i2t_R@1"]["mean"]
+    assert set(res["per_organ"]) == {"breast", "thyroid"} and "zs_acc" in res["per_organ"]["breast"]["metrics"]
+    assert set(res["fewshot"]) == {f"{p}_{m}" for p in ("probe", "e2e") for m in ("acc", "f1", "auroc")}
+    assert set(res["fewshot"]["probe_acc"]) == {"0.1"} and set(res["fewshot"]["e2e_f1"]) == {"0.3"}
+    assert set(res["fewshot"]["e2e_acc"]["0.3"]) == {"mean", "std", "per_seed"}
+    assert res["details"]["probe"]["C"] in (0.01, 0.1, 1.0, 10.0) and res["details"]["e2e"]["lr"] == 5e-6
+    assert res["split"]["test"] == res["n_test"] > 0 and res["config"]["e2e_epochs"] == 1
+    table = list(csv.reader((out / "table.csv").open()))
+    assert table[0][:5] == ["dataset", "row", "paired", "cross", "gap"] and table[1][1] == "tiny random"
+    assert (out / "tiny-random" / "row.csv").is_file() and (out / "tiny-random" / "features.pt").is_file()
+    for fig in ("alignment", "zs", "probe", "fewshot_probe", "fewshot_e2e"):
+        ET.parse(out / f"{fig}.svg")  # well-formed SVG
+    saved = json.loads((out / "split.json").read_text())
+    assert sorted(saved["test"]) == sorted(json.loads((out / "split.json").read_text())["test"])
+
+
+def test_checkpoint_split_reused_and_overlap_refused(tmp_path, manifest, env, capsys, one_thread):
+    es = evaldata.load_eval_set(manifest)
+    keys = es.keys
+    split = {"train": keys[:28], "val": keys[28:34], "test": keys[34:], "held_out": []}
+    ckpt = write_checkpoint(tmp_path / "run", split)
+    out = tmp_path / "eval"
+    _, stdout, _ = run(["--manifest", manifest, "--checkpoint", ckpt, "--name", "ft", "--out-dir", out] + SMALL,
+                       env, capsys)
+    assert "checkpoint split" in stdout
+    res = json.loads((out / "ft" / "results.json").read_text())
+    assert res["n_test"] == len(keys) - 34 and res["overlap"] == 0 and "checkpoint split" in res["split"]["how"]
+    assert res["details"]["e2e"]["lr"] == 1e-5  # a trained model
+    assert not (out / "split.json").exists()  # nothing left to split afresh
+
+    bad = tmp_path / "bad_split.json"
+    bad.write_text(json.dumps({"train": keys[6:34], "val": keys[34:], "test": keys[:6]}))
+    code, _, stderr = run(["--manifest", manifest, "--checkpoint", ckpt, "--split-file", bad,
+                           "--out-dir", tmp_path / "refused"] + SMALL, env, capsys, check=False)
+    assert code == 2 and "--allow-overlap" in stderr
+    assert "{'CLIP (heads, ft.)': 6}" in stderr  # which model (row name from its config), how many images
+
+
+def test_manifest_without_labels_gives_alignment_and_retrieval_only(tmp_path, manifest, env, capsys, one_thread):
+    rows = list(csv.DictReader(open(manifest)))
+    plain = Path(manifest).parent / "plain.csv"
+    with open(plain, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows([[r["image"], r["caption"]] for r in rows])
+    out = tmp_path / "eval"
+    _, stdout, _ = run(["--manifest", plain, "--weights", "none", "--out-dir", out] + SMALL, env, capsys)
+    assert "skipping zero-shot, linear probe, few-shot probe and end-to-end few-shot" in stdout
+    res = json.loads(next(out.glob("*/results.json")).read_text())
+    assert {"paired", "cross", "gap", "strict_i2t_R@1", "dup_i2t_R@1"} <= set(res["metrics"])
+    assert not any(k.startswith(("zs_", "probe_")) for k in res["metrics"]) and res["fewshot"] == {}
+    assert res["skipped"] == ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
+    assert (out / "alignment.svg").is_file() and not (out / "zs.svg").exists()
