@@ -116,7 +116,9 @@ out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem
 out.mkdir(parents=True, exist_ok=True)
 write_json(out / "config.json", dataclasses.asdict(cfg))
 print(f"{len(es.pairs)} pairs, {len(es.keys)} images from {cfg.manifest} "
-      f"({es.report.get('format')}); classes: {es.classes or 'none (no labels)'}")
+      f"({es.report.get('format')}); classes: {es.classes or 'none (no labels)'}"
+      + (f"; {es.report['images_left_out']} images without one of these labels left out"
+         if es.report.get("images_left_out") else ""))
 if not labelled:
     print("no labels in the manifest: computing alignment and retrieval only; skipping zero-shot, "
           "linear probe, few-shot probe and end-to-end few-shot")
@@ -170,7 +172,7 @@ def alignment(heads, img_f, txt_f) -> tuple[dict, dict, dict]:
     found = {k: metric(v) for k, v in protocol.alignment_and_retrieval(img, txt, captions).items()}
     ci = protocol.bootstrap_alignment(img, txt, cfg.bootstrap, cfg.seed) if cfg.bootstrap else {}
     per_organ = {}
-    for o in organs:
+    for o in organs if len(organs) > 1 or organs[0] else []:  # organ unknown: overall only
         sel = np.flatnonzero(pair_organ == o)
         if len(sel) >= 2:  # alignment's cross score needs two pairs
             block = protocol.alignment_and_retrieval(img[sel], txt[sel], [captions[i] for i in sel])

@@ -77,11 +77,12 @@ def load_eval_set(path, organ: str = "", classes=(), **manifest_kw) -> EvalSet:
     if not pairs:
         raise ValueError(f"{path}: no usable rows")
     names, class_list = _labels(pairs, classes)
-    if names:
-        unlabelled = {p.key for p in pairs if p.key not in names}
+    if names:  # a labelled manifest: unlabelled images and other classes are left out
+        before = {p.key for p in pairs}
         pairs = [p for p in pairs if names.get(p.key) in class_list]
-        report["dropped_unlabelled_or_other_class"] = len(unlabelled) + sum(
-            1 for k in set(names) if names[k] not in class_list)
+        report["images_left_out"] = len(before) - len({p.key for p in pairs})
+        if not pairs:
+            raise ValueError(f"{path}: no image has one of the classes {class_list}")
     keys = list(dict.fromkeys(p.key for p in pairs))
     first = {p.key: p for p in reversed(pairs)}
     label = {k: class_list.index(names[k]) for k in keys} if names else {}
