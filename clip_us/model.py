@@ -309,18 +309,24 @@ class CLIP(nn.Module):
         """Pixels [B, 3, H, W] (CLIP-normalised) -> embeddings [B, embed_dim], not normalised."""
         return self.visual(image)
 
-    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, context_length] -> embeddings [B, embed_dim], not normalised."""
+    def encode_text_pooled(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, context_length] -> the end-of-text feature after ln_final, before
+        text_projection [B, transformer_width] (Hugging Face's CLIPTextModel pooler_output; the
+        text feature EchoCare-CLIP uses). Touches only the text tower's own parameters."""
         if text.shape[-1] > self.context_length:
             raise ValueError(f"text has {text.shape[-1]} tokens; this model takes at most "
                              f"{self.context_length}. Tokenize with context_length="
                              f"{self.context_length}.")
         L = text.shape[-1]
-        x = self.token_embedding(text) + self.positional_embedding[:L].to(self.dtype)
+        x = self.token_embedding(text)
+        x = x + self.positional_embedding[:L].to(x.dtype)
         x = self.ln_final(self.transformer(x, causal=True))  # [B, L, width]
         # Pool at the end-of-text token, which has the largest id in CLIP's vocabulary.
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
-        return x @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, context_length] -> embeddings [B, embed_dim], not normalised."""
+        return self.encode_text_pooled(text) @ self.text_projection
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
         """Returns (logits_per_image [B_img, B_txt], logits_per_text), as OpenAI's CLIP does."""
