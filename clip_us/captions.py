@@ -56,13 +56,15 @@ class CaptionError(ValueError):
 
 
 # ----------------------------------------------------------------------------- templates
+# Every caption is longer than 20 characters even for a three-letter organ: the official
+# fine-tuning code (and train_contrastive.py) drops captions of 20 characters or fewer.
 TIER1 = (   # organ only
     "An ultrasound image of the {organ}.",
     "A B-mode ultrasound scan of the {organ}.",
-    "Sonogram of the {organ}.",
+    "A sonogram of the {organ}.",
     "Grayscale ultrasound of {organ} tissue.",
     "An ultrasound view of the {organ}.",
-    "{organ} ultrasound image.",
+    "{organ} ultrasound image, B-mode.",
     "Diagnostic ultrasound of the {organ}.",
     "A sonographic image showing the {organ}.",
     "Ultrasound examination of the {organ}.",
@@ -454,6 +456,10 @@ def folder_records(root, out_dir: Path, layout: str | None = None, organ: str | 
     from . import data    # torchvision only when a folder is read
     root = Path(root)
     layout = layout or detect_layout(root)
+    if layout in ("folder", "ddti", "tn3k") and not (root / "labels.csv").is_file():
+        raise CaptionError(f"{root}: no labels.csv (columns image,label), so no condition to "
+                           f"caption; add one, or pass a CSV with an image column and any "
+                           f"metadata columns instead of the folder")
     cfg = data.DataConfig(dataset=layout, root=str(root), task="cls", keep_normal=True,
                           skip_bad=skip_bad, nextgen_name=nextgen_name)
     # The layout's own scanner lists the images and labels; no split is made (a caption

@@ -76,6 +76,13 @@ def test_every_template_renders_with_all_fields():
                     assert text in c, (text, c)
 
 
+def test_every_caption_survives_the_training_length_filter():
+    # train_contrastive.py, like the official code, drops captions of 20 characters or fewer
+    for templates in TEMPLATES.values():
+        for t in templates:
+            assert len(render(t, {"organ": "eye", "condition": "normal"})) > 20, t
+
+
 def expected_fallback(field: str, template: str) -> str | None:
     """The wording that must replace a missing field in this template (None: slot unused)."""
     if field == "organ":
@@ -302,6 +309,26 @@ def test_template_command_on_folder_layout_and_errors(tmp_path, capsys):
         captions.main(["template", str(tmp_path / "nothing"), "--out", str(out)])
 
 
+def test_template_command_on_nextgen_layout_and_unlabelled_folder(tmp_path, capsys):
+    root = tmp_path / "release"
+    for name in ("a.png", "b.png", "c.png"):
+        png(root / "all" / "images" / name)
+    (root / "classification" / "BUSI").mkdir(parents=True)
+    (root / "classification" / "BUSI" / "labels.csv").write_text(
+        "image,label\na.png,benign\nb.png,malignant\nc.png,normal\n")
+    out = root / "captions.csv"
+    captions.main(["template", str(root), "--out", str(out), "--nextgen-name", "BUSI",
+                   "--dataset-name", "BUSI"])
+    rows = read_csv(out)
+    assert [(r["image"], r["label"], r["organ"]) for r in rows] == [
+        ("all/images/a.png", "benign", "breast"), ("all/images/b.png", "malignant", "breast"),
+        ("all/images/c.png", "normal", "breast")]
+    (root / "all" / "images").rename(root / "images")
+    with pytest.raises(SystemExit):
+        captions.main(["template", str(root), "--out", str(out), "--organ", "liver"])
+    assert "no labels.csv" in capsys.readouterr().err
+
+
 def test_template_command_on_metadata_csv(tmp_path):
     src = tmp_path / "raw" / "meta.csv"
     png(tmp_path / "raw" / "img" / "a.png")
@@ -431,7 +458,7 @@ def robust_behaviour(text, attempt, body):
     if text.startswith("five-hundred") and attempt < 2:
         return 500, b'{"error": "overloaded"}', 0
     if text.startswith("slow") and attempt == 0:
-        return 200, chat_reply("too late"), 1.0          # the client gives up at 0.3 s
+        return 200, chat_reply("too late"), 3.0          # the client gives up at 1.5 s
     if text.startswith("garbled") and attempt == 0:
         return 200, b'{"choices": [{"message": ', 0
     if text.startswith("wordy"):
@@ -451,7 +478,8 @@ def write_manifest(path: Path, caps):
 
 
 def refine(src, out, url, retries=2, **kw):
-    chat = llm.ChatConfig(url, "fake-model", timeout=0.3, retries=retries, backoff=0.01)
+    # 1.5 s: far above a reply's time on a busy machine, so only "slow" rows time out
+    chat = llm.ChatConfig(url, "fake-model", timeout=1.5, retries=retries, backoff=0.01)
     return captions.refine_manifest(src, out, chat, captions.RefineConfig(progress=False, **kw))
 
 
