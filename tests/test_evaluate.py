@@ -38,15 +38,15 @@ def manifest(tmp_path_factory):
     return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
 
 
-def run(args, env, capsys, check=True):
-    """evaluate.py as `python evaluate.py ARGS` would run it, but in this process (runpy), so the
-    runs share one import of torch and scipy. Returns (exit code, stdout, stderr)."""
+def run(args, env, capsys, check=True, script="evaluate.py"):
+    """`python SCRIPT ARGS` as a user runs it, but in this process (runpy), so the runs share
+    one import of torch and scipy. Returns (exit code, stdout, stderr)."""
     old_argv, old_env = sys.argv, dict(os.environ)
-    sys.argv = [str(ROOT / "evaluate.py"), *map(str, args)]
+    sys.argv = [str(ROOT / script), *map(str, args)]
     os.environ.update(env)
     code = 0
     try:
-        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as e:
         code = e.code
     finally:
@@ -55,7 +55,7 @@ def run(args, env, capsys, check=True):
         os.environ.update(old_env)
     out, err = capsys.readouterr()
     if check and code:
-        raise AssertionError(f"evaluate.py failed ({code}):\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f"{script} failed ({code}):\n{out[-3000:]}\n{err[-3000:]}")
     return code, out, err
 
 
@@ -179,26 +179,33 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     assert sorted(saved["test"]) == sorted(json.loads((out / "split.json").read_text())["test"])
 
 
-def test_checkpoint_split_reused_and_overlap_refused(tmp_path, manifest, env, capsys, one_thread):
-    es = evaldata.load_eval_set(manifest)
-    keys = es.keys
-    split = {"train": keys[:28], "val": keys[28:34], "test": keys[34:], "held_out": []}
-    ckpt = write_checkpoint(tmp_path / "run", split)
+def test_contrastive_checkpoint_split_reused_and_overlap_refused(tmp_path, manifest, env, capsys, one_thread):
+    train = tmp_path / "train"
+    run(["--manifest", manifest, "--split", "70,15,15", "--train", "heads", "--arch", "tiny", "--weights", "none",
+         "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out-dir", train],
+        env, capsys, script="train_contrastive.py")
+    split = json.loads((train / "split.json").read_text())
     out = tmp_path / "eval"
-    _, stdout, _ = run(["--manifest", manifest, "--checkpoint", ckpt, "--name", "ft", "--out-dir", out] + SMALL,
-                       env, capsys)
+    _, stdout, _ = run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--name", "ft", "--out-dir", out]
+                       + SMALL, env, capsys)
     assert "checkpoint split" in stdout
     res = json.loads((out / "ft" / "results.json").read_text())
-    assert res["n_test"] == len(keys) - 34 and res["overlap"] == 0 and "checkpoint split" in res["split"]["how"]
-    assert res["details"]["e2e"]["lr"] == 1e-5  # a trained model
+    assert res["n_test"] == len(split["test"]) and res["overlap"] == 0 and "checkpoint split" in res["split"]["how"]
+    assert res["split"]["train"] == len(split["train"]) and res["split"]["val"] == len(split["val"])
+    assert res["details"]["e2e"]["lr"] == 1e-5 and res["init"] == str(train / "best.pt")  # a trained model
     assert not (out / "split.json").exists()  # nothing left to split afresh
 
-    bad = tmp_path / "bad_split.json"
-    bad.write_text(json.dumps({"train": keys[6:34], "val": keys[34:], "test": keys[:6]}))
-    code, _, stderr = run(["--manifest", manifest, "--checkpoint", ckpt, "--split-file", bad,
+    bad = tmp_path / "bad_split.json"  # test on 3 of the checkpoint's training images
+    bad.write_text(json.dumps({"train": split["train"][3:] + split["test"], "val": split["val"],
+                               "test": split["train"][:3]}))
+    code, _, stderr = run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--split-file", bad,
                            "--out-dir", tmp_path / "refused"] + SMALL, env, capsys, check=False)
     assert code == 2 and "--allow-overlap" in stderr
-    assert "{'CLIP (heads, ft.)': 6}" in stderr  # which model (row name from its config), how many images
+    assert "{'CLIP (heads, ft.)': 3}" in stderr  # which model (row name from its config), how many images
+    run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--split-file", bad, "--allow-overlap",
+         "--out-dir", tmp_path / "allowed"] + SMALL[:-1] + ["0"], env, capsys)  # --bootstrap 0
+    res = json.loads((tmp_path / "allowed" / "clip-heads-ft" / "results.json").read_text())
+    assert res["overlap"] == 3 and res["ci"] == {} and res["split"]["how"] == f"--split-file {bad}"
 
 
 def test_manifest_without_labels_gives_alignment_and_retrieval_only(tmp_path, manifest, env, capsys, one_thread):
