@@ -18,8 +18,8 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
 
     python -m clip_us.captions template data/BUSI --out data/BUSI/captions.csv
     python -m clip_us.captions fit captions.csv --out captions77.csv
-    python -m clip_us.captions refine curd.csv --mode translate --endpoint http://127.0.0.1:8000/v1 \\
-        --model Qwen/Qwen3-8B --out curd_en.csv
+    python -m clip_us.captions refine curd.csv --mode translate \\
+        --endpoint http://127.0.0.1:8000/v1 --model Qwen/Qwen3-8B --out curd_en.csv
 
 Manifests are CSV (or JSONL when the name ends in .jsonl): `image` (relative to the manifest),
 `caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns. `train_contrastive.py`
@@ -778,10 +778,13 @@ def _penalty(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clip_us.captions", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m clip_us.captions",
+                                description="Caption manifests: three-tier templates, "
+                                            "fitting to 77 CLIP tokens, LLM refinement.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("template", help="template captions for a data set folder or metadata CSV")
-    t.add_argument("data", help="data set folder (BUSI, nextgen, tn3k, folder layouts) or CSV/JSONL")
+    t.add_argument("data", help="data set folder (busi, nextgen, tn3k, folder layouts) or a "
+                                "CSV/JSONL of metadata")
     t.add_argument("--out", required=True, help="manifest to write (.csv, or .jsonl)")
     t.add_argument("--dataset", choices=("busi", "nextgen", "prostate", "tn3k", "ddti", "folder"),
                    help="layout of the folder (default: detected)")
@@ -805,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _refine_args(r) -> None:
     r.add_argument("manifest")
     r.add_argument("--out", required=True)
-    r.add_argument("--endpoint", required=True, help="OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--endpoint", required=True,
+                   help="OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
     r.add_argument("--model", required=True)
     r.add_argument("--mode", choices=sorted(MODE_DEFAULTS), default="translate")
     r.add_argument("--api-key-env", default="OPENAI_API_KEY",

@@ -193,9 +193,10 @@ ONE_SENTENCE = ("Irregular hypoechoic mass in the upper outer quadrant of the le
                 "vascularity and an echogenic halo, with adjacent architectural distortion and "
                 "skin thickening.")
 NO_PUNCT = " ".join(["hypoechoic"] * 30 + ["microlobulated"] * 30)
-CJK = ("左乳外上象限可见一低回声结节，大小约14×11毫米，形态不规则，边缘呈毛刺状，纵横比大于1，内部回声不均匀，"
-       "可见多发微钙化，后方回声衰减。彩色多普勒显示周边血流信号丰富。同侧腋窝可见肿大淋巴结，皮质增厚，"
-       "淋巴门结构消失。超声诊断：左乳实性结节，BI-RADS 5类，建议穿刺活检。")
+CJK = ("左乳外上象限可见一低回声结节，大小约14×11毫米，形态不规则，边缘呈毛刺状，"
+       "纵横比大于1，内部回声不均匀，可见多发微钙化，后方回声衰减。"
+       "彩色多普勒显示周边血流信号丰富。同侧腋窝可见肿大淋巴结，皮质增厚，淋巴门结构消失。"
+       "超声诊断：左乳实性结节，BI-RADS 5类，建议穿刺活检。")
 JAPANESE = "乳腺の外上部に不整形の低エコー腫瘤を認めます" * 6
 EMOJI = "Scan done 👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷 " * 12 + "👨‍👩‍👧‍👦" * 40
 
@@ -357,7 +358,8 @@ def test_fit_command_counts_changes(tmp_path, capsys):
     captions.main(["fit", str(src), "--out", str(tmp_path / "o.csv")])
     assert "1 changed" in capsys.readouterr().out
     rows = read_csv(tmp_path / "o.csv")
-    assert rows[0]["Caption"] == fit_to_context(CLINICAL) and rows[0]["original_caption"] == CLINICAL
+    assert rows[0]["Caption"] == fit_to_context(CLINICAL)
+    assert rows[0]["original_caption"] == CLINICAL
     assert rows[1]["Caption"] == "Short caption." and rows[1]["filename"] == "b.png"
 
 
@@ -553,8 +555,8 @@ def test_killed_run_resumes_without_repeating_calls(tmp_path, serve):
     write_manifest(tmp_path / "m.csv", caps)
     out, cache = tmp_path / "out.csv", tmp_path / "out.csv.cache.jsonl"
     cmd = [sys.executable, "-m", "clip_us.captions", "refine", str(tmp_path / "m.csv"),
-           "--out", str(out), "--endpoint", server.url, "--model", "fake-model", "--concurrency", "2",
-           "--no-progress"]
+           "--out", str(out), "--endpoint", server.url, "--model", "fake-model",
+           "--concurrency", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and (not cache.exists() or cache.read_text().count("\n") < 4):
