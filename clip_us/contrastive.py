@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from . import metrics
 from .losses import clip_loss
 from .lora import mark_only_trainable
+from .model import CLIP
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
 
@@ -102,38 +103,43 @@ def trainable_names(module: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the model DDP wraps
-class ContrastiveCLIP(nn.Module):
-    """CLIP -> (image embeddings, text embeddings, logit scale), both L2-normalised.
+class ContrastiveCLIP(CLIP):
+    """The same CLIP (the same tensor objects, OpenAI key names) whose forward returns
+    (image embeddings, text embeddings, logit scale), both L2-normalised: what DDP wraps, and
+    what a checkpoint saves, so its keys are a CLIP's and `--init` reads them anywhere.
 
-    ``temperature`` > 0 fixes the scale at 1/temperature; 0 uses exp(clip.logit_scale), capped
-    at MAX_LOGIT_SCALE. The text tower runs without autograd when none of its weights train
+    ``temperature`` > 0 fixes the scale at 1/temperature; 0 uses exp(logit_scale), capped at
+    MAX_LOGIT_SCALE. The text tower runs without autograd when none of its weights train
     (the adapter and image modes), which saves its activations.
     """
 
-    def __init__(self, clip: nn.Module, temperature: float = 0.07):
-        super().__init__()
-        self.clip, self.temperature = clip, temperature
+    def __init__(self, clip: CLIP, temperature: float = 0.07):
+        nn.Module.__init__(self)  # not CLIP's: that would build fresh weights
+        vars(self).update(vars(clip))  # share clip's parameters, submodules and settings
+        self.temperature = temperature
 
     def scale(self) -> torch.Tensor:
         if self.temperature > 0:
-            return torch.tensor(1.0 / self.temperature, device=self.clip.logit_scale.device)
-        return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            return torch.tensor(1.0 / self.temperature, device=self.logit_scale.device)
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def text_trains(self) -> bool:
-        c = self.clip
-        return c.text_projection.requires_grad or any(
-            p.requires_grad for p in c.transformer.parameters())
+        return self.text_projection.requires_grad or any(
+            p.requires_grad for p in self.transformer.parameters())
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
-        img = F.normalize(self.clip.encode_image(image), dim=-1)  # [B, D]
+        img = F.normalize(self.encode_image(image), dim=-1)  # [B, D]
+        # The text tower is causal and pools at the end-of-text token (the largest id), so the
+        # padding after the batch's last EOT changes nothing: cut it (captions are ~30 of 77).
+        text = text[:, :int(text.argmax(dim=-1).max()) + 1]  # [B, 77] -> [B, L]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trains()):
-            txt = F.normalize(self.clip.encode_text(text), dim=-1)  # [B, D]
+            txt = F.normalize(self.encode_text(text), dim=-1)  # [B, D]
         return img, txt, self.scale()
 
 
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
-def embed(model: ContrastiveCLIP, loader, device, autocast) -> tuple[list, torch.Tensor, torch.Tensor]:
+def embed(model, loader, device, autocast) -> tuple[list, torch.Tensor, torch.Tensor]:
     """(indices, image embeddings [N, D], text embeddings [N, D]) of one loader, in fp32."""
     model.eval()
     idx, imgs, txts = [], [], []
@@ -143,8 +149,7 @@ def embed(model: ContrastiveCLIP, loader, device, autocast) -> tuple[list, torch
         idx += batch["index"].tolist()
         imgs.append(img.float().cpu())
         txts.append(txt.float().cpu())
-    d = model.clip.text_projection.shape[1]
-    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, d))
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, 0))  # noqa: E731
     return idx, cat(imgs), cat(txts)
 
 
@@ -156,7 +161,7 @@ def batch_losses(img: torch.Tensor, txt: torch.Tensor, scale: float, batch_size:
     return sum(losses) / max(len(losses), 1)
 
 
-def validate(model: ContrastiveCLIP, loader, captions: list[str], batch_size: int, device,
+def validate(model, loader, captions: list[str], batch_size: int, device,
              gather=None, autocast=None) -> dict:
     """Loss, duplicate-aware retrieval both ways and alignment on the whole validation set.
 

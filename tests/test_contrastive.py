@@ -62,6 +62,10 @@ def test_each_mode_trains_exactly_what_it_names(mode, adapter, learn, one_thread
 
 def test_fixed_temperature_and_learnable_scale_capped_at_100():
     model = tiny()
+    # The wrapper is the same CLIP: same tensors, OpenAI key names (so --init reads it).
+    wrapped = C.ContrastiveCLIP(model)
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    assert wrapped.visual.proj is model.visual.proj
     assert float(C.ContrastiveCLIP(model, 0.07).scale()) == pytest.approx(1 / 0.07)
     with torch.no_grad():
         model.logit_scale.fill_(np.log(500.0))
@@ -104,8 +108,6 @@ class _Fixed(torch.nn.Module):
     def __init__(self, img, txt):
         super().__init__()
         self.img, self.txt, self.temperature = img, txt, 0.07
-        self.clip = torch.nn.Module()
-        self.clip.text_projection = torch.zeros(8, img.shape[1])
 
     def scale(self):
         return torch.tensor(1 / 0.07)
