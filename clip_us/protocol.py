@@ -15,9 +15,9 @@ model's ``heads`` (``embed_image``, ``embed_text``, ``scale``), so nothing here 
 - end-to-end few-shot: the heads and temperature train on scale · cos(image, class prompt) with
   cross-entropy; AdamW (weight decay 1e-4), clipping 1.0, batch 16, 8 epochs; the epoch with the
   best validation weighted F1 is kept;
-- bootstrap: percentile CIs over the test images (1000 resamples, seeded, stratified by label so
-  AUROC stays defined). The authors resample per-organ means, which is a single point when there
-  is one organ.
+- bootstrap: percentile CIs over the test images (1000 resamples, seeded; AUROC's resamples keep
+  the class counts so it stays defined). The authors resample per-organ means, which is a single
+  point when there is one organ.
 """
 from __future__ import annotations
 
@@ -171,7 +171,9 @@ def fewshot_summary(runs: dict, prefix: str) -> dict:
 
 
 def bootstrap_cls(probs, labels, n: int, seed: int) -> dict:
-    """{acc, f1, auroc: {low, high}} over resampled test images, stratified by label."""
+    """{acc, f1, auroc: {low, high}} over resampled test images. Accuracy and F1 resample the
+    images freely; AUROC resamples within each class (class counts fixed), since a resample
+    missing a class has no AUROC and dropping such resamples would bias the interval."""
     probs, labels = np.asarray(probs), np.asarray(labels)
     fns = {"acc": lambda p, y: np.mean(p.argmax(1) == y),
            "f1": lambda p, y: metrics.weighted_f1(p.argmax(1), y),
@@ -180,7 +182,7 @@ def bootstrap_cls(probs, labels, n: int, seed: int) -> dict:
     for k, fn in fns.items():
         if k == "auroc" and len(np.unique(labels)) < 2:
             continue
-        ci = metrics.bootstrap_ci(fn, probs, labels, n=n, seed=seed, strata=labels)
+        ci = metrics.bootstrap_ci(fn, probs, labels, n=n, seed=seed, strata=labels if k == "auroc" else None)
         out[k] = {"low": ci["low"], "high": ci["high"]}
     return out
 
