@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import json
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -152,8 +151,8 @@ def complete(cfg: ChatConfig, body: dict, check=None, stats: Stats | None = None
                 raise FatalLLMError(f"{cfg.url}: {error}; {FATAL_STATUS[e.code]}") from None
             if e.code not in RETRY_STATUS and e.code < 500:
                 raise LLMError(error) from None   # this request is wrong; asking again won't help
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                socket.timeout, TimeoutError) as e:
+        except (OSError, http.client.HTTPException) as e:
+            # URLError (refused, DNS), timeouts, resets, TLS errors: all OSErrors
             error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         except BadReply as e:
             error = str(e)

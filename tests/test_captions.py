@@ -530,12 +530,20 @@ def test_rerun_makes_no_calls_and_writes_the_same_file(tmp_path, serve):
 
 
 def test_requests_in_flight_at_once(tmp_path, serve):
-    server = serve(lambda text, attempt, body: (200, chat_reply("done"), 0.25))
+    arrived = threading.Condition()
+
+    def behave(text, attempt, body):
+        # hold each request until 8 are in flight; at most 1 s, below the client's timeout, so
+        # a client that sends fewer at a time fails instead of hanging
+        with arrived:
+            arrived.notify_all()
+            arrived.wait_for(lambda: server.in_flight >= 8, timeout=1)
+        return 200, chat_reply("done"), 0
+
+    server = serve(behave)
     write_manifest(tmp_path / "m.csv", [f"caption {i}" for i in range(16)])
-    t0 = time.perf_counter()
-    refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url, concurrency=8)
-    assert server.max_in_flight == 8
-    assert time.perf_counter() - t0 < 16 * 0.25 / 2      # far from one at a time
+    s = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url, concurrency=8)
+    assert server.max_in_flight == 8 and s["ok"] == 16
 
 
 def test_killed_run_resumes_without_repeating_calls(tmp_path, serve):
