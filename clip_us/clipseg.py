@@ -113,15 +113,19 @@ class CLIPSeg(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] (CLIP-normalised); input_ids [B, L] or [1, L] (one prompt for all)."""
-        if input_ids.shape[0] not in (1, images.shape[0]):
-            raise ValueError(f"{input_ids.shape[0]} prompts for {images.shape[0]} images; pass "
-                             "one prompt per image or one for the whole batch")
-        with torch.no_grad():  # CLIP is frozen: no activations kept for its backward
-            _, feats = self.clip.visual(images, return_blocks=tuple(self.config.extract_layers),
-                                        pool=False)
-            cond = self.clip.encode_text(input_ids).expand(images.shape[0], -1)  # [B, cond_dim]
-        p = self.clip.visual.patch_size
-        return self.decoder(feats, cond, (images.shape[-2] // p, images.shape[-1] // p))
+        return decode(self.clip, self.decoder, images, input_ids)
+
+
+def decode(clip: CLIP, decoder: CLIPSegDecoder, images: torch.Tensor, input_ids: torch.Tensor):
+    """The frozen CLIP's blocks and prompt embedding through the decoder: logits [B, H', W']."""
+    if input_ids.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"{input_ids.shape[0]} prompts for {images.shape[0]} images; pass "
+                         "one prompt per image or one for the whole batch")
+    with torch.no_grad():  # CLIP is frozen: no activations kept for its backward
+        _, feats = clip.visual(images, return_blocks=tuple(decoder.cfg.extract_layers), pool=False)
+        cond = clip.encode_text(input_ids).expand(images.shape[0], -1)  # [B, cond_dim]
+    p = clip.visual.patch_size
+    return decoder(feats, cond, (images.shape[-2] // p, images.shape[-1] // p))
 
 
 def _check_sizes(clip: CLIP, cfg: CLIPSegConfig):
@@ -140,6 +144,21 @@ def two_class_logits(logits: torch.Tensor, size) -> torch.Tensor:
     if tuple(z.shape[-2:]) != tuple(size):
         z = F.interpolate(z, size=tuple(size), mode="bilinear", align_corners=False)
     return torch.cat([-z, z], dim=1)
+
+
+class CLIPSegTaskModel(nn.Module):
+    """The CLIPSeg row as train_seg.py trains it: images -> two-class logits [B, 2, H, W] at the
+    input size, conditioned on one fixed prompt. The decoder sits under `head`, so a checkpoint's
+    head_state_dict holds everything that trains; the CLIP stays frozen."""
+
+    def __init__(self, model: CLIPSeg, prompt_ids: torch.Tensor):
+        super().__init__()
+        self.clip, self.head = model.clip, model.decoder
+        self.register_buffer("prompt_ids", prompt_ids[:1].clone(), persistent=False)  # [1, L]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = decode(self.clip, self.head, images, self.prompt_ids)
+        return two_class_logits(z, images.shape[-2:])
 
 
 # ----------------------------------------------------------------------------- loading

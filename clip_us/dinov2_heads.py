@@ -18,7 +18,8 @@ Both heads read the frozen ViT's last blocks after its final norm, as DINOv2's
   weights N(0, 0.01) and zero bias.
 
 Module names follow the official file (`up1.upconv`, `up1.skip_conv`, `up1.conv`, `linear`).
-Imports nothing from clip_us, so the file can be copied.
+`DINOv2TaskModel` joins a frozen tower and a head for the training scripts. Imports nothing from
+clip_us (the tower is any module with our VisionTransformer's interface), so it can be copied.
 """
 from __future__ import annotations
 
@@ -102,3 +103,21 @@ def last_blocks(depth: int, n: int) -> tuple[int, ...]:
     if not 0 < n <= depth:
         raise ValueError(f"cannot take the last {n} blocks of a {depth}-block tower")
     return tuple(range(depth - n, depth))
+
+
+class DINOv2TaskModel(nn.Module):
+    """A frozen ViT (`visual`: our VisionTransformer) and one of the heads above (`head`):
+    images -> seg logits [B, classes, H, W] or cls logits [B, classes]."""
+
+    def __init__(self, visual: nn.Module, head: nn.Module):
+        super().__init__()
+        self.visual, self.head = visual.requires_grad_(False), head
+        self.blocks = last_blocks(len(visual.transformer.resblocks), head.n_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # frozen, as in the official code
+            _, feats = self.visual(x, return_blocks=self.blocks, pool=False, norm=True)
+        if isinstance(self.head, DINOv2ClsHead):
+            return self.head(feats)
+        p = self.visual.patch_size
+        return self.head(feats, (x.shape[-2] // p, x.shape[-1] // p), x.shape[-2:])

@@ -151,3 +151,15 @@ def test_not_a_clipseg_folder_is_a_clear_error(tmp_path, hf_folder):
     decoder_cfg = clipseg.config_from_hf(json.loads((hf_folder[0] / "config.json").read_text()))
     with pytest.raises(ValueError, match="expects a CLIP with vision width"):
         CLIPSeg(clip_us.build_model(config="tiny"), decoder_cfg)   # width 64 but embedding 64, not 32
+
+
+def test_task_model_two_class_logits_and_what_trains():
+    clip = clip_us.build_model(config="tiny")
+    core = CLIPSeg(clip)
+    model = clipseg.CLIPSegTaskModel(core, clip_us.tokenize([PROMPT]))
+    images = torch.randn(2, 3, 64, 64)
+    out = model(images)
+    assert out.shape == (2, 2, 64, 64) and torch.equal(out[:, 0], -out[:, 1])
+    torch.testing.assert_close(out[:, 1], core(images, clip_us.tokenize([PROMPT])))
+    trainable = {k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head"} and "prompt_ids" not in model.state_dict()

@@ -144,3 +144,19 @@ def test_heads_on_our_dinov2_tower_match_timm_intermediate_layers(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         want_cls = cls.linear(torch.cat([c[:, 0] for _, c in pairs[1:]] + [pairs[4][0].mean(1)], 1))
         torch.testing.assert_close(cls(feats[1:]), want_cls, atol=1e-5, rtol=1e-5)
+
+
+def test_task_model_on_the_tiny_dinov2_tower():
+    from clip_us.dinov2_heads import DINOv2TaskModel
+    tower = backbones.build("dinov2", weights="none", arch="tiny")
+    seg = DINOv2TaskModel(tower, DINOv2SegHead(tower.width, 2))
+    assert seg.blocks == (7, 8, 9, 10, 11)
+    x = torch.randn(2, 3, 70, 70)
+    assert seg(x).shape == (2, 2, 70, 70)
+    cls = DINOv2TaskModel(backbones.build("dinov2", weights="none", arch="tiny"),
+                          DINOv2ClsHead(64, 3))
+    assert cls.blocks == (8, 9, 10, 11) and cls(x).shape == (2, 3)
+    for model in (seg, cls):
+        assert {k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad} == {"head"}
+    seg(x).sum().backward()
+    assert all(p.grad is not None for p in seg.head.parameters())
