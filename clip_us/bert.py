@@ -360,7 +360,8 @@ def read_do_lower_case(folder: str) -> bool:
         return bool(json.load(f).get("do_lower_case", True))
 
 
-def _weights_file(folder: str) -> str:
+def weights_file(folder: str) -> str:
+    """The folder's model.safetensors, else its pytorch_model.bin."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
@@ -400,7 +401,7 @@ def load_bert(folder: str | None = None, download_root: str | None = None):
     """(BertModel in eval mode, fp32; WordPieceTokenizer) from a Hugging Face BERT folder."""
     folder = find_bert_folder(folder, download_root)
     cfg = read_bert_config(folder)
-    path = _weights_file(folder)
+    path = weights_file(folder)
     raw, _ = read_checkpoint(path)
     sd = bert_state_dict(raw, path)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every tensor

@@ -366,6 +366,27 @@ def check_swin_state_dict(sd: dict, model: SwinTransformer, path: str) -> None:
                          f"({len(bad)} problems): {', '.join(bad[:12])}{more}")
 
 
+def config_from_state_dict(sd: dict, path: str = "state dict") -> SwinConfig:
+    """Every size of the encoder from MONAI-named tensors (EchoCare's file gives EchoCare's)."""
+    need = ("patch_embed.proj.weight", "layers1.0.blocks.0.attn.relative_position_index",
+            "layers1.0.blocks.0.mlp.linear1.weight")
+    if any(k not in sd for k in need):
+        raise ValueError(f"{path}: not a MONAI SwinTransformer state dict (no {need[0]} / "
+                         f"layers1.0.blocks.0.*); its keys start {', '.join(sorted(sd)[:5])}")
+    proj = sd["patch_embed.proj.weight"]  # [embed_dim, in_chans, patch, patch]
+    depths, heads, i = [], [], 1
+    while f"layers{i}.0.blocks.0.norm1.weight" in sd:
+        depths.append(len({k.split(".")[3] for k in sd if k.startswith(f"layers{i}.0.blocks.")}))
+        heads.append(sd[f"layers{i}.0.blocks.0.attn.relative_position_bias_table"].shape[1])
+        i += 1
+    window = round(sd["layers1.0.blocks.0.attn.relative_position_index"].shape[0] ** 0.5)
+    hidden = sd["layers1.0.blocks.0.mlp.linear1.weight"].shape[0]
+    return SwinConfig(in_chans=proj.shape[1], embed_dim=proj.shape[0], patch_size=proj.shape[-1],
+                      window_size=window, depths=tuple(depths), num_heads=tuple(heads),
+                      mlp_ratio=hidden / proj.shape[0],
+                      qkv_bias="layers1.0.blocks.0.attn.qkv.bias" in sd)
+
+
 def load_echocare_encoder(path: str | None = None, download_root: str | None = None,
                           config: SwinConfig | None = None,
                           gradient_checkpointing: bool = False) -> SwinTransformer:
@@ -373,6 +394,7 @@ def load_echocare_encoder(path: str | None = None, download_root: str | None = N
 
     The file is read with weights_only=True. Its `mask_token` (left over from MAE pre-training,
     as the authors' loader notes) is dropped; every other key must fit, as with strict=True.
+    Without `config`, the sizes are read from the tensors (EchoCare's file gives EchoCare's).
     """
     path = find_echocare_encoder(path, download_root)
     raw, _ = read_checkpoint(path)
@@ -381,8 +403,9 @@ def load_echocare_encoder(path: str | None = None, download_root: str | None = N
                          f"found a {type(raw).__name__}")
     sd = {k: v for k, v in raw.items() if k != "mask_token"}
     _check_family(sd, path)
+    config = config or config_from_state_dict(sd, path)
     with torch.device("meta"):  # shapes only: the checkpoint supplies every tensor
-        model = SwinTransformer(config or SwinConfig(), gradient_checkpointing)
+        model = SwinTransformer(config, gradient_checkpointing)
     check_swin_state_dict(sd, model, path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, assign=True)

@@ -116,7 +116,8 @@ def test_load_drops_mask_token_and_matches(pair, echocare_file):
     ours, peer = pair
     path, _ = echocare_file
     for where in (str(path), str(path.parent)):  # the file, or a folder that holds it
-        model = S.load_echocare_encoder(where, config=SMALL)
+        model = S.load_echocare_encoder(where)  # sizes read from the tensors
+        assert model.config == SMALL and S.config_from_state_dict(peer.state_dict()) == SMALL
         assert "mask_token" not in model.state_dict() and not model.training
         x = torch.randn(1, 3, 32, 32)
         with torch.inference_mode():
@@ -161,6 +162,9 @@ def test_wrong_family_and_missing_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="holds BERT weights") as e:
         S.load_echocare_encoder(str(weights))
     assert str(weights) in str(e.value)
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="not a MONAI SwinTransformer state dict"):
+        S.load_echocare_encoder(str(tmp_path / "resnet.pth"))
     monkeypatch.setenv("CLIP_US_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(FileNotFoundError) as e:
         S.load_echocare_encoder()
