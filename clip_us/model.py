@@ -24,6 +24,7 @@ This file imports nothing else from clip_us, so it can be copied on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -68,11 +69,14 @@ ARCHS = {
 }
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 class Attention(nn.Module):
@@ -388,3 +392,43 @@ def build_model(state_dict: dict | None = None, config: CLIPConfig | str | None 
               if k not in ("input_resolution", "context_length", "vocab_size")}
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- inference speed
+def _scaled_linear(linear: nn.Linear, weight_scale: float, bias_scale: float) -> nn.Linear:
+    """A new nn.Linear holding `linear`'s weights times the scales (no grad, same device/dtype)."""
+    new = nn.Linear(linear.in_features, linear.out_features, device="meta")  # no init cost
+    new.weight = nn.Parameter(linear.weight * weight_scale, requires_grad=False)
+    new.bias = nn.Parameter(linear.bias * bias_scale, requires_grad=False)
+    return new
+
+
+def _foldable(mlp: nn.Module) -> bool:
+    # Exactly nn.Linear: a LoRA layer on c_fc/c_proj adds its own delta, which folding would miss.
+    return (isinstance(mlp, MLP) and isinstance(mlp.gelu, QuickGELU)
+            and type(mlp.c_fc) is nn.Linear and type(mlp.c_proj) is nn.Linear)
+
+
+@contextlib.contextmanager
+def folded_quick_gelu(model: nn.Module):
+    """Inference with QuickGELU's 1.702 folded into the weights, for every foldable MLP of `model`.
+
+    x * sigmoid(1.702 x) = silu(1.702 x) / 1.702, so c_fc's weight and bias are scaled by 1.702,
+    c_proj's weight by 1/1.702, and one fused SiLU pass replaces QuickGELU's three elementwise
+    passes. Folding happens on copies of those two layers, swapped in for the block and swapped
+    back on exit, so the model's own parameters (and state_dict) are never touched. Only under
+    torch.no_grad() / inference_mode(): a training step must see OpenAI's parameters.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("folded_quick_gelu is for inference: use it inside torch.no_grad() or "
+                           "torch.inference_mode()")
+    swapped = [(m, m.c_fc, m.gelu, m.c_proj) for m in model.modules() if _foldable(m)]
+    try:
+        for mlp, c_fc, _, c_proj in swapped:
+            mlp.c_fc = _scaled_linear(c_fc, QUICK_GELU_SCALE, QUICK_GELU_SCALE)
+            mlp.gelu = nn.SiLU()
+            mlp.c_proj = _scaled_linear(c_proj, 1 / QUICK_GELU_SCALE, 1.0)
+        yield model
+    finally:
+        for mlp, c_fc, gelu, c_proj in swapped:
+            mlp.c_fc, mlp.gelu, mlp.c_proj = c_fc, gelu, c_proj

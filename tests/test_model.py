@@ -240,3 +240,52 @@ def test_positional_embedding_matches_open_clip_resize(tiny):
     open_clip_model.resize_pos_embed(sd, Target, antialias=False)
     torch.testing.assert_close(tiny.visual.pos_embed((20, 20)).detach(),
                                sd["visual.positional_embedding"])
+
+
+# ----------------------------------------------------------------------------- folded QuickGELU
+def test_folded_quick_gelu_equals_plain_and_leaves_weights_alone(tiny):
+    from clip_us.model import folded_quick_gelu
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    params = [id(p) for p in tiny.parameters()]
+    images, text = torch.randn(2, 3, 64, 64), random_text(2)
+    with torch.inference_mode():
+        plain = tiny.encode_image(images), tiny.encode_text(text)
+        with folded_quick_gelu(tiny):
+            assert isinstance(tiny.visual.transformer.resblocks[0].mlp.gelu, torch.nn.SiLU)
+            folded = tiny.encode_image(images), tiny.encode_text(text)
+    for a, b in zip(folded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    after = tiny.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert [id(p) for p in tiny.parameters()] == params  # the same Parameter objects: optimisers
+    assert not any(isinstance(m, torch.nn.SiLU) for m in tiny.modules())
+
+
+def test_folded_quick_gelu_bf16_cosine(tiny):
+    import copy
+    from clip_us.model import folded_quick_gelu
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = tiny.encode_image(images)
+        with folded_quick_gelu(model):
+            folded = model.encode_image(images.to(torch.bfloat16)).float()
+    assert torch.nn.functional.cosine_similarity(folded, ref).min() >= 0.999
+
+
+def test_folded_quick_gelu_refuses_training_and_skips_lora(tiny):
+    import copy
+    from clip_us.lora import add_lora
+    from clip_us.model import folded_quick_gelu
+    with pytest.raises(RuntimeError, match="inference"):
+        with folded_quick_gelu(tiny):
+            pass
+    model = add_lora(copy.deepcopy(tiny), targets=("mlp",)).eval()  # on c_fc/c_proj: not foldable
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        x = torch.randn(1, 3, 64, 64)
+        ref = model.encode_image(x)
+        with folded_quick_gelu(model):
+            torch.testing.assert_close(model.encode_image(x), ref)
