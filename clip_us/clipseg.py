@@ -12,6 +12,8 @@ OpenAI CLIP ViT-B/16 and trains the decoder alone. The decoder (reduce_dim 64):
   -> transposed conv (kernel = stride = patch/4, to 32 channels) -> ReLU -> transposed conv
   (patch/4, to 1 channel). With patch 16 that is x16: the output has the input's size.
 - a single-channel output; `two_class_logits` turns it into [-z, z], as the official adapter does.
+- the prompt (`PROMPTS`, `prompt_for`): one description of benign and malignant findings per
+  data set, in the form of the paper's §4.3 prompts.
 
 Our decoder keeps the CLIPSeg authors' own parameter names (`film_mul`, `reduces.N`,
 `blocks.N.self_attn.in_proj_weight`, `blocks.N.linear1`, `trans_conv.N`). `load_clipseg` reads a
@@ -159,6 +161,44 @@ class CLIPSegTaskModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = decode(self.clip, self.head, images, self.prompt_ids)
         return two_class_logits(z, images.shape[-2:])
+
+
+# ----------------------------------------------------------------------------- prompts
+
+# One description of benign and malignant findings per data set, in the form of seed 003's §4.3
+# prompts without their final sentence ("The abnormality in this ... scan is {label}"), which
+# names a class and so cannot condition a class-agnostic mask. LN and BUSI: the paper's words.
+# Thyroid and prostate: the same form from the standard sonographic criteria (ACR TI-RADS;
+# transrectal ultrasound of the prostate). Phantom: the features clip_us.phantom draws.
+_THYROID = ("Benign: Oval, wider-than-tall, smooth margins, isoechoic or spongiform, thin uniform "
+            "halo. Malignant: Taller-than-wide, markedly hypoechoic, solid, irregular or lobulated "
+            "margins, microcalcifications, extrathyroidal extension.")
+PROMPTS = {
+    "ln": ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. Malignant: "
+           "Round, absent hilum, thickened/heterogeneous cortex, microcalcifications, irregular "
+           "margins."),
+    "busi": ("Benign: Oval shape, smooth margins, parallel orientation, homogeneous hypoechoic "
+             "echotexture, posterior enhancement. Malignant: Irregular shape, spiculated margins, "
+             "non-parallel orientation, heterogeneous hypoechoic echotexture, microcalcifications, "
+             "posterior acoustic shadowing."),
+    "ddti": _THYROID, "tn3k": _THYROID,
+    "prostate": ("Benign: Smooth symmetric transition-zone enlargement, well-defined nodules, "
+                 "intact capsule. Malignant: Hypoechoic peripheral-zone lesion, irregular margins, "
+                 "asymmetry, capsular bulge or breach, increased vascularity."),
+    "phantom": ("Benign: Oval shape, smooth margins, posterior enhancement. Malignant: Irregular "
+                "shape, spiculated margins, microcalcifications, posterior acoustic shadowing."),
+}
+
+
+def prompt_for(dataset: str, override: str = "") -> str:
+    """The CLIPSeg prompt of a data set (ln1 and ln2 share LN's); `override` (--prompt) wins."""
+    if override:
+        return override
+    key = "ln" if dataset in ("ln1", "ln2", "ln") else dataset
+    if key not in PROMPTS:
+        raise ValueError(f"no CLIPSeg prompt for data set {dataset!r} (known: {sorted(PROMPTS)}); "
+                         "describe its benign and malignant findings with --prompt")
+    return PROMPTS[key]
 
 
 # ----------------------------------------------------------------------------- loading

@@ -163,3 +163,16 @@ def test_task_model_two_class_logits_and_what_trains():
     torch.testing.assert_close(out[:, 1], core(images, clip_us.tokenize([PROMPT])))
     trainable = {k.split(".")[0] for k, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head"} and "prompt_ids" not in model.state_dict()
+
+
+def test_prompts_per_data_set_fit_77_tokens():
+    from clip_us.prompts import PAPER_PROMPTS
+    for ds in ("ln1", "ln2", "busi", "ddti", "tn3k", "prostate", "phantom"):
+        text = clipseg.prompt_for(ds)
+        assert "Benign:" in text and "Malignant:" in text and "{label}" not in text
+        clip_us.tokenize([text])  # raises beyond 77 tokens
+    assert PAPER_PROMPTS["busi"].startswith(clipseg.prompt_for("busi"))  # the paper's words
+    assert PAPER_PROMPTS["ln"].startswith(clipseg.prompt_for("ln2"))
+    assert clipseg.prompt_for("folder", override="my words") == "my words"
+    with pytest.raises(ValueError, match="--prompt"):
+        clipseg.prompt_for("folder")
