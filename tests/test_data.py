@@ -53,7 +53,7 @@ def write_flat(root: Path, recs, src: Path, images="images", masks="masks", suff
 # ----------------------------------------------------------------------------- layouts
 def test_busi_seg_union_of_masks(busi):
     train, val, test, info = build_datasets(cfg(busi, task="seg"))
-    assert len(train) + len(val) + len(test) == 30 and info["skipped"] == 0
+    assert len(train) + len(val) + len(test) == 30 and info["health"]["skipped_bad"] == 0
     two = [it for ds in (train, val, test) for it in ds.items if len(it.masks) == 2]
     assert two, "fixture has images with _mask and _mask_1"
     it = two[0]
@@ -164,9 +164,9 @@ def test_folder_layout_with_labels_by_name_or_index(busi, tmp_path):
 
 
 def test_phantom_option_generates_once(tmp_path):
-    c = DataConfig(dataset="phantom", root=str(tmp_path / "ph"), size=S, phantom_n=12, phantom_size=64)
+    c = DataConfig(dataset="phantom", root=str(tmp_path / "ph"), size=S, phantom_n=20, phantom_size=64)
     train, val, test, info = build_datasets(c)
-    assert len(train) + len(val) + len(test) == 12
+    assert len(train) + len(val) + len(test) == 20
     meta = tmp_path / "ph" / "metadata.jsonl"
     stamp = meta.stat().st_mtime_ns
     build_datasets(c)
@@ -175,7 +175,7 @@ def test_phantom_option_generates_once(tmp_path):
 
 def test_phantom_default_root_is_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIP_US_CACHE", str(tmp_path))
-    c = DataConfig(dataset="phantom", size=S, phantom_n=6, phantom_size=64)
+    c = DataConfig(dataset="phantom", size=S, phantom_n=20, phantom_size=64)
     _, _, _, info = build_datasets(c)
     assert Path(info["root"]).parent == tmp_path / "phantom"
 
@@ -212,7 +212,7 @@ def test_dataset_output_is_cropped_and_normalised(busi):
     assert 0 <= x.min() and x.max() <= 1
     gray = read_gray(it.image)
     t, b, l, r = imaging_box(gray)
-    ref = np.asarray(Image.fromarray(gray[t:b, l:r]).resize((64, 64), Image.Resampling.BILINEAR))
+    ref = np.asarray(Image.fromarray(gray[t:b, l:r]).resize((64, 64), Image.Resampling.BICUBIC))
     assert torch.allclose(x[0], torch.from_numpy(ref / 255.0).float(), atol=1e-6)
     y = build_datasets(cfg(busi, size=64))[2][0]["image"]
     mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
@@ -353,7 +353,7 @@ def test_corrupt_image(busi, tmp_path):
         build_datasets(cfg(root))
     with pytest.warns(UserWarning, match="skipped 2 bad"):
         sets = build_datasets(cfg(root, skip_bad=True))
-    assert sets[3]["skipped"] == 2 and sum(len(s) for s in sets[:3]) == 28
+    assert sets[3]["health"]["skipped_bad"] == 2 and sum(len(s) for s in sets[:3]) == 28
 
 
 def test_mask_size_differs(busi, tmp_path):
@@ -362,8 +362,8 @@ def test_mask_size_differs(busi, tmp_path):
     Image.open(m).resize((100, 90)).save(m)
     with pytest.raises(DataError, match=r"malignant \(1\)_mask\.png: mask is 100x90.*128x128"):
         build_datasets(cfg(root))
-    assert build_datasets(cfg(root, skip_bad=True))[3]["skipped"] == 1
-    assert build_datasets(cfg(root, task="cls"))[3]["skipped"] == 0, "cls ignores masks"
+    assert build_datasets(cfg(root, skip_bad=True))[3]["health"]["skipped_bad"] == 1
+    assert build_datasets(cfg(root, task="cls"))[3]["health"]["skipped_bad"] == 0, "cls ignores masks"
 
 
 def test_non_binary_mask_thresholded_with_counted_warning(busi, tmp_path):
@@ -371,13 +371,13 @@ def test_non_binary_mask_thresholded_with_counted_warning(busi, tmp_path):
     m = root / "benign" / "benign (1)_mask.png"
     v = np.asarray(Image.open(m)).copy()
     v[v > 0] = 128
-    v[0, :5] = 7                                              # faint values count too (> 0)
+    v[0, :5] = 7                                   # faint values: below half the maximum
     Image.fromarray(v).save(m)
-    with pytest.warns(UserWarning, match=r"1 mask\(s\) are not binary.*benign \(1\)_mask"):
+    with pytest.warns(UserWarning, match=r"1 mask\(s\) are not binary.*benign \(1\)_mask.*0\.5 x"):
         sets = build_datasets(cfg(root, crop=False, size=128))
-    assert sets[3]["nonbinary_masks"] == 1
+    assert sets[3]["health"]["masks_repaired"] == 1 and sets[3]["health"]["mask_threshold"] == 0.5
     x = next(s for ds in sets[:3] for s in (ds[i] for i in range(len(ds))) if s["path"].endswith("benign (1).png"))
-    assert torch.equal(x["mask"], torch.from_numpy(v > 0).long())
+    assert torch.equal(x["mask"], torch.from_numpy(v >= 64).long())
 
 
 def test_image_without_mask_in_segmentation(busi, tmp_path):
@@ -387,7 +387,7 @@ def test_image_without_mask_in_segmentation(busi, tmp_path):
         m.unlink()
     with pytest.raises(DataError, match=r"benign \(4\)\.png: no mask"):
         build_datasets(cfg(root))
-    assert build_datasets(cfg(root, skip_bad=True))[3]["skipped"] == 1
+    assert build_datasets(cfg(root, skip_bad=True))[3]["health"]["skipped_bad"] == 1
 
 
 def test_empty_folders(tmp_path):
@@ -404,7 +404,7 @@ def test_empty_folders(tmp_path):
 
 def test_unknown_label_in_labels_csv(busi, tmp_path):
     root = tmp_path / "f"
-    recs = records(busi)[:10]
+    recs = records(busi)[:21]
     write_flat(root, recs, busi)
     rows = [f"case{r['index']:03d}.png,{r['label']}" for r in recs]
     rows[3] = rows[3].split(",")[0] + ",suspicious"
@@ -413,7 +413,8 @@ def test_unknown_label_in_labels_csv(busi, tmp_path):
         build_datasets(cfg(root, dataset="folder", task="cls"))
     with pytest.warns(UserWarning, match="skipped"):
         sets = build_datasets(cfg(root, dataset="folder", task="cls", skip_bad=True))
-    assert sum(len(s) for s in sets[:3]) == 9
+    assert sum(len(s) for s in sets[:3]) == 20
+    assert sets[3]["health"]["bad_label_rows"] == 1 and sets[3]["health"]["skipped_bad"] == 1
 
 
 def test_split_file_naming_a_missing_image(busi, tmp_path):
@@ -427,7 +428,9 @@ def test_split_file_naming_a_missing_image(busi, tmp_path):
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         sets = build_datasets(cfg(busi, split_path=str(path), skip_bad=True))
-    assert sets[3]["skipped"] == 1 and len(sets[1]) == len(saved["val"]) - 1
+    health = sets[3]["health"]
+    assert health["missing_split_entries"] == 1 and health["skipped_bad"] == 0, "an entry, not an image"
+    assert len(sets[1]) == len(saved["val"]) - 1
 
 
 def test_unknown_dataset_and_task():
