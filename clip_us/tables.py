@@ -315,7 +315,22 @@ def collect(runs_dir):
     chosen, notes = _newest(found)
     # Eval-only notes only for the results shown, so a superseded one does not leave a stray note.
     shown = {id(r) for r in chosen.values()}
-    return chosen, [(_key(r), text) for r, text in eval_notes if id(r) in shown] + notes
+    notes = [(_key(r), text) for r, text in eval_notes if id(r) in shown] + notes
+    return chosen, notes + [(k, _dinov2_note(r)) for k, r in chosen.items() if _dinov2_note(r)]
+
+
+def _dinov2_note(res) -> str:
+    """Which DINOv2 a row used: the paper's rows come from a model without layer-scale."""
+    cfg = res.get("config") or {}
+    if cfg.get("backbone") != "dinov2":
+        return ""
+    if cfg.get("dinov2_official"):
+        built = ("--dinov2-official: built without layer-scale, every ls1/ls2 gamma of the "
+                 "checkpoint ignored, as the official code's strict=False load did (the paper's rows)")
+    else:
+        built = "DINOv2 with its layer-scale, as published (the paper's rows ran without it)"
+    head = cfg.get("head", "official")
+    return f"{built}; {head} head at {cfg.get('image_size', '?')} px."
 
 
 # ----------------------------------------------------------------------------- rendering

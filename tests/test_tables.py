@@ -175,6 +175,20 @@ def test_contrastive_results_are_listed_not_tabled(tmp_path):
     assert "(contrastive, train_contrastive.py: not a table row): `c/results.json`" in text
 
 
+def test_dinov2_rows_say_which_model_they_used(tmp_path):
+    cfg = {"backbone": "dinov2", "image_size": 518, "head": "official"}
+    _write(tmp_path, "a", {**_seg(row="DINOv2"), "config": cfg})
+    _write(tmp_path, "b", {**_seg("ln2", row="DINOv2"), "config": {**cfg, "dinov2_official": True}})
+    _write(tmp_path, "c", {**_seg(), "config": {"backbone": "clip", "image_size": 224}})
+    text = tables.render(*tables.collect(tmp_path))
+    one, two = (_row_cells(text, f"### {ds}", "DINOv2")[0] for ds in ("LN-1", "LN-2"))
+    notes = {ln.split("]:")[0][2:]: ln for ln in text.splitlines() if ln.startswith("[^")}
+    assert "with its layer-scale" in notes[one.split("[^")[1].rstrip("]")]
+    assert "--dinov2-official" in notes[two.split("[^")[1].rstrip("]")]
+    assert "518 px" in notes[one.split("[^")[1].rstrip("]")]
+    assert "[^" not in _row_cells(text, "### LN-1", "CLIP (Mona)")[0]  # no note on other rows
+
+
 def test_bad_results_files_raise_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no results.json"):
         tables.collect(tmp_path)
