@@ -82,13 +82,13 @@ class DataConfig:
     clip_norm: bool = True            # CLIP mean/std; False = [0, 1] pixels as the official code
     keep_normal: bool = False         # BUSI normal images as class 2 (else left out, counted)
     skip_bad: bool = False            # skip bad files (counted in info) instead of raising
-    split_path: str | None = None     # the run's split.json: reused when it matches the data, written when absent
+    split_path: str | None = None     # the run's split.json: reused if made for this data, else written
     split_file: str | None = None     # a split JSON to use as it is, whatever data it was made for
-    require_split: bool = True        # train, val and test must all be non-empty (False: eval on all images)
+    require_split: bool = True        # train, val, test all non-empty (False: evaluate every image)
     nextgen_name: str | None = None   # <DS> of the nextgen layout (default: the only one)
     train_aug: bool = True            # augment the training set
-    crop: bool | None = None          # crop the imaging region; None: every layout but nextgen/prostate
-    mask_threshold: float = 0.5       # lesion: value >= this fraction of the mask's maximum (0: any value > 0)
+    crop: bool | None = None          # crop the imaging region; None: all but nextgen/prostate
+    mask_threshold: float = 0.5       # lesion: value >= this x the mask's maximum (0: any value > 0)
     check_files: bool = True          # decode every file once when building (finds bad files)
     phantom_n: int = 200              # phantom: number of images
     phantom_size: int = 256           # phantom: side of the generated images
@@ -717,6 +717,8 @@ PHOTOMETRIC = (  # the official strong-augmentation list with its ranges
 
 def _resized_crop(im, mask, size: int):
     # Scale up to 1.2 cannot fit: get_params then falls back to the whole (square) image.
+    # torchvision's RandomResizedCrop default (bilinear) for the image, as the official code
+    # uses that transform; the initial resize in UltrasoundDataset.load is PIL's bicubic.
     i, j, h, w = T.RandomResizedCrop.get_params(im, scale=(0.8, 1.2), ratio=(1.0, 1.0))
     im = TF.resized_crop(im, i, j, h, w, [size, size], T.InterpolationMode.BILINEAR)
     if mask is not None:
@@ -847,8 +849,10 @@ def build_datasets(cfg: DataConfig):
     if cfg.check_files:
         items, stats = check_items(items, cfg, tally)
     if not items:
+        eg = f"; first: {tally.messages[0]}" if tally.messages else ""
         raise DataError(f"{root}: no usable images ({len(tally.skipped)} skipped as bad, "
-                        f"{len(tally.normal)} normal left out, {len(tally.duplicates)} duplicates)")
+                        f"{len(tally.normal)} normal left out, {len(tally.duplicates)} "
+                        f"duplicates){eg}")
     if stats.get("empty_masks") == len(items):
         raise DataError(f"{root}: every mask is empty (e.g. {stats['empty']}), so there is no "
                         f"lesion to segment; check the masks folder and the mask files")
