@@ -37,8 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from .labels import CLASSES
+
 ORGANS = ("breast", "thyroid", "lymph node", "liver")
-CLASS_NAMES = ("benign", "malignant", "normal")
 
 
 @dataclass
@@ -273,7 +274,7 @@ def _draw_overlays(rng, img, geo: dict, lesion, organ: str, depth_mm: float, cal
 
 # ----------------------------------------------------------------------------- attributes
 def _attributes(label: int, organ: str, shape, masks, geo, sector, mm_per_px, calcs) -> dict:
-    base = {"organ": organ, "probe": "convex" if sector else "linear", "condition": CLASS_NAMES[label],
+    base = {"organ": organ, "probe": "convex" if sector else "linear", "condition": CLASSES[label],
             "n_lesions": len(masks)}
     if label == 2:
         return {**base, "finding": "no focal lesion"}
@@ -351,7 +352,7 @@ def make_sample(index: int, cfg: PhantomConfig = PhantomConfig()) -> dict:
     mm_per_px = depth_mm / (geo["box"][1] - geo["box"][0])
     attrs = _attributes(label, organ, shape, masks, geo, sector, mm_per_px, calcs)
     return {"image": img, "mask": union, "masks": masks, "fov": geo["fov"], "label": label,
-            "label_name": CLASS_NAMES[label], "organ": organ, "attributes": attrs,
+            "label_name": CLASSES[label], "organ": organ, "attributes": attrs,
             "findings": findings_sentence(attrs), "index": index}
 
 
@@ -404,7 +405,7 @@ def write_dataset(root, cfg: PhantomConfig = PhantomConfig()) -> Path:
 
 
 def _write_all(tmp: Path, cfg: PhantomConfig) -> None:
-    counts = {c: 0 for c in CLASS_NAMES}
+    counts = {c: 0 for c in CLASSES}
     records = []
     for sample in iter_samples(cfg):
         cls = sample["label_name"]
