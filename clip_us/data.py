@@ -628,28 +628,29 @@ def load_split(saved: dict, path: Path, root: Path, items: list[Item], tally: Ta
     return parts
 
 
-def get_split(items, predefined, root: Path, cfg: DataConfig, tally: Tally) -> tuple[dict, str]:
-    """cfg.split_file as it is; else the run's split.json when it matches the data; else a new
-    split, written to split_path with the root and fingerprint it belongs to."""
+def get_split(items, predefined, root: Path, cfg: DataConfig, tally: Tally):
+    """(split, how, whether to save it): cfg.split_file as it is; else the run's split.json when
+    it was made for this data; else a new split."""
     path = Path(cfg.split_path) if cfg.split_path else None
     if cfg.split_file:
         src = Path(cfg.split_file)
         if not src.is_file():
             raise DataError(f"{src}: split file not found; check --split-file")
-        split, how = load_split(read_split_json(src), src, root, items, tally), f"from {src}"
-        if path is None or path.resolve() == src.resolve():
-            return split, how
-    elif path is not None and path.is_file():
+        split = load_split(read_split_json(src), src, root, items, tally)
+        return split, f"from {src}", path is not None and path.resolve() != src.resolve()
+    if path is not None and path.is_file():
         saved = read_split_json(path)
         check_same_data(saved, path, root, items)
-        return load_split(saved, path, root, items, tally), f"reused {path}"
-    else:
-        split, how = make_split(items, predefined, cfg.seed)
-    if path is not None:
-        write_json(path, {"dataset": cfg.dataset, "root": str(root.resolve()), "task": cfg.task,
-                          "seed": cfg.seed, "how": how, "n_items": len(items),
-                          "fingerprint": fingerprint(items), **split}, indent=1)
-    return split, how
+        return load_split(saved, path, root, items, tally), f"reused {path}", False
+    split, how = make_split(items, predefined, cfg.seed)
+    return split, how, path is not None
+
+
+def save_split(path: Path, split: dict, how: str, items: list[Item], root: Path, cfg: DataConfig):
+    """split.json with the root and item fingerprint it belongs to (see check_same_data)."""
+    write_json(path, {"dataset": cfg.dataset, "root": str(root.resolve()), "task": cfg.task,
+                      "seed": cfg.seed, "how": how, "n_items": len(items),
+                      "fingerprint": fingerprint(items), **split}, indent=1)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -856,11 +857,13 @@ def build_datasets(cfg: DataConfig):
     if stats.get("empty_masks") == len(items):
         raise DataError(f"{root}: every mask is empty (e.g. {stats['empty']}), so there is no "
                         f"lesion to segment; check the masks folder and the mask files")
-    split, how = get_split(items, predefined, root, cfg, tally)
+    split, how, save = get_split(items, predefined, root, cfg, tally)
     by_key = {it.key: it for it in items}
     sets = {k: UltrasoundDataset([by_key[key] for key in split[k]], cfg, train=k == "train")
             for k in ("train", "val", "test")}
     _check_split_sizes(sets, how, cfg)
+    if save:                                   # only once every check has passed
+        save_split(Path(cfg.split_path), split, how, items, root, cfg)
     info = _summary(cfg, root, how, sets, tally)
     info["health"] = health(tally, stats, sets, len(items), cfg)
     for line in health_lines(info["health"], tally, stats, cfg):

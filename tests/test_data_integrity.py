@@ -314,8 +314,10 @@ def test_tiny_data_refused_up_front(tmp_path, monkeypatch):
         build_datasets(DataConfig(dataset="phantom", phantom_n=3, phantom_size=32, size=32))
     assert not (tmp_path / "cache").exists(), "refused before generating anything"
     root = lesion_set(tmp_path / "small", n=6)
+    split = tmp_path / "run" / "split.json"
     with pytest.raises(DataError, match=rf"set would be empty: 6 usable images .* at least {MIN_IMAGES}"):
-        build_datasets(cfg(root))
+        build_datasets(cfg(root, split_path=str(split)))
+    assert not split.parent.exists(), "a refused data set writes no split.json"
     sets = quiet_build(cfg(root, require_split=False))      # evaluation on every image
     assert sum(len(s) for s in sets[:3]) == 6
     with pytest.raises(DataError, match="image size 0"):
