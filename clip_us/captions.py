@@ -281,6 +281,8 @@ def template_caption(rec: dict, rng: random.Random, weights=TIER_WEIGHTS,
 # Scripts written without spaces between words: each character (or emoji) is its own word.
 STANDALONE = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}"
                            r"\p{Myanmar}\p{Extended_Pictographic}\p{Regional_Indicator}]")
+# A whole grapheme cluster that starts with such a character (the search runs in C).
+STANDALONE_CLUSTER = regex.compile(r"(?=" + STANDALONE.pattern + r")\X")
 SENTENCE_END = regex.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[”’」』）]*")
 CLAUSE_MARK = regex.compile(r"[,;:]+(?=\s)|[，；：、]|\s[-–—](?=\s)")
 TRAILING = " \t\r\n,;:，；：、-–—"
@@ -303,9 +305,8 @@ def word_cuts(text: str) -> list:
     """Word ends: before whitespace, and around every grapheme cluster of a CJK/Thai character
     or emoji (a whole cluster: 👍🏽 and ZWJ families stay together)."""
     cuts = [m.start() for m in regex.finditer(r"\s+", text)]
-    for m in regex.finditer(r"\X", text):
-        if STANDALONE.match(m.group()):
-            cuts += [m.start(), m.end()]
+    for m in STANDALONE_CLUSTER.finditer(text):
+        cuts += [m.start(), m.end()]
     return cuts
 
 
@@ -315,17 +316,18 @@ def grapheme_cuts(text: str) -> list:
 
 
 def _longest_fitting(text: str, cuts, context_length: int, tokenizer) -> str | None:
-    """The longest prefix text[:cut] (trailing separators stripped) that fits. Prefixes are
-    tried from the shortest and the first that does not fit stops the search: a fitting
-    caption is short, so this costs a few encodes however long the text is."""
-    best = None
-    for cut in sorted(set(cuts)):
-        candidate = text[:cut].rstrip(TRAILING)
-        if not candidate:
-            continue
-        if token_count(candidate, tokenizer) > context_length:
-            break
-        best = candidate
+    """The longest prefix text[:cut] (trailing separators stripped) that fits, by bisection
+    over the cuts: a longer prefix has at least as many tokens, so about log2(len(cuts))
+    encodes find it. Only prefixes that were measured to fit are returned."""
+    cuts, best = sorted(set(cuts)), None
+    lo, hi = 0, len(cuts)             # cuts[:lo] fit (as far as measured), cuts[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = text[:cuts[mid]].rstrip(TRAILING)
+        if token_count(candidate, tokenizer) <= context_length:
+            best, lo = (candidate or best), mid + 1
+        else:
+            hi = mid
     return best
 
 
