@@ -23,10 +23,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import clip_us
-from clip_us import engine, metrics, prompts, tables, viz
+from clip_us import metrics, prompts, tables, viz
 from clip_us.adapters import AdapterConfig
-from clip_us.backbone import adapt, build_clip
+from clip_us.config import parse_config
 from clip_us.data import DataConfig, build_datasets
+from clip_us.distributed import setup_distributed
+from clip_us.fileio import write_json
+from clip_us.runs import default_out_dir, row_name, summarize_seeds
+from clip_us.taskmodel import adapt, build_clip
 from clip_us.tokenizer import tokenize
 
 ZS_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
@@ -60,13 +64,13 @@ class Config:
     out_dir: str = ""
 
 
-cfg = engine.parse_config(Config, description=__doc__.splitlines()[0])
-_, _, device = engine.setup_distributed(cfg.device)
-row = engine.row_name("clip", cfg.adapter, bool(cfg.init))
-out = Path(cfg.out_dir or engine.default_out_dir("zeroshot", cfg.dataset, row))
+cfg = parse_config(Config, description=__doc__.splitlines()[0])
+_, _, device = setup_distributed(cfg.device)
+row = row_name("clip", cfg.adapter, bool(cfg.init))
+out = Path(cfg.out_dir or default_out_dir("zeroshot", cfg.dataset, row))
 print(json.dumps(dataclasses.asdict(cfg), indent=2))
 out.mkdir(parents=True, exist_ok=True)
-engine.write_json(out / "config.json", dataclasses.asdict(cfg))
+write_json(out / "config.json", dataclasses.asdict(cfg))
 
 # ----------------------------------------------------------------------------- model and prompts
 adapter_cfg = AdapterConfig(kind=cfg.adapter)
@@ -129,14 +133,14 @@ print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
 results = {
     "script": "zeroshot.py", "task": "zeroshot", "dataset": cfg.dataset, "row": row,
     "backbone": "clip", "adapter": cfg.adapter, "init": cfg.init or None, "seeds": [],
-    "metrics": engine.summarize_seeds([report], ZS_METRICS),
+    "metrics": summarize_seeds([report], ZS_METRICS),
     "confusion_matrix": report["confusion_matrix"], "prompts": class_prompts,
     "units": {k: "fraction" for k in ZS_METRICS}, "n_test": len(rows), "n_dropped": 0,
     "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
 }
 if cfg.weights == "none":
     results["warning"] = "random weights: these numbers say nothing about CLIP"
-engine.write_json(out / "predictions.json", rows)
+write_json(out / "predictions.json", rows)
 tables.write_results(out, results)
 viz.save_roc_svg([r["prob"] for r in rows], [r["label"] for r in rows], out / "roc.svg",
                  f"{row} zero-shot on {cfg.dataset}")

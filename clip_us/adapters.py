@@ -1,9 +1,16 @@
-"""The training scripts' `--adapter none|lora|mona`: config, apply, checkpoints, parameter counts.
+"""The scripts' `--adapter none|lora|mona`: config, apply, the freezing rule, checkpoints, counts.
 
-The adapters themselves are in lora.py and mona.py (seed 003 §3.1; DESIGN.md "LoRA", "Mona in
-CLIP", "Which parameters train"). Both go on the vision tower only. A checkpoint stores
-`adapter_config` (this dataclass, as a dict) beside `adapter_state_dict`; loading checks that the
-model was built with the same settings and names any mismatch.
+The adapters themselves are in lora.py and mona.py (seed 003 §3.1); both go on the vision tower
+only. This file holds the one list of adapter key patterns (ADAPTER_KEYS), the one freezing rule
+(`freeze_backbone`, the official code's) and the one adapter-checkpoint format:
+
+- a checkpoint stores `adapter_config` (AdapterConfig as a dict) beside `adapter_state_dict`
+  (adapter tensors only, CLIP key names such as `visual.transformer.resblocks.3.mona2...`);
+  head weights are never in it, so `--init` never imports a head;
+- a task model's checkpoint adds `head_state_dict` and, when backbone weights train,
+  `model_state_dict` (`checkpoint_tensors` / `load_task_state`);
+- `load_adapter(model, path)` reads such a file, adds the adapter when the model lacks it, checks
+  the settings and loads the tensors. Other file formats plug in at `read_adapter`.
 """
 from __future__ import annotations
 
@@ -11,14 +18,18 @@ from dataclasses import dataclass, fields
 
 import torch.nn as nn
 
-from .lora import (ADAPTER_PATTERNS, LORA_TYPES, adapter_state_dict, add_lora, lora_settings,
-                   mark_only_trainable)
+from .checkpoint import load_checkpoint
+from .lora import LORA_TYPES, add_lora, lora_settings, mark_only_trainable
 from .mona import add_mona, mona_settings
 
-__all__ = ["AdapterConfig", "apply_adapter", "adapter_config_of", "load_adapter_state_dict",
-           "adapter_state_dict", "mark_only_trainable", "count_parameters", "format_count"]
+__all__ = ["AdapterConfig", "apply_adapter", "adapter_config_of", "load_adapter",
+           "load_adapter_state_dict", "adapter_state_dict", "freeze_backbone",
+           "checkpoint_tensors", "load_task_state", "count_parameters", "format_count"]
 
 KINDS = ("none", "lora", "mona")
+# The one list of adapter key patterns: LoRA's tensors contain "lora_", Mona's "mona".
+ADAPTER_KEYS = ("lora_", "mona")
+HEAD = "head."  # a task model's head (heads.TaskModel.head)
 # Settings that change the tensors or what they compute. Dropout does not, so a checkpoint may
 # be loaded with another dropout rate.
 CHECKED = {"lora": ("r", "alpha", "scaling", "targets"), "mona": ("bottleneck", "placement")}
@@ -50,6 +61,20 @@ class AdapterConfig:
         return cls(**d)
 
 
+def is_adapter_key(name: str) -> bool:
+    return any(a in name for a in ADAPTER_KEYS) and not name.startswith(HEAD)
+
+
+def freeze_backbone(model: nn.Module, train_adapters: bool = True) -> nn.Module:
+    """The official code's rule: every backbone parameter whose name has no adapter key is frozen.
+
+    The head (`head.*`) trains; the adapters train unless `train_adapters` is False (how the
+    official code ends up treating LoRA in the supervised stage: `--adapter-train no`).
+    """
+    patterns = (HEAD,) + (ADAPTER_KEYS if train_adapters else ())
+    return mark_only_trainable(model, patterns)
+
+
 def apply_adapter(model: nn.Module, cfg: AdapterConfig, freeze: bool = True) -> nn.Module:
     """Add cfg's adapter to the vision tower of `model` (a CLIP or VisionTransformer), in place.
 
@@ -63,7 +88,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, freeze: bool = True) -> 
         add_mona(visual, bottleneck=cfg.bottleneck, placement=cfg.placement,
                  dropout=cfg.mona_dropout)
     if freeze and cfg.kind != "none":
-        mark_only_trainable(model)
+        freeze_backbone(model)
     return model
 
 
@@ -106,11 +131,17 @@ def _show(v):
     return ",".join(v) if isinstance(v, (tuple, list)) else v
 
 
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Only the adapter tensors of model.state_dict(), keys unchanged; never a head's."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
 def load_adapter_state_dict(model: nn.Module, sd: dict, adapter_config) -> nn.Module:
-    """Load adapter (and head) tensors saved by adapter_state_dict, after checking the settings.
+    """Load adapter tensors saved by adapter_state_dict, after checking the settings.
 
     `adapter_config` is the checkpoint's AdapterConfig or its dict. Every adapter tensor of the
-    model must be in `sd`, every key of `sd` must be in the model, and shapes must agree.
+    model must be in `sd`, every key of `sd` must be an adapter tensor of the model, and shapes
+    must agree.
     """
     saved = adapter_config if isinstance(adapter_config, AdapterConfig) else \
         AdapterConfig.from_dict(dict(adapter_config))
@@ -118,19 +149,69 @@ def load_adapter_state_dict(model: nn.Module, sd: dict, adapter_config) -> nn.Mo
     if any(isinstance(m, LORA_TYPES) and m.lora_merged for m in model.modules()):
         raise ValueError("the model's LoRA is merged: call unmerge_lora(model) before loading "
                          "adapter weights, or they would be added on top of the merged ones")
-    own = model.state_dict()
+    own = adapter_state_dict(model)
     unexpected = [k for k in sd if k not in own]
-    heads = any("head" in k for k in sd)
-    missing = [k for k in own if k not in sd and any(p in k for p in ADAPTER_PATTERNS)
-               and (heads or "head" not in k)]
+    missing = [k for k in own if k not in sd]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
              if k in own and sd[k].shape != own[k].shape]
-    for what, keys in (("not in the model", unexpected), ("missing from the checkpoint", missing),
+    for what, keys in (("not adapter tensors of the model", unexpected),
+                       ("missing from the checkpoint", missing),
                        ("with the wrong shape (checkpoint vs model)", wrong)):
         if keys:
             raise ValueError(f"adapter state dict: {len(keys)} keys {what}: {keys[:5]}"
                              f"{' ...' if len(keys) > 5 else ''}")
     model.load_state_dict(sd, strict=False)
+    return model
+
+
+def read_adapter(path) -> tuple[AdapterConfig, dict]:
+    """(adapter settings, adapter tensors) from a file. Today: checkpoints written by clip_us
+    (any script's best.pt / last.pt). Other formats get their reader here."""
+    ckpt = load_checkpoint(path)
+    if "adapter_config" not in ckpt or "adapter_state_dict" not in ckpt:
+        raise KeyError(f"{path} has no adapter_config/adapter_state_dict; it must be a "
+                       f"checkpoint written by a clip_us script")
+    return AdapterConfig.from_dict(dict(ckpt["adapter_config"])), ckpt["adapter_state_dict"]
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Give `model` (a CLIP or its vision tower) the adapter saved at `path`, with its weights.
+
+    The adapter is added (unfrozen: requires_grad is left as it is) when the model has none;
+    a model that has a different adapter, or other settings, is an error naming them.
+    """
+    cfg, sd = read_adapter(path)
+    if cfg.kind != "none" and adapter_config_of(model).kind == "none":
+        apply_adapter(model, cfg, freeze=False)
+    return load_adapter_state_dict(model, sd, cfg)
+
+
+def backbone_trains(model: nn.Module) -> bool:
+    """True when a parameter outside the head and the adapters requires grad."""
+    return any(p.requires_grad for k, p in model.named_parameters()
+               if not k.startswith(HEAD) and not is_adapter_key(k))
+
+
+def checkpoint_tensors(model: nn.Module) -> dict:
+    """A model's tensors in the checkpoint layout: `adapter_state_dict` (CLIP key names, so
+    `--init` works across scripts), `head_state_dict`, and `model_state_dict` (everything but
+    the head) only when backbone weights train."""
+    sd = model.state_dict()
+    out = {"adapter_state_dict": adapter_state_dict(model),
+           "head_state_dict": {k[len(HEAD):]: v for k, v in sd.items() if k.startswith(HEAD)}}
+    if backbone_trains(model):
+        out["model_state_dict"] = {k: v for k, v in sd.items() if not k.startswith(HEAD)}
+    return out
+
+
+def load_task_state(model: nn.Module, ckpt: dict) -> nn.Module:
+    """Inverse of checkpoint_tensors. Differing adapter settings or keys are errors naming them."""
+    if "model_state_dict" in ckpt:
+        model.load_state_dict(ckpt["model_state_dict"], strict=False)
+    if "adapter_config" in ckpt:
+        load_adapter_state_dict(model, ckpt["adapter_state_dict"], ckpt["adapter_config"])
+    if ckpt.get("head_state_dict"):
+        model.head.load_state_dict(ckpt["head_state_dict"])
     return model
 
 

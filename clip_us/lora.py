@@ -25,7 +25,6 @@ from .model import MLP, Attention
 
 QKV = ("q", "k", "v")
 TARGETS = ("q", "k", "v", "o", "mlp")
-ADAPTER_PATTERNS = ("lora_", "mona", "head")
 
 
 def lora_scaling(r: int, alpha: float, scaling: str) -> float:
@@ -221,20 +220,21 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def mark_only_trainable(model: nn.Module, patterns=ADAPTER_PATTERNS) -> nn.Module:
+def mark_only_trainable(model: nn.Module, patterns=("lora_",)) -> nn.Module:
     """requires_grad only for parameters whose name contains one of `patterns`; freeze the rest.
 
-    The defaults fit clip_us: LoRA ("lora_"), Mona ("mona") and a task model's `head`.
+    The default keeps LoRA's tensors trainable; add your own patterns for a head, e.g.
+    `mark_only_trainable(model, ("lora_", "classifier."))`.
     """
     named = list(model.named_parameters())
     for name, p in named:
         p.requires_grad_(any(pat in name for pat in patterns))
     if not any(p.requires_grad for _, p in named):
         raise ValueError(f"no parameter name contains any of {patterns}: add adapters "
-                         f"(add_lora / add_mona) or a head before freezing the rest")
+                         f"(add_lora) or a head before freezing the rest")
     return model
 
 
-def adapter_state_dict(model: nn.Module, patterns=ADAPTER_PATTERNS) -> dict:
-    """Only the adapter (and head) tensors of model.state_dict(), keys unchanged."""
-    return {k: v for k, v in model.state_dict().items() if any(p in k for p in patterns)}
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the LoRA tensors of model.state_dict(), keys unchanged."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}

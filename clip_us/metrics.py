@@ -47,6 +47,8 @@ from scipy.ndimage import distance_transform_edt
 from scipy.stats import rankdata
 
 SEG_METRICS = ("dice", "iou", "hd95", "asd_directed", "assd")
+SEG_UNITS = {"dice": "fraction", "iou": "fraction", "hd95": "px", "asd_directed": "px",
+             "assd": "px"}
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -225,6 +227,12 @@ def summarize(values: Sequence[float]) -> dict:
             "n": n, "n_dropped": int(v.size - n)}
 
 
+def per_image(pred, gt, spacing=None) -> dict:
+    """Every SEG_METRICS value of one (prediction, ground truth) pair."""
+    return {"dice": dice(pred, gt), "iou": iou(pred, gt), "hd95": hd95(pred, gt, spacing),
+            "asd_directed": asd(pred, gt, spacing=spacing), "assd": assd(pred, gt, spacing)}
+
+
 def segmentation_report(preds, gts=None, spacing=None) -> dict:
     """Per-image metrics averaged over images, non-finite values dropped and counted.
 
@@ -239,14 +247,8 @@ def segmentation_report(preds, gts=None, spacing=None) -> dict:
     preds, gts = list(preds), list(gts)
     if len(preds) != len(gts):
         raise ValueError(f"segmentation_report: {len(preds)} predictions but {len(gts)} ground truths.")
-    rows = {k: [] for k in SEG_METRICS}
-    for p, g in zip(preds, gts):
-        rows["dice"].append(dice(p, g))
-        rows["iou"].append(iou(p, g))
-        rows["hd95"].append(hd95(p, g, spacing))
-        rows["asd_directed"].append(asd(p, g, spacing=spacing))
-        rows["assd"].append(assd(p, g, spacing))
-    return {k: summarize(v) for k, v in rows.items()}
+    per = [per_image(p, g, spacing) for p, g in zip(preds, gts)]
+    return {k: summarize([r[k] for r in per]) for k in SEG_METRICS}
 
 
 # ----------------------------------------------------------------------------- classification

@@ -1,0 +1,230 @@
+"""The one training loop: optimiser and schedule, epochs, validation, early stopping, checkpoints.
+
+Every training script calls `train` (train_seg.py, train_cls.py, train_contrastive.py, ...):
+nothing else in the project runs an optimiser step. The script supplies what differs:
+
+- `loss_step(batch, model) -> loss`: the forward and the loss of one batch (the loop does not
+  know what a batch holds);
+- `evaluate(model) -> (score, metrics)`: the validation score that picks the best checkpoint
+  (`best="max"` for a metric such as Dice, `best="min"` for a validation loss);
+- `Settings`: the recipe. Seed 003 §4.2 and its official code: AdamW (lr 1e-4, betas (0.9,
+  0.95), weight decay 0.01), cosine schedule per iteration down to 1e-8, batch 32. EchoCare-CLIP
+  steps its schedule per epoch; the official contrastive code clips gradients at 1.0 and skips
+  batches with a non-finite loss.
+
+Checkpoints (`out_dir/best.pt`, `out_dir/last.pt`) are written atomically by rank 0 and hold the
+model's tensors in the adapters.checkpoint_tensors layout plus `extra` (config, version, ...);
+last.pt adds the optimiser, scheduler, RNG state and loop state for `resume`. Every epoch re-seeds
+from (seed, epoch), so a resumed run's losses equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .adapters import checkpoint_tensors, load_task_state
+from .checkpoint import (epoch_seed, load_checkpoint, rng_state, save_checkpoint, seed_everything,
+                         set_rng_state)
+from .distributed import all_finite, barrier, is_distributed
+
+
+@dataclass
+class Settings:
+    """The recipe of one training run; `Settings.of(cfg)` takes the fields a script config has."""
+    epochs: int = 200
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.01
+    decay: str = "all"          # "all" trainable parameters (official code) | "matrices" (no decay
+    #                             on norms, biases and embeddings: open_clip's convention)
+    schedule: str = "iter"      # cosine stepped per "iter" (seed 003) or per "epoch" (EchoCare)
+    min_lr: float = 1e-8
+    grad_clip: float = 0.0      # max gradient norm; 0 = no clipping
+    eval_every: int = 10        # validate every N epochs, and after the last one
+    patience: int = 15          # stop after N validations without improvement
+    best: str = "max"           # "max": highest validation score wins; "min": lowest
+    nonfinite: str = "stop"     # a non-finite loss: "stop" the run, or "skip" the batch
+    max_skips: int = 5          # with "skip": this many non-finite batches in a row stop the run
+    amp: bool = True            # bf16 autocast on CUDA (a no-op on the CPU)
+    metric: str = "score"       # the score's name on the console
+
+    def __post_init__(self):
+        for name, allowed in (("decay", ("all", "matrices")), ("schedule", ("iter", "epoch")),
+                              ("best", ("max", "min")), ("nonfinite", ("stop", "skip"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def of(cls, cfg, **fixed) -> "Settings":
+        """Settings from any config object holding some of these fields, `fixed` on top."""
+        have = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        return cls(**{**have, **fixed})
+
+
+# ----------------------------------------------------------------------------- optimisation
+def param_groups(model: nn.Module, weight_decay: float, decay: str = "all") -> list[dict]:
+    """Trainable parameters in two groups; with decay="matrices", norms, biases and embeddings
+    go in the group without weight decay (the usual convention; open_clip does the same)."""
+    on, off = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = decay == "matrices" and (p.ndim < 2 or "embedding" in name or "ln_" in name
+                                        or "norm" in name)
+        (off if skip else on).append(p)
+    return [{"params": on, "weight_decay": weight_decay}, {"params": off, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, s: Settings) -> torch.optim.AdamW:
+    groups = param_groups(model, s.weight_decay, s.decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters: check --adapter / --adapter-train")
+    return torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas))
+
+
+def cosine_schedule(optimizer, total_steps: int, min_lr: float = 1e-8):
+    """Cosine annealing per step from each group's lr to min_lr (CosineAnnealingLR's curve)."""
+    floor = min_lr / optimizer.param_groups[0]["lr"]
+
+    def factor(step):
+        t = min(step, total_steps) / max(1, total_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; on the CPU autocast is slower than fp32, so it is a no-op there."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_loader(dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
+                 world: int = 1) -> DataLoader:
+    """Shuffled batches through a DistributedSampler (in one process too: its set_epoch makes
+    each epoch's order a function of (seed, epoch), which resume relies on)."""
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed)
+    # drop_last avoids a tiny last batch, but never when a rank's share is a single batch.
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        drop_last=len(sampler) > batch_size)
+    if len(loader) == 0:
+        raise ValueError(f"no training batch: {len(dataset)} training images over {world} "
+                         f"ranks; add data or lower --batch-size")
+    return loader
+
+
+# ----------------------------------------------------------------------------- loop helpers
+def batch_size(batch) -> int:
+    """Items in a batch: the length of its first tensor (dict, tuple or tensor batches)."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else \
+        batch[0] if isinstance(batch, (tuple, list)) else batch
+    return len(first)
+
+
+def is_better(score, best, mode: str) -> bool:
+    """A score without a finite value (None or NaN) is never better than a finite one."""
+    if score is None or math.isnan(score):
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
+def on_nonfinite(loss, s: Settings, in_row: int, where: str) -> int:
+    """Count a skipped batch, or stop: the last good checkpoint is kept either way."""
+    if s.nonfinite == "stop" or in_row + 1 >= s.max_skips:
+        why = "" if s.nonfinite == "stop" else f" in {in_row + 1} batches in a row"
+        raise FloatingPointError(f"loss became {loss.item()}{why} in {where}; the last good "
+                                 f"checkpoint is kept. Lower --lr or check the data.")
+    return in_row + 1
+
+
+def resume_from(path: Path, model, opt, sched) -> dict:
+    ck = load_checkpoint(path)
+    load_task_state(model, ck)
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    set_rng_state(ck["rng"])
+    print(f"resumed from {path} at epoch {ck['state']['epoch']}")
+    return ck["state"]
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, settings: Settings,
+          extra: dict | None = None, log=lambda **record: None, is_main: bool = True,
+          resume: bool = False) -> dict:
+    """Train `model` in place; returns the loop state and leaves the best weights loaded."""
+    s, extra, device = settings, extra or {}, next(model.parameters()).device
+    net = DistributedDataParallel(model) if is_distributed() else model
+    opt = build_optimizer(model, s)
+    sched = cosine_schedule(opt, s.epochs * (len(loader) if s.schedule == "iter" else 1), s.min_lr)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {"epoch": 0, "best_score": None, "best_epoch": -1, "bad": 0, "skipped": 0}
+    last, best = Path(out_dir) / "last.pt", Path(out_dir) / "best.pt"
+    if resume and last.exists():
+        state = resume_from(last, model, opt, sched)
+    in_row = 0  # non-finite batches in a row
+    for epoch in range(state["epoch"], s.epochs):
+        if state["bad"] >= s.patience:
+            break
+        seed_everything(epoch_seed(seed, epoch))
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        net.train()
+        total, n = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, disable=not is_main)
+        for batch in bar:
+            with autocast(device, s.amp):
+                loss = loss_step(batch, net)
+            if not all_finite(loss):
+                in_row = on_nonfinite(loss, s, in_row, f"epoch {epoch + 1}")
+                state["skipped"] += 1
+                continue
+            in_row = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            if s.schedule == "iter":
+                sched.step()
+            k = batch_size(batch)
+            total, n = total + loss.item() * k, n + k
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        if s.schedule == "epoch":
+            sched.step()
+        record = {"seed": seed, "epoch": epoch + 1, "loss": total / n if n else math.nan,
+                  "lr": sched.get_last_lr()[0]}
+        if state["skipped"]:
+            record["skipped_batches"] = state["skipped"]
+        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+            score, metrics = evaluate(model)
+            record["val"] = metrics
+            improved = is_better(score, state["best_score"], s.best) or state["best_epoch"] < 0
+            if improved:  # the first validation is the best so far, even without a finite score
+                finite = score is not None and not math.isnan(score)
+                state.update(best_score=score if finite else None, best_epoch=epoch + 1, bad=0)
+                if is_main:
+                    save_checkpoint(best, {**extra, **checkpoint_tensors(model),
+                                           "epoch": epoch + 1, "val": metrics})
+            else:
+                state["bad"] += 1
+            if is_main:
+                tqdm.write(f"epoch {epoch + 1}: loss {record['loss']:.4f}, val {s.metric} "
+                           f"{'n/a' if score is None else f'{score:.4f}'}"
+                           f"{' (best)' if improved else ''}")
+        state["epoch"] = epoch + 1
+        if is_main:  # checkpoint before the log line, so a resumed run never logs an epoch twice
+            save_checkpoint(last, {**extra, **checkpoint_tensors(model),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "rng": rng_state(), "state": state, "epoch": epoch + 1})
+        log(**record)
+    barrier()
+    load_task_state(model, load_checkpoint(best))
+    return state

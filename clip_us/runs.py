@@ -1,0 +1,148 @@
+"""One run of a script: its output folder, JSONL log, row name, data and the seeds' summary.
+
+Every script writes one folder (`--out-dir`, default `runs/<script>/<dataset>-<row>-<time>`):
+`config.json` (the resolved config), `log.jsonl` (one JSON object per epoch, validation and test),
+`results.json` + `row.csv` (tables.write_results), figures and `seed<N>/{best,last}.pt`. Only
+rank 0 writes. The schema of results.json is in docs/outputs.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .config import eval_only_config
+from .data import DataConfig, build_datasets
+from .distributed import barrier, setup_distributed
+from .fileio import write_json
+from .viz import save_training_curves
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; a no-op on ranks other than 0."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **record):
+        if self.enabled:
+            record.setdefault("time", round(time.time(), 3))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+
+
+def row_name(backbone: str, adapter: str, finetuned: bool) -> str:
+    """The paper's row label, e.g. "CLIP (Mona, ft.)"."""
+    if backbone != "clip":
+        return backbone
+    name = {"none": "vanilla", "lora": "LoRA", "mona": "Mona"}[adapter]
+    return f"CLIP ({name}{', ft.' if finetuned else ''})"
+
+
+def default_out_dir(script: str, dataset: str, row: str) -> Path:
+    slug = row.replace("CLIP (", "clip-").replace(", ", "-").replace(")", "").replace(".", "")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / script / f"{dataset}-{slug.lower().replace(' ', '-')}-{stamp}"
+
+
+def summarize_seeds(per_seed: list[dict], keys) -> dict:
+    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them.
+    A seed without a finite value (None: e.g. no test image had a finite HD95) is left out of
+    the mean and shows as None in per_seed; a metric no seed has is None."""
+    out = {}
+    for k in keys:
+        vals = [None if r[k] is None else float(r[k]) for r in per_seed]
+        finite = [v for v in vals if v is not None and math.isfinite(v)]
+        out[k] = {"mean": float(np.mean(finite)) if finite else None,
+                  "std": float(np.std(finite)) if finite else None, "per_seed": vals}
+    return out
+
+
+def fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    """What a script knows once it has started: config, ranks, output folder, log."""
+    cfg: object
+    script: str
+    rank: int
+    world: int
+    device: torch.device
+    row: str
+    out: Path
+    log: object
+    ckpt: dict | None = None  # the --eval-only checkpoint
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint_extra(self, seed: int, **more) -> dict:
+        """What every checkpoint of this run holds beside the tensors."""
+        return {"config": dataclasses.asdict(self.cfg), "seed": seed, "script": self.script,
+                **more}
+
+
+def start_run(cfg, script: str) -> Run:
+    """Join DDP, resolve --eval-only, print and save the resolved config."""
+    rank, world, device = setup_distributed(cfg.device)
+    ckpt = None
+    if cfg.eval_only:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        cfg = eval_only_config(cfg, ckpt)
+    row = row_name(cfg.backbone, cfg.adapter, bool(cfg.init))
+    out = Path(cfg.out_dir or default_out_dir(script, cfg.dataset, row))
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(cfg))
+    log = JsonlLogger(out / "log.jsonl", enabled=rank == 0).log
+    return Run(cfg, script, rank, world, device, row, out, log, ckpt)
+
+
+def supervised_data(run: Run, task: str):
+    """(train, val, test, info) for a run; with --eval-only the whole data set is the test set,
+    as for an external set such as LN-2."""
+    cfg = run.cfg
+    data_cfg = DataConfig(
+        dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
+        clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
+        split_path=str(run.out / "split.json"), train_aug=not cfg.eval_only,
+        keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
+    # Rank 0 writes the phantom and split.json; the other ranks then read them.
+    if not run.main:
+        barrier()
+    train, val, test, info = build_datasets(data_cfg)
+    if run.main:
+        barrier()
+    if cfg.eval_only:
+        test = torch.utils.data.ConcatDataset([train, val, test])
+    if run.main:
+        print(f"data: {len(train)} train / {len(val)} val / {len(test)} test ({info})")
+    return train, val, test, info
+
+
+def save_loss_curves(run: Run, loss_name: str, metric: str):
+    """loss.svg from log.jsonl: training loss and validation metric, one curve per seed."""
+    records = read_jsonl(run.out / "log.jsonl")
+    if any("loss" in r for r in records):
+        save_training_curves(records, run.out / "loss.svg", metric, loss_name=loss_name,
+                             title=run.row)

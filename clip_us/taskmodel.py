@@ -1,0 +1,81 @@
+"""The model a training script trains: a CLIP backbone (weights or a random init), adapters,
+`--init` adapter weights, a segmentation or classification head, and the freezing rule.
+
+Seed 003 §3: CLIP ViT-B/16's vision tower with LoRA or Mona, blocks 3/6/9 into the heads of
+heads.py. `--backbone` names the backbone; `clip` is the one built here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import AdapterConfig, apply_adapter, freeze_backbone, load_adapter
+from .heads import build_task_model
+from .model import build_model
+from .weights import load_state_dict
+
+BACKBONES = ("clip",)
+
+
+def load_clip_state(weights: str, arch: str, quick_gelu=None):
+    """(state dict, CLIPConfig or None) for `--weights NAME|PATH|none` and `--arch`.
+
+    `none` is a random initialisation of `arch`: it is announced loudly, since any number it
+    produces says nothing about CLIP.
+    """
+    if weights == "none":
+        print(f"!!! --weights none: {arch} with RANDOM weights. Results are not CLIP's. !!!")
+        # The same random backbone for every seed and script, without touching the global RNG
+        # that the adapters and heads draw from.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model(config=arch, quick_gelu=quick_gelu)
+        return model.state_dict(), model.config
+    sd, info = load_state_dict(weights, quick_gelu=quick_gelu)
+    return sd, info.get("config")
+
+
+def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
+    """A fresh fp32 CLIP for each call; `cache` (a dict) keeps the state dict between seeds."""
+    key = (weights, arch, quick_gelu)
+    if cache is None or key not in cache:
+        state = load_clip_state(weights, arch, quick_gelu)
+        if cache is not None:
+            cache[key] = state
+    else:
+        state = cache[key]
+    sd, config = state
+    return build_model(sd, config=config)
+
+
+def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None):
+    """Apply adapters to `model` (a CLIP) and load `--init` adapter weights when given."""
+    apply_adapter(model, adapter_cfg)
+    if init:
+        load_adapter(model, init)
+    return model
+
+
+def freeze_blocks_after(visual: nn.Module, deepest: int):
+    """Blocks past the deepest one a head reads never run (pool=False), so their adapters would
+    get no gradient; keeping them out of the optimiser spares DDP find_unused_parameters."""
+    for i, block in enumerate(visual.transformer.resblocks):
+        if i > deepest:
+            block.requires_grad_(False)
+    for p in (visual.ln_post.weight, visual.ln_post.bias, visual.proj):
+        p.requires_grad_(False)
+
+
+def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int,
+                    num_classes: int = 2):
+    """CLIP (+ adapters, + --init) -> vision tower + head, with the official freezing rule
+    (adapters.freeze_backbone): the head trains, the adapters unless `--adapter-train no`."""
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"--backbone {cfg.backbone!r} cannot be built; choose from {BACKBONES}")
+    torch.manual_seed(seed)
+    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None)
+    model = build_task_model(clip.visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
+                             num_classes=num_classes, cls_head=getattr(cfg, "cls_head", "mlp"))
+    freeze_backbone(model, train_adapters=cfg.adapter_train == "yes")
+    freeze_blocks_after(model.visual, max(cfg.layers))
+    return model.to(device)
