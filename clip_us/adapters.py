@@ -195,7 +195,10 @@ def backbone_trains(model: nn.Module) -> bool:
 def checkpoint_tensors(model: nn.Module) -> dict:
     """A model's tensors in the checkpoint layout: `adapter_state_dict` (CLIP key names, so
     `--init` works across scripts), `head_state_dict`, and `model_state_dict` (everything but
-    the head) only when backbone weights train."""
+    the head) only when backbone weights train. A model that owns its checkpoint layout (e.g.
+    echocare.EchoCareCLIP) has a `checkpoint_tensors()` method, which decides instead."""
+    if hasattr(model, "checkpoint_tensors"):
+        return model.checkpoint_tensors()
     sd = model.state_dict()
     out = {"adapter_state_dict": adapter_state_dict(model),
            "head_state_dict": {k[len(HEAD):]: v for k, v in sd.items() if k.startswith(HEAD)}}
@@ -206,6 +209,8 @@ def checkpoint_tensors(model: nn.Module) -> dict:
 
 def load_task_state(model: nn.Module, ckpt: dict) -> nn.Module:
     """Inverse of checkpoint_tensors. Differing adapter settings or keys are errors naming them."""
+    if hasattr(model, "load_checkpoint_tensors"):
+        return model.load_checkpoint_tensors(ckpt)
     if "model_state_dict" in ckpt:
         model.load_state_dict(ckpt["model_state_dict"], strict=False)
     if "adapter_config" in ckpt:

@@ -62,8 +62,10 @@ def freeze_blocks_after(visual: nn.Module, deepest: int):
     for i, block in enumerate(visual.transformer.resblocks):
         if i > deepest:
             block.requires_grad_(False)
-    for p in (visual.ln_post.weight, visual.ln_post.bias, visual.proj):
-        p.requires_grad_(False)
+    for p in (visual.ln_post.weight, visual.ln_post.bias, visual.proj,
+              getattr(visual, "proj_bias", None)):
+        if p is not None:  # a tower without projection (output_dim=0) has proj None
+            p.requires_grad_(False)
 
 
 def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int,
