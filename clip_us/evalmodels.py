@@ -232,17 +232,30 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
                      identity, source=source)
 
 
+class FromPath:
+    """A PIL-image transform applied to an image file; a class so DataLoader workers can pickle it."""
+
+    def __init__(self, transform, reader):
+        self.transform, self.reader = transform, reader
+
+    def __call__(self, path):
+        return self.transform(self.reader(path))
+
+
 def _echocare(path: str, device, name: str) -> EvalModel:
     try:
         from . import echocare
     except ImportError as e:
         raise ValueError(f"{path} is an EchoCare-CLIP checkpoint, but clip_us.echocare is not "
                          f"available in this install ({e})") from e
+    from .echocare_data import read_rgb
     model = echocare.load(path)
-    size = int(getattr(model, "image_size", 256))
-    mean, std = getattr(model, "mean", CLIP_MEAN), getattr(model, "std", CLIP_STD)
-    ev = from_dual_encoder(model, name or "EchoCare-CLIP", Preprocess(size, mean, std),
-                           {"checkpoint": _file_identity(path)}, device, {"checkpoint": str(path)})
+    # The authors' evaluation transform (bilinear resize of the shorter side to 256, centre crop,
+    # their mean/std), not CLIP's bicubic one.
+    preprocess = FromPath(model.eval_transform(), read_rgb)
+    row = name or f"EchoCare-CLIP ({model.text_family} text, {model.train_mode})"
+    ev = from_dual_encoder(model, row, preprocess, {"checkpoint": _file_identity(path)}, device,
+                           {"checkpoint": str(path)})
     ev.kind = "echocare"
     return ev
 

@@ -115,6 +115,44 @@ def test_checkpoint_heads_split_and_fixed_temperature(tmp_path):
     assert fixed.heads.scale().item() == pytest.approx(1 / 0.07, rel=1e-5) and fixed.split_path is None
 
 
+def echocare_checkpoint(folder: Path) -> Path:
+    """A tiny random EchoCare-CLIP dual encoder (CLIP text family), heads trained, saved."""
+    from clip_us import echocare
+    model = echocare.build("clip", arch="tiny", random_weights=True, image_size=64)
+    echocare.set_trainable(model, "heads")
+    with torch.no_grad():
+        model.log_temperature.fill_(np.log(0.05))
+    folder.mkdir(parents=True, exist_ok=True)
+    echocare.save(model, folder / "best.pt", config={"arch": "tiny"})
+    return folder / "best.pt"
+
+
+def test_echocare_checkpoint_features_heads_and_transform(tmp_path, manifest, one_thread):
+    from clip_us import echocare
+    path = echocare_checkpoint(tmp_path / "ec")
+    ev = evalmodels.from_checkpoint(str(path), torch.device("cpu"))
+    model = echocare.load(path)
+    assert ev.kind == "echocare" and ev.name == "EchoCare-CLIP (clip text, heads)" and not ev.vanilla
+    assert ev.source["heads_trainable"] and ev.heads.scale().item() == pytest.approx(20.0, rel=1e-5)
+    image = str(evaldata.load_eval_set(manifest).pairs[0].image)
+    x = ev.preprocess(image).unsqueeze(0)
+    assert x.shape == (1, 3, 64, 64)  # the model's own evaluation size and transform
+    torch.testing.assert_close(x[0], model.eval_transform()(echocare_data_read(image)))
+    texts = ["An ultrasound image of breast with benign findings.", "a second caption, longer."]
+    with torch.no_grad():
+        torch.testing.assert_close(ev.heads.embed_image(ev.image_features(x)), model.encode_image(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ev.heads.embed_text(ev.text_features(texts)), model.encode_text(texts),
+                                   atol=1e-5, rtol=1e-5)
+    trainable = {n for n, p in ev.heads.named_parameters()}
+    assert trainable == {f"{h}.{i}.{w}" for h in ("image_head", "text_head") for i in (0, 2)
+                         for w in ("weight", "bias")} | {"log_temperature"}
+
+
+def echocare_data_read(path):
+    from clip_us.echocare_data import read_rgb
+    return read_rgb(path)
+
+
 def test_feature_cache_computes_each_image_and_text_once(tmp_path, manifest, one_thread):
     ev = evalmodels.from_weights("none", "tiny", 64, torch.device("cpu"))
     calls = {"img": 0, "txt": 0}
@@ -152,9 +190,13 @@ def test_split_stratified_by_dataset_then_label_and_classes(manifest):
 # ----------------------------------------------------------------------------- end to end
 def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifest, env, capsys, one_thread):
     out = tmp_path / "eval"
-    _, stdout, _ = run(["--manifest", manifest, "--weights", "none", "--name", "tiny random", "--out-dir", out] + SMALL,
-                       env, capsys)
+    echo = echocare_checkpoint(tmp_path / "ec")  # two models in one run: names go checkpoints first
+    _, stdout, _ = run(["--manifest", manifest, "--weights", "none", "--checkpoint", echo, "--name", "echo",
+                        "--name", "tiny random", "--out-dir", out] + SMALL, env, capsys)
     assert "RANDOM weights" in stdout
+    echo_res = json.loads((out / "echo" / "results.json").read_text())
+    assert echo_res["backbone"] == "echocare" and echo_res["details"]["e2e"]["heads_trainable"]
+    assert echo_res["metrics"]["zs_acc"]["mean"] is not None
     res = json.loads((out / "tiny-random" / "results.json").read_text())
     assert res["task"] == "align" and res["row"] == "tiny random" and res["classes"] == ["benign", "malignant", "normal"]
     for k in ("paired", "cross", "gap", "strict_i2t_R@1", "dup_t2i_R@10", "strict_i2t_mean_rank",
@@ -171,7 +213,7 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     assert res["details"]["probe"]["C"] in (0.01, 0.1, 1.0, 10.0) and res["details"]["e2e"]["lr"] == 5e-6
     assert res["split"]["test"] == res["n_test"] > 0 and res["config"]["e2e_epochs"] == 1
     table = list(csv.reader((out / "table.csv").open()))
-    assert table[0][:5] == ["dataset", "row", "paired", "cross", "gap"] and table[1][1] == "tiny random"
+    assert table[0][:5] == ["dataset", "row", "paired", "cross", "gap"] and [r[1] for r in table[1:]] == ["echo", "tiny random"]
     assert (out / "tiny-random" / "row.csv").is_file() and (out / "tiny-random" / "features.pt").is_file()
     for fig in ("alignment", "zs", "probe", "fewshot_probe", "fewshot_e2e"):
         ET.parse(out / f"{fig}.svg")  # well-formed SVG
