@@ -112,6 +112,9 @@ try:
 except (ValueError, OSError, AttributeError) as e:
     fail(str(e))
 labelled = bool(es.label)
+if labelled and len(es.classes) < 2:
+    fail(f"the manifest (with --classes) has one class only, {es.classes}: zero-shot and the probes "
+         f"need at least two; drop --classes or use a manifest with more labels")
 out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 out.mkdir(parents=True, exist_ok=True)
 write_json(out / "config.json", dataclasses.asdict(cfg))
@@ -244,7 +247,10 @@ for model in models:
     fewshot, details, skipped = {}, {}, []
     if labelled:
         with protocol.single_thread():
-            fewshot, details = classification(model, heads, img_f, txt_f, found, ci, per_organ)
+            try:
+                fewshot, details = classification(model, heads, img_f, txt_f, found, ci, per_organ)
+            except ValueError as e:  # e.g. a class missing from the training split of a tiny set
+                fail(f"{model.name}: {e}")
     else:
         skipped = ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
 

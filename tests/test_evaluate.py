@@ -265,3 +265,9 @@ def test_manifest_without_labels_gives_alignment_and_retrieval_only(tmp_path, ma
     assert not any(k.startswith(("zs_", "probe_")) for k in res["metrics"]) and res["fewshot"] == {}
     assert res["skipped"] == ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
     assert (out / "alignment.svg").is_file() and not (out / "zs.svg").exists()
+
+
+def test_one_class_is_refused_without_traceback(tmp_path, manifest, env, capsys):
+    code, _, stderr = run(["--manifest", manifest, "--classes", "benign", "--weights", "none",
+                           "--out-dir", tmp_path / "one"] + SMALL, env, capsys, check=False)
+    assert code == 2 and "one class only" in stderr and "Traceback" not in stderr

@@ -7,6 +7,8 @@ from sklearn.preprocessing import StandardScaler as SkScaler
 
 from clip_us.probe import LogisticProbe, StandardScaler, select_C
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only add overhead
+
 
 def make_data(n_classes: int, seed: int = 0):
     """Imbalanced classes (60/25/15 %), badly scaled columns (1e-3 .. 1e3) and a constant one."""
