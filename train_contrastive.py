@@ -60,12 +60,24 @@ class Config:
         "help": "without a split column: train,val (seeded shuffle, the official code) or "
                 "train,val,test (stratified by dataset, EchoCare-CLIP)"})
     split_file: str = field(default="", metadata={"help": "reuse a saved split.json"})
+    split_seed: int = field(default=-1, metadata={"help": "seed of the split (-1 = --seed)"})
     hold_out: str = field(default="", metadata={"help": "data sets kept out of training, "
                                                 "comma-separated (EchoCare-CLIP: busi,liver)"})
     phantom_n: int = field(default=400, metadata={"help": "phantom: number of images"})
     phantom_size: int = field(default=256, metadata={"help": "phantom: image side in pixels"})
     model: str = field(default="clip", metadata={"choices": list(MODELS), "help":
-                       "clip (seed 003) or echocare (EchoCare-CLIP's dual encoder)"})
+                       "clip (seed 003) or echocare (EchoCare-CLIP's dual encoder; its authors' "
+                       "recipe becomes the default of every flag not given)"})
+    text_encoder: str = field(default="clip", metadata={"choices": ["clip", "bert"], "help":
+                              "--model echocare: CLIP ViT-B/32's text tower or BioClinicalBERT"})
+    image_weights: str = field(default="", metadata={"help": "--model echocare: the EchoCare "
+                               "Swin checkpoint ('' = the cache)"})
+    text_weights: str = field(default="", metadata={"help": "--model echocare: text weights "
+                              "('' = ViT-B/32 or the cached Bio_ClinicalBERT folder)"})
+    norm_stats: str = field(default="authors", metadata={"choices": ["authors", "train"], "help":
+                            "--model echocare: the authors' mean/std, or this run's training split's"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "--model echocare: "
+                                     "recompute activations in backward (less memory)"})
     train: str = field(default="adapter", metadata={"choices": list(TRAIN_MODES), "help":
                        "adapter: only the adapter; heads: visual.proj, text_projection, "
                        "logit_scale; image / text: + that tower; full: everything"})
@@ -92,6 +104,8 @@ class Config:
                        "all: every trainable tensor decays (official code); matrices: not "
                        "norms, biases, embeddings"})
     min_lr: float = 1e-8
+    schedule: str = field(default="iter", metadata={"choices": ["iter", "epoch"], "help":
+                          "cosine stepped per iteration (seed 003) or per epoch (EchoCare-CLIP)"})
     grad_clip: float = 1.0
     patience: int = field(default=10, metadata={"help": "epochs without a lower val loss"})
     max_skips: int = field(default=5, metadata={"help": "non-finite batches in a row that stop "
@@ -110,14 +124,44 @@ def fail(message: str):
 
 
 # ----------------------------------------------------------------------------- setup
-cfg = parse_config(Config, description=__doc__.splitlines()[0])
-if cfg.model == "clip" and cfg.train != "adapter" and cfg.adapter not in ("", "none"):
-    fail(f"--adapter {cfg.adapter} with --train {cfg.train}: the partial fine-tuning modes train "
-         f"CLIP's own weights; drop --adapter (or use --train adapter)")
-if cfg.model == "clip" and cfg.train == "adapter" and cfg.adapter == "none":
-    fail("--train adapter with --adapter none trains nothing; choose --adapter mona|lora or "
-         "--train heads|image|text|full")
-cfg.adapter = cfg.adapter or ("mona" if cfg.train == "adapter" else "none")
+ECHOCARE_ONLY = ("text_encoder", "image_weights", "text_weights", "norm_stats",
+                 "grad_checkpointing")
+
+
+def given_flags(argv) -> set:
+    """Config fields named on the command line (--flag or --flag=value, --no-flag)."""
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return names | {n[3:] for n in names if n.startswith("no_")}
+
+
+def resolve(cfg: Config, given: set) -> Config:
+    """Check the flag combinations and fill the defaults that depend on --model and --train."""
+    defaults = Config()
+    if cfg.model == "clip":
+        stray = [f"--{k.replace('_', '-')}" for k in ECHOCARE_ONLY
+                 if getattr(cfg, k) != getattr(defaults, k)]
+        if stray:
+            fail(f"{', '.join(stray)} only apply to --model echocare")
+        if cfg.train != "adapter" and cfg.adapter not in ("", "none"):
+            fail(f"--adapter {cfg.adapter} with --train {cfg.train}: the partial fine-tuning "
+                 f"modes train CLIP's own weights; drop --adapter (or use --train adapter)")
+        if cfg.train == "adapter" and cfg.adapter == "none":
+            fail("--train adapter with --adapter none trains nothing; choose --adapter mona|lora "
+                 "or --train heads|image|text|full")
+        cfg.adapter = cfg.adapter or ("mona" if cfg.train == "adapter" else "none")
+        return cfg
+    from clip_us import echocare  # only --model echocare needs it
+    if cfg.adapter not in ("", "none") or ("train" in given and cfg.train == "adapter"):
+        fail("--model echocare has no adapters: use --train heads|image|text|full")
+    recipe = {**echocare.RECIPE, "train": "heads", "adapter": "none"}
+    for key, value in recipe.items():
+        if key not in given and hasattr(cfg, key):
+            setattr(cfg, key, value)
+    return cfg
+
+
+given = given_flags(sys.argv[1:])
+cfg = resolve(parse_config(Config, description=__doc__.splitlines()[0]), given)
 temperature = cfg.temperature or (0.07 if cfg.train == "adapter" else 0.0)  # 0.0 = learnable
 rank, world, device = setup_distributed(cfg.device)
 is_main = rank == 0
@@ -149,10 +193,13 @@ def read_split(pairs: list) -> dict:
     saved = Path(cfg.split_file) if cfg.split_file else out / "split.json"
     if saved.is_file():
         return manifest.load_split(saved, pairs)
-    split = manifest.make_split(pairs, cfg.split, cfg.seed,
-                                [h for h in cfg.hold_out.split(",") if h.strip()])
+    seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
+    hold = [h.strip() for h in cfg.hold_out.split(",") if h.strip()]
+    if "hold_out" not in given:  # a recipe default: hold out only the data sets this manifest has
+        hold = [h for h in hold if h.lower() in {p.dataset.lower() for p in pairs}]
+    split = manifest.make_split(pairs, cfg.split, seed, hold)
     if is_main:
-        manifest.save_split(out / "split.json", split, manifest=str(path), seed=cfg.seed,
+        manifest.save_split(out / "split.json", split, manifest=str(path), seed=seed,
                             spec=cfg.split, hold_out=cfg.hold_out)
     return split
 
@@ -208,6 +255,8 @@ trainable, total = count_parameters(model)
 captions = [p.caption for p in val_set.pairs]
 norm = {"clip_norm": cfg.clip_norm, "mean": list(CLIP_MEAN if cfg.clip_norm else (0.0,) * 3),
         "std": list(CLIP_STD if cfg.clip_norm else (1.0,) * 3)}
+if cfg.model == "echocare":  # its own statistics (the authors' or this run's training split)
+    norm = {"clip_norm": False, "mean": list(model.mean), "std": list(model.std)}
 if is_main:
     print(f"{row}: trainable {trainable:,} / {total:,} parameters, temperature "
           f"{'learnable' if temperature == 0 else temperature}")

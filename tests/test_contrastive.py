@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from clip_us import contrastive as C
+from clip_us import loop
 from clip_us.adapters import AdapterConfig, apply_adapter
 from clip_us.losses import clip_loss
 from clip_us.manifest import Pair
@@ -51,6 +52,9 @@ def test_each_mode_trains_exactly_what_it_names(mode, adapter, learn, one_thread
     want = expected([n for n, _ in model.named_parameters()], mode, adapter, learn)
     assert set(names) == want and want
     net = C.ContrastiveCLIP(model, temperature=0.0 if learn else 0.07)
+    opt = loop.build_optimizer(net, loop.Settings())  # what train_contrastive.py optimises
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == \
+        {id(model.get_parameter(n)) for n in want}
     img, txt, scale = net(*batch())
     clip_loss(img, txt, scale).backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -139,7 +143,7 @@ def official_mona_file(model, seed=0, extra=()):
     sd = {}
     for name, p in model.named_parameters():
         if ".mona2." in name:
-            sd[name.replace(".mona2.", ".mona.")] = torch.randn(p.shape, generator=g)
+            sd[name.replace(".mona2.", ".mona.")] = 0.05 * torch.randn(p.shape, generator=g)
     for k in extra:
         sd[k] = torch.zeros(3)
     return sd
@@ -178,3 +182,46 @@ def test_official_lora_keys_map_onto_ours():
                                             "lora_dropout": 0.1, "lora_state_dict": lora_sd})
     assert settings["targets"] == ("q", "k", "v", "o") and settings["scaling"] == "rslora"
     assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+
+
+def test_official_mona_file_loads_like_weights_set_by_hand(tmp_path):
+    from clip_us.adapters import load_adapter
+    sd = official_mona_file(tiny("mona"), seed=3)
+    torch.save(sd, tmp_path / "best_model.pth")
+    loaded = load_adapter(tiny(), tmp_path / "best_model.pth")  # the adapter is added
+    hand = tiny("mona")
+    with torch.no_grad():
+        for i, block in enumerate(hand.visual.transformer.resblocks):
+            for part, p in block.mona2.named_parameters():
+                p.copy_(sd[f"visual.transformer.resblocks.{i}.mona.{part}"])
+    x = batch()[0]
+    out = loaded.eval().encode_image(x)
+    assert torch.isfinite(out).all() and torch.equal(out, hand.eval().encode_image(x))
+    noisy = {**sd, "visual.transformer.resblocks.3.mona.adapter_conv.noise_estimator.1.weight":
+             torch.zeros(16, 64, 1, 1)}
+    torch.save(noisy, tmp_path / "noise_aware.pth")
+    with pytest.raises(ValueError, match="noise_aware Mona.*resblocks.3.mona.adapter_conv.noise"):
+        load_adapter(tiny(), tmp_path / "noise_aware.pth")
+
+
+def test_fine_tuned_tower_loads_through_init_and_normalisation_is_checked(tmp_path):
+    from dataclasses import asdict
+
+    from clip_us.adapters import checkpoint_tensors, load_adapter
+    from clip_us.checkpoint import save_checkpoint
+    model = C.ContrastiveCLIP(tiny())
+    C.set_trainable(model, "image", True)
+    with torch.no_grad():
+        model.visual.proj.add_(1.0)
+        model.visual.conv1.weight.mul_(2.0)
+    save_checkpoint(tmp_path / "best.pt", {"config": {"clip_norm": False},
+                                           "adapter_config": asdict(AdapterConfig()),
+                                           "normalisation": {"clip_norm": False},
+                                           **checkpoint_tensors(model)})
+    with pytest.warns(UserWarning, match="trained on \\[0, 1\\] pixels.*--no-clip-norm"):
+        clip = load_adapter(tiny(), tmp_path / "best.pt", clip_norm=True)
+    assert torch.equal(clip.visual.conv1.weight, model.visual.conv1.weight)
+    tower = load_adapter(tiny().visual, tmp_path / "best.pt")  # a vision tower alone
+    assert torch.equal(tower.proj, model.visual.proj)
+    with pytest.raises(ValueError, match="adapter 'none' but the model has 'mona'"):
+        load_adapter(tiny("mona"), tmp_path / "best.pt")

@@ -1,0 +1,97 @@
+"""train_contrastive.py end to end, as a user runs it: the tiny architecture with random weights on
+the phantom's caption manifest. DDP (two gloo processes) against one process with the doubled
+batch, the checkpoint through train_seg.py --init, and the flag combinations that are errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--phantom-size", "128",
+        "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {**os.environ, "CLIP_US_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def run(args, env, script="train_contrastive.py", torchrun=0, check=True):
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun)]
+                                 if torchrun else [])
+    proc = subprocess.run(launch + [str(ROOT / script), *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path, env):
+    # heads mode: no dropout anywhere, and the learnable temperature checks that its gradient
+    # is not scaled by the world size along with the features'. 32 training pairs: 4 steps.
+    args = TINY + ["--phantom-n", "40", "--split", "80,20", "--train", "heads", "--epochs", "2",
+                   "--lr", "1e-3"]
+    run(args + ["--batch-size", "8", "--out-dir", tmp_path / "one"], env)
+    run(args + ["--batch-size", "4", "--out-dir", tmp_path / "two"], env, torchrun=2)
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert [r["epoch"] for r in one if "epoch" in r] == [1, 2] == [r["epoch"] for r in two if "epoch" in r]
+    for a, b in zip(one, two):
+        for key in ("loss",):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
+        for part in ("val", "untrained"):
+            if part in a:
+                assert {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in a[part].items()} == b[part]
+    assert one[-1]["val"]["loss"] != one[0]["untrained"]["loss"]  # it did train
+    ck1 = torch.load(tmp_path / "one" / "best.pt", weights_only=True)["model_state_dict"]
+    ck2 = torch.load(tmp_path / "two" / "best.pt", weights_only=True)["model_state_dict"]
+    for k in ("visual.proj", "text_projection", "logit_scale"):
+        torch.testing.assert_close(ck2[k], ck1[k], rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_checkpoint_loads_through_train_seg_init(tmp_path, env):
+    ft = tmp_path / "ft"
+    proc = run(TINY + ["--phantom-n", "24", "--epochs", "1", "--batch-size", "8", "--out-dir", ft], env)
+    assert "untrained:" in proc.stdout and "trainable" in proc.stdout and "best epoch 1" in proc.stdout
+    res = json.loads((ft / "results.json").read_text())
+    assert res["task"] == "contrastive" and res["row"] == "CLIP (Mona, ft.)" and res["train"] == "adapter"
+    assert set(res["metrics"]) >= {"loss", "i2t_R@1", "t2i_R@10", "paired", "cross", "gap"}
+    assert res["temperature"] == pytest.approx(0.07) and res["parameters"]["trainable"] > 0
+    for name in ("split.json", "loss.svg", "retrieval.svg", "config.json", "best.pt", "last.pt"):
+        assert (ft / name).is_file(), name
+    ck = torch.load(ft / "best.pt", weights_only=True)
+    assert "model_state_dict" not in ck and ck["adapter_config"]["kind"] == "mona"
+    assert ck["normalisation"]["clip_norm"] is True and ck["temperature"] == pytest.approx(0.07)
+
+    # --adapter-train no keeps the Mona weights as --init gave them: the seg checkpoint must
+    # hold exactly the contrastive checkpoint's adapter tensors.
+    seg = tmp_path / "seg"
+    run(TINY + ["--phantom-n", "24", "--epochs", "1", "--seeds", "1", "--batch-size", "8",
+                "--adapter", "mona", "--adapter-train", "no", "--init", ft / "best.pt",
+                "--reduce-dim", "32", "--eval-every", "1", "--out-dir", seg], env,
+        script="train_seg.py")
+    seg_ck = torch.load(seg / "seed1" / "best.pt", weights_only=True)["adapter_state_dict"]
+    assert seg_ck.keys() == ck["adapter_state_dict"].keys()
+    assert all(torch.equal(seg_ck[k], v) for k, v in ck["adapter_state_dict"].items())
+    assert json.loads((seg / "results.json").read_text())["row"] == "CLIP (Mona, ft.)"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train", "heads", "--adapter", "lora"], "--adapter lora with --train heads"),
+    (["--adapter", "none"], "--train adapter with --adapter none trains nothing"),
+    (["--text-encoder", "bert"], "--text-encoder only apply to --model echocare"),
+    (["--manifest", "missing.csv"], "missing.csv: manifest not found"),
+])
+def test_bad_flags_exit_2_with_a_message(args, message, env, tmp_path):
+    proc = run(TINY + args + ["--out-dir", tmp_path], env, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
