@@ -10,7 +10,7 @@ in the authors' held-out results); --classes restricts them. This differs from t
 zeroshot.py, whose binary benign/malignant default follows seed 003.
 
     python evaluate.py --manifest data/busi_captions.csv --organ breast --weights ViT-B/32
-    python evaluate.py --manifest m.csv --checkpoint runs/train_contrastive/x/best.pt --name "CLIP (heads ft.)"
+    python evaluate.py --manifest m.csv --checkpoint runs/train_contrastive/x/best.pt --name ft
     python evaluate.py --arch tiny --weights none       # the phantom's caption manifest, random weights
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ class Config:
     image_size: int = field(default=224, metadata={"help": "for --weights models; checkpoints use their own"})
     clip_norm: bool = True
     split_file: str = field(default="", metadata={"help": "split.json to evaluate on (its test part)"})
-    allow_overlap: bool = field(default=False, metadata={"help": "evaluate even on images a model trained on"})
+    allow_overlap: bool = field(default=False, metadata={"help": "evaluate even on images a model "
+                                                         "trained on"})
     seed: int = field(default=42, metadata={"help": "split and bootstrap seed"})
     probe_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.10])
     probe_seeds: list = field(default_factory=lambda: list(protocol.FEWSHOT_SEEDS))
@@ -97,7 +98,8 @@ def fail(message: str):
 
 
 cfg = parse_config()
-device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+auto = "cuda" if torch.cuda.is_available() else "cpu"
+device = torch.device(auto if cfg.device == "auto" else cfg.device)  # one process: no DDP here
 torch.manual_seed(cfg.seed)
 print(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -115,7 +117,8 @@ labelled = bool(es.label)
 if labelled and len(es.classes) < 2:
     fail(f"the manifest (with --classes) has one class only, {es.classes}: zero-shot and the probes "
          f"need at least two; drop --classes or use a manifest with more labels")
-out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+stamp = time.strftime("%Y%m%d-%H%M%S")
+out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{stamp}")
 out.mkdir(parents=True, exist_ok=True)
 write_json(out / "config.json", dataclasses.asdict(cfg))
 print(f"{len(es.pairs)} pairs, {len(es.keys)} images from {cfg.manifest} "
@@ -141,7 +144,8 @@ try:
     overlap = evaldata.check_overlap(split["test"], models, cfg.allow_overlap)
 except (ValueError, OSError, KeyError) as e:
     fail(str(e))
-print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test images")
+print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / "
+      f"{len(split['test'])} test images")
 need = [s for s in ("train", "val", "test") if labelled or s == "test"]
 if any(len(split[s]) == 0 for s in need):
     fail(f"a split part is empty ({ {s: len(split[s]) for s in need} }); the protocol needs "
@@ -179,7 +183,8 @@ def alignment(heads, img_f, txt_f) -> tuple[dict, dict, dict]:
         sel = np.flatnonzero(pair_organ == o)
         if len(sel) >= 2:  # alignment's cross score needs two pairs
             block = protocol.alignment_and_retrieval(img[sel], txt[sel], [captions[i] for i in sel])
-            per_organ[o] = {"metrics": {k: metric(v) for k, v in block.items()}, "ci": {}, "n_pairs": len(sel)}
+            per_organ[o] = {"metrics": {k: metric(v) for k, v in block.items()}, "ci": {},
+                            "n_pairs": len(sel)}
     return found, ci, per_organ
 
 
@@ -194,7 +199,8 @@ def scored(prefix, probs, y, found, ci, per_organ):
     """Add acc / weighted F1 / AUROC of `probs`, overall and per organ, with bootstrap CIs."""
     found.update({f"{prefix}_{k}": metric(v) for k, v in protocol.classification_report(probs, y).items()})
     if cfg.bootstrap:
-        ci.update({f"{prefix}_{k}": v for k, v in protocol.bootstrap_cls(probs, y, cfg.bootstrap, cfg.seed).items()})
+        boot = protocol.bootstrap_cls(probs, y, cfg.bootstrap, cfg.seed)
+        ci.update({f"{prefix}_{k}": v for k, v in boot.items()})
     for o in organs:
         sel = np.flatnonzero(test_organ == o)
         if not len(sel):
@@ -216,18 +222,21 @@ def classification(model, heads, img_f, txt_f, found, ci, per_organ) -> tuple[di
     with torch.no_grad():
         emb = {s: heads.embed_image(parts[s][0]).double().numpy() for s in parts}
     scored("zs", protocol.zeroshot_probs(heads, x_te, prompt_f, o_te), y_te.numpy(), found, ci, per_organ)
-    probs, probe_info = protocol.linear_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"])
+    probs, probe_info = protocol.linear_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(),
+                                              emb["test"])
     scored("probe", probs, y_te.numpy(), found, ci, per_organ)
     fewshot = {}
-    with protocol.progress(len(cfg.probe_fractions) * len(cfg.probe_seeds), f"few-shot probe ({model.name})") as bar:
+    total = len(cfg.probe_fractions) * len(cfg.probe_seeds)
+    with protocol.progress(total, f"few-shot probe ({model.name})") as bar:
         runs = protocol.fewshot_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"],
                                       y_te.numpy(), cfg.probe_fractions, cfg.probe_seeds, bar)
     fewshot.update(protocol.fewshot_summary(runs, "probe"))
     lr = cfg.e2e_lr or (5e-6 if model.vanilla else 1e-5)
     total = len(cfg.e2e_fractions) * len(cfg.e2e_seeds) * cfg.e2e_epochs
     with protocol.progress(total, f"end-to-end few-shot ({model.name})") as bar:
-        runs = protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f, cfg.e2e_fractions,
-                                    cfg.e2e_seeds, lr, cfg.e2e_epochs, cfg.e2e_batch_size, bar)
+        runs = protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f,
+                                    cfg.e2e_fractions, cfg.e2e_seeds, lr, cfg.e2e_epochs,
+                                    cfg.e2e_batch_size, bar)
     fewshot.update(protocol.fewshot_summary(runs, "e2e"))
     e2e = {"lr": lr, "best_epoch": {f"{f:g}": [r["best_epoch"] for r in v] for f, v in runs.items()},
            "heads_trainable": model.source.get("heads_trainable", True)}
@@ -271,7 +280,8 @@ for model in models:
     tables.write_results(mdir, results)
     all_results.append(results)
     m = found
-    line = f"{model.name}: paired {m['paired']['mean']:.3f} cross {m['cross']['mean']:.3f} gap {m['gap']['mean']:.3f}"
+    line = (f"{model.name}: paired {m['paired']['mean']:.3f} cross {m['cross']['mean']:.3f} "
+            f"gap {m['gap']['mean']:.3f}")
     if labelled:
         line += f"  zero-shot acc {m['zs_acc']['mean']:.3f}  probe acc {m['probe_acc']['mean']:.3f}"
     print(line + f"  -> {mdir / 'results.json'}")
@@ -285,19 +295,24 @@ note = f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}
 
 
 def bars(keys):
-    return {r["row"]: [(r["metrics"][k]["mean"], r["ci"].get(k, {}).get("low"), r["ci"].get(k, {}).get("high"))
-                       if k in r["metrics"] else None for k in keys] for r in all_results}
+    """{model: [(mean, CI low, CI high) or None per metric]} for a bar chart."""
+    def bar(r, k):
+        ci = r["ci"].get(k, {})
+        return (r["metrics"][k]["mean"], ci.get("low"), ci.get("high")) if k in r["metrics"] else None
+    return {r["row"]: [bar(r, k) for k in keys] for r in all_results}
 
 
 evalplots.save_bars_svg(out / "alignment.svg", "alignment (test pairs)", ["paired", "cross", "gap"],
                         bars(["paired", "cross", "gap"]), "cosine", note)
 if labelled:
     for prefix, title in (("zs", "zero-shot"), ("probe", "linear probe")):
-        evalplots.save_bars_svg(out / f"{prefix}.svg", f"{title} (test images)", ["acc", "weighted F1", "AUROC"],
+        evalplots.save_bars_svg(out / f"{prefix}.svg", f"{title} (test images)",
+                                ["acc", "weighted F1", "AUROC"],
                                 bars([f"{prefix}_{k}" for k in protocol.CLS_METRICS]), "score", note)
     for prefix, title in (("probe", "few-shot linear probe"), ("e2e", "end-to-end few-shot")):
-        series = {r["row"]: [(float(f), v["mean"], v["std"]) for f, v in r["fewshot"][f"{prefix}_acc"].items()]
-                  for r in all_results}
-        evalplots.save_fewshot_svg(out / f"fewshot_{prefix}.svg", f"{title}: accuracy (mean ± std over seeds)",
-                                   series, "accuracy", note.split(";")[0])
+        series = {r["row"]: [(float(f), v["mean"], v["std"])
+                             for f, v in r["fewshot"][f"{prefix}_acc"].items()] for r in all_results}
+        evalplots.save_fewshot_svg(out / f"fewshot_{prefix}.svg",
+                                   f"{title}: accuracy (mean ± std over seeds)", series, "accuracy",
+                                   note.split(";")[0])
 print(f"table: {out / 'table.csv'}; figures in {out}")

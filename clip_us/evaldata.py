@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import write_json
 from .labels import CLASSES, parse_label
 from .manifest import SPLITS, read_manifest
 
@@ -131,7 +132,8 @@ def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | Non
     ckpt = read_split(checkpoint_split) if checkpoint_split else {s: [] for s in SPLITS}
     out = {s: [k for k in ckpt[s] if k in have] for s in SPLITS}
     rest = [k for k in es.keys if k not in {k for v in out.values() for k in v}]
-    how = [f"checkpoint split {checkpoint_split} for {len(have) - len(rest)} images"] if len(rest) < len(have) else []
+    placed = len(have) - len(rest)
+    how = [f"checkpoint split {checkpoint_split} for {placed} images"] if placed else []
     if rest:
         fresh, what = _fresh_split(es, rest, seed, saved)
         out = {s: out[s] + fresh[s] for s in SPLITS}
@@ -149,10 +151,10 @@ def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict
                          f"use another --out-dir")
     strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
     parts = stratified_split(keys, strata, seed)
+    how = f"70/15/15 stratified by dataset then label, seed {seed}"
     if saved is not None:
-        from .fileio import write_json
-        write_json(saved, {"how": f"70/15/15 stratified by dataset then label, seed {seed}", **parts}, indent=1)
-    return parts, f"70/15/15 stratified by dataset then label, seed {seed}" + (f", saved to {saved}" if saved else "")
+        write_json(saved, {"how": how, **parts}, indent=1)
+    return parts, how + (f", saved to {saved}" if saved else "")
 
 
 def check_overlap(test_keys, models, allow: bool) -> dict:

@@ -93,7 +93,8 @@ class EvalModel:
     source: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        text = json.dumps(self.identity, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _file_identity(path) -> dict:
@@ -147,7 +148,7 @@ def from_weights(weights: str, arch: str, image_size: int, device, name: str = "
     ident = {"weights": _file_identity(weights) if os.path.isfile(weights) else weights,
              "arch": arch if weights == "none" else None, "image_size": image_size, "clip_norm": clip_norm}
     mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
-    row = name or ("CLIP (random weights)" if weights == "none" else f"CLIP {arch if arch else weights} (vanilla)")
+    row = name or ("CLIP (random weights)" if weights == "none" else f"CLIP {weights} (vanilla)")
     return clip_model(model, row, "clip", True, Preprocess(image_size, mean, std), ident, device,
                       {"weights": weights, "arch": arch})
 

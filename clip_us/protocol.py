@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import metrics
-from .probe import StandardScaler, select_C
+from .probe import PROBE_CS, StandardScaler, select_C
 
 CLS_METRICS = ("acc", "f1", "auroc")
 FEWSHOT_SEEDS = (42, 43, 44, 45, 46)
@@ -72,19 +72,21 @@ def zeroshot_probs(heads, img_feat, prompt_feat, organ_idx) -> np.ndarray:
     text features; organ_idx [N] picks an image's organ."""
     with torch.no_grad():
         img = heads.embed_image(img_feat)
-        prompts = heads.embed_text(prompt_feat.flatten(0, 1)).view(*prompt_feat.shape[:2], -1)  # [O·C, D] -> [O, C, D]
+        prompts = heads.embed_text(prompt_feat.flatten(0, 1))  # [O·C, F'] -> [O·C, D]
+        prompts = prompts.view(*prompt_feat.shape[:2], -1)  # [O·C, D] -> [O, C, D]
         logits = class_logits(img, prompts[organ_idx].unsqueeze(2), heads.scale())  # [N, C, 1, D]
         return logits.softmax(-1).numpy()
 
 
 # ----------------------------------------------------------------------------- linear probe
-def linear_probe(x_train, y_train, x_val, y_val, x_test, Cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[np.ndarray, dict]:
+def linear_probe(x_train, y_train, x_val, y_val, x_test, Cs=PROBE_CS) -> tuple[np.ndarray, dict]:
     """Test probabilities of StandardScaler + LogisticProbe with C chosen on the validation rows
     by weighted F1; also {C, val_f1}."""
     scaler = StandardScaler().fit(x_train)
     probe, C, scores = select_C(scaler.transform(x_train), y_train, scaler.transform(x_val), y_val, Cs)
     probs = np.zeros((len(x_test), int(max(y_train.max(), y_val.max())) + 1))
-    probs[:, probe.classes_] = probe.predict_proba(scaler.transform(x_test))  # classes absent from training get 0
+    # [N, K] over every class index; a class absent from the training rows gets probability 0
+    probs[:, probe.classes_] = probe.predict_proba(scaler.transform(x_test))
     return probs, {"C": C, "val_f1": {str(c): s for c, s in scores.items()}}
 
 
@@ -131,7 +133,8 @@ def e2e_run(heads0, train, val, test, prompt_feat, lr: float, seed: int, epochs:
             opt.step()
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        f1 = metrics.weighted_f1(_e2e_probs(heads, val[0], prompt_feat, val[2]).argmax(1).numpy(), val[1].numpy())
+        pred = _e2e_probs(heads, val[0], prompt_feat, val[2]).argmax(1)
+        f1 = metrics.weighted_f1(pred.numpy(), val[1].numpy())
         if f1 > best_f1:
             best, best_f1 = (epoch + 1, copy.deepcopy(heads.state_dict())), f1
         if bar is not None:
