@@ -117,6 +117,9 @@ labelled = bool(es.label)
 if labelled and len(es.classes) < 2:
     fail(f"the manifest (with --classes) has one class only, {es.classes}: zero-shot and the probes "
          f"need at least two; drop --classes or use a manifest with more labels")
+organs = sorted({es.organ[k] for k in es.keys})
+if labelled and "" in organs:
+    fail("some images have no organ (no organ column value): pass --organ (e.g. breast)")
 stamp = time.strftime("%Y%m%d-%H%M%S")
 out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{stamp}")
 out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,7 @@ try:
     ckpt_split = next((m.split_path for m in models if m.split_path), None)
     split, how = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json", ckpt_split)
     overlap = evaldata.check_overlap(split["test"], models, cfg.allow_overlap)
-except (ValueError, OSError, KeyError) as e:
+except (ValueError, OSError, KeyError, RuntimeError) as e:  # bad files, weights missing offline
     fail(str(e))
 print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / "
       f"{len(split['test'])} test images")
@@ -161,9 +164,6 @@ def metric(value) -> dict:
 
 
 # ----------------------------------------------------------------------------- the protocol, per model
-organs = sorted({es.organ[k] for k in es.keys})
-if labelled and "" in organs:
-    fail("some images have no organ (no organ column value): pass --organ (e.g. breast)")
 prompts = {o: [ECHOCARE_TEMPLATE.format(organ=o, label=c) for c in es.classes] for o in organs}
 test_pairs = [p for p in es.pairs if p.key in set(split["test"])]
 test_organ = np.array([es.organ[k] for k in split["test"]])
