@@ -5,7 +5,8 @@ Chinese CURD captions with Qwen3-8B; EchoCare-CLIP (seed 000) wrote captions fro
 Qwen3-4B-Instruct served by vLLM. Any server that speaks OpenAI's `POST {base}/chat/completions`
 works: vLLM, Ollama, llama.cpp's server, hosted APIs.
 
-- `complete` sends one request and retries with exponential backoff on HTTP errors, timeouts,
+- `complete` sends one request and retries with exponential backoff (or the server's
+  Retry-After, capped at max_backoff) on HTTP errors, timeouts,
   refused or dropped connections, malformed JSON and replies the caller rejects (an empty one,
   say). 401/403/404 stop the whole run: every other request would fail the same way.
 - `ReplyCache` is an append-only JSONL file of answers keyed by a hash of the request body, so a
@@ -118,6 +119,14 @@ def _http_error(e: urllib.error.HTTPError) -> str:
     return f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
 
 
+def _retry_after(e: urllib.error.HTTPError) -> float:
+    """Seconds a 429/503 reply asks the client to wait (Retry-After in seconds), else 0."""
+    try:
+        return max(0.0, float(e.headers.get("Retry-After", 0)))
+    except (TypeError, ValueError):   # an HTTP date: fall back to the exponential backoff
+        return 0.0
+
+
 class Stats:
     """Thread-safe counters shown on the progress bar."""
 
@@ -133,20 +142,20 @@ def complete(cfg: ChatConfig, body: dict, check=None, stats: Stats | None = None
     """The reply text of one request, after `check(text)` (which raises BadReply to reject it)
     passes. Retries with exponential backoff; raises LLMError after the last try, FatalLLMError
     at once on 401/403/404."""
-    error = ""
+    error, asked_wait = "", 0.0
     for attempt in range(cfg.retries + 1):
         if attempt:
             if stats is not None:
                 stats.add("retries")
-            wait = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1))
-            time.sleep(wait * random.uniform(0.75, 1.0))   # jitter: retries do not march in step
+            wait = cfg.backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.0)  # jitter
+            time.sleep(min(cfg.max_backoff, max(wait, asked_wait)))
         try:
             text = post_chat(cfg, body)
             if check is not None:
                 check(text)
             return text
         except urllib.error.HTTPError as e:
-            error = _http_error(e)
+            error, asked_wait = _http_error(e), _retry_after(e)
             if e.code in FATAL_STATUS:
                 raise FatalLLMError(f"{cfg.url}: {error}; {FATAL_STATUS[e.code]}") from None
             if e.code not in RETRY_STATUS and e.code < 500:

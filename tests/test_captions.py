@@ -388,7 +388,7 @@ def chat_reply(text) -> bytes:
 
 class FakeLLM:
     """A threaded OpenAI-compatible server on 127.0.0.1. `behave(caption, attempt, body)`
-    returns (status, body bytes, seconds to wait first)."""
+    returns (status, body bytes, seconds to wait first[, extra headers])."""
 
     def __init__(self, behave):
         self.behave, self.lock = behave, threading.Lock()
@@ -408,9 +408,11 @@ class FakeLLM:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
-                    status, payload, wait = fake.behave(text, attempt, body)
+                    status, payload, wait, *headers = fake.behave(text, attempt, body)
                     time.sleep(wait)
                     self.send_response(status)
+                    for name, value in (headers[0] if headers else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -472,6 +474,8 @@ def robust_behaviour(text, attempt, body):
         return 200, chat_reply("   "), 0
     if text.startswith("broken"):
         return 503, b"down", 0
+    if text.startswith("rejected"):
+        return 400, b'{"error": "prompt too long"}', 0
     return ok
 
 
@@ -491,14 +495,14 @@ def refine(src, out, url, retries=2, **kw):
 def test_refine_retries_fits_and_reports_failures(tmp_path, serve):
     server = serve(robust_behaviour)
     caps = ["plain one", "five-hundred twice", "slow first", "garbled json", "wordy reply",
-            "silent reply", "broken server", "plain two", "plain one"]
+            "silent reply", "broken server", "plain two", "plain one", "rejected prompt"]
     write_manifest(tmp_path / "m.csv", caps)
     s = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
     rows = read_csv(tmp_path / "out.csv")
-    assert [r["image"] for r in rows] == [f"im{i}.png" for i in range(9)]      # order kept
+    assert [r["image"] for r in rows] == [f"im{i}.png" for i in range(10)]     # order kept
     assert [r["original_caption"] for r in rows] == caps
     status = [r["refine_status"] for r in rows]
-    assert status == ["ok", "ok", "ok", "ok", "fitted", "failed", "failed", "ok", "ok"]
+    assert status == ["ok", "ok", "ok", "ok", "fitted", "failed", "failed", "ok", "ok", "failed"]
     for i in (0, 1, 2, 3, 7, 8):
         assert rows[i]["caption"] == f"EN: {caps[i]}"
     assert token_count(rows[4]["caption"]) <= 77 and LONG_REPLY.startswith(rows[4]["caption"])
@@ -507,14 +511,25 @@ def test_refine_retries_fits_and_reports_failures(tmp_path, serve):
     assert server.attempts["garbled json"] == 2
     assert server.attempts["silent reply"] == 3 and server.attempts["broken server"] == 3
     assert server.attempts["plain one"] == 1              # duplicate captions: one request
-    assert s["failed_rows"] == [5, 6] and s["failed"] == 2 and s["fitted"] == 1
+    assert server.attempts["rejected prompt"] == 1        # a 400 is not worth a retry
+    assert s["failed_rows"] == [5, 6, 9] and s["failed"] == 3 and s["fitted"] == 1
     assert "empty reply" in s["errors"][5] and "HTTP 503" in s["errors"][6]
-    assert s["requests"] == 8 and s["sent"] == 8 and s["retries"] == 2 + 1 + 1 + 2 + 2
-    # a rerun asks again only for the two failures; everything else comes from the cache
+    assert "HTTP 400" in s["errors"][9] and "prompt too long" in s["errors"][9]
+    assert s["requests"] == 9 and s["sent"] == 9 and s["retries"] == 2 + 1 + 1 + 2 + 2
+    # a rerun asks again only for the failures; everything else comes from the cache
     before = len(server.requests)
     s2 = refine(tmp_path / "m.csv", tmp_path / "out.csv", server.url)
-    assert s2["cached"] == 6 and s2["sent"] == 2
-    assert len(server.requests) - before == 2 * 3
+    assert s2["cached"] == 6 and s2["sent"] == 3
+    assert len(server.requests) - before == 2 * 3 + 1
+
+
+def test_retry_after_is_honoured(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (429, b"slow down", 0, {"Retry-After": "0.6"})
+                   if attempt == 0 else (200, chat_reply("fine"), 0))
+    chat = llm.ChatConfig(server.url, "m", timeout=1.5, retries=1, backoff=0.01)
+    t0 = time.perf_counter()
+    assert llm.complete(chat, llm.request_body("m", [{"role": "user", "content": "x"}])) == "fine"
+    assert time.perf_counter() - t0 >= 0.6 and server.attempts["x"] == 2
 
 
 def test_rerun_makes_no_calls_and_writes_the_same_file(tmp_path, serve):
