@@ -271,3 +271,9 @@ def test_one_class_is_refused_without_traceback(tmp_path, manifest, env, capsys)
     code, _, stderr = run(["--manifest", manifest, "--classes", "benign", "--weights", "none",
                            "--out-dir", tmp_path / "one"] + SMALL, env, capsys, check=False)
     assert code == 2 and "one class only" in stderr and "Traceback" not in stderr
+
+
+def test_help_says_every_label_is_a_class(env, capsys):
+    code, stdout, _ = run(["--help"], env, capsys, check=False)
+    assert code == 0 and "every label present in the manifest is a class" in " ".join(stdout.split())
+    assert "binary" in stdout and "--allow-overlap" in stdout and "--e2e-epochs" in stdout
