@@ -286,7 +286,8 @@ untrained = evaluate(model)[1]
 log(untrained=untrained)
 if is_main:
     print("untrained: " + ", ".join(f"{k} {fmt(untrained.get(k))}" for k in METRICS))
-settings = loop.Settings.of(cfg, eval_every=1, best="min", nonfinite="skip", metric="loss")
+settings = loop.Settings.of(cfg, eval_every=1, best="min", nonfinite="skip", metric="loss",
+                            unit="pairs")
 loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, cfg.seed, rank, world)
 start = time.time()
 try:

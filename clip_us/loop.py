@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Settings:
     max_skips: int = 5          # with "skip": this many non-finite batches in a row stop the run
     amp: bool = True            # bf16 autocast on CUDA (a no-op on the CPU)
     metric: str = "score"       # the score's name on the console
+    unit: str = "img"           # what a batch item is, for the progress bar's rate ("pairs")
 
     def __post_init__(self):
         for name, allowed in (("decay", ("all", "matrices")), ("schedule", ("iter", "epoch")),
@@ -179,6 +181,7 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
         net.train()
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, disable=not is_main)
+        started = time.perf_counter()
         for batch in bar:
             with autocast(device, s.amp):
                 loss = loss_step(batch, net)
@@ -196,7 +199,8 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
                 sched.step()
             k = batch_size(batch)
             total, n = total + loss.item() * k, n + k
-            bar.set_postfix(loss=f"{total / n:.4f}")
+            rate = n / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix({"loss": f"{total / n:.4f}", f"{s.unit}/s": f"{rate:.1f}"})
         if s.schedule == "epoch":
             sched.step()
         record = {"seed": seed, "epoch": epoch + 1, "loss": total / n if n else math.nan,
