@@ -14,13 +14,16 @@ only. This file holds the one list of adapter key patterns (ADAPTER_KEYS), the o
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
 from .lora import LORA_TYPES, add_lora, lora_settings, mark_only_trainable
-from .mona import add_mona, mona_settings
+from .mona_in_clip import add_mona, mona_settings
+from .official_adapters import (convert_official_lora, convert_official_mona, is_official_lora,
+                                is_official_mona)
 
 __all__ = ["AdapterConfig", "apply_adapter", "adapter_config_of", "load_adapter",
            "load_adapter_state_dict", "adapter_state_dict", "freeze_backbone",
@@ -164,26 +167,76 @@ def load_adapter_state_dict(model: nn.Module, sd: dict, adapter_config) -> nn.Mo
     return model
 
 
-def read_adapter(path) -> tuple[AdapterConfig, dict]:
-    """(adapter settings, adapter tensors) from a file. Today: checkpoints written by clip_us
-    (any script's best.pt / last.pt). Other formats get their reader here."""
+def _read(path) -> tuple[AdapterConfig, dict, dict, bool | None]:
+    """(adapter settings, adapter tensors, fine-tuned backbone tensors, clip_norm) of a file:
+    a clip_us checkpoint, or the official NextGen-UIA Mona (`best_model.pth`) or LoRA dict."""
     ckpt = load_checkpoint(path)
+    for is_official, convert in ((is_official_mona, convert_official_mona),
+                                 (is_official_lora, convert_official_lora)):
+        if is_official(ckpt):
+            settings, sd = convert(ckpt)
+            return AdapterConfig(**settings), sd, {}, False  # the official code fed [0, 1] pixels
     if "adapter_config" not in ckpt or "adapter_state_dict" not in ckpt:
-        raise KeyError(f"{path} has no adapter_config/adapter_state_dict; it must be a "
-                       f"checkpoint written by a clip_us script")
-    return AdapterConfig.from_dict(dict(ckpt["adapter_config"])), ckpt["adapter_state_dict"]
+        raise KeyError(f"{path} has no adapter_config/adapter_state_dict and is not an official "
+                       f"NextGen-UIA Mona or LoRA file; it must be a checkpoint written by a "
+                       f"clip_us script")
+    norm = (ckpt.get("normalisation") or {}).get("clip_norm",
+                                                 (ckpt.get("config") or {}).get("clip_norm"))
+    return (AdapterConfig.from_dict(dict(ckpt["adapter_config"])), ckpt["adapter_state_dict"],
+            dict(ckpt.get("model_state_dict") or {}), norm)
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Give `model` (a CLIP or its vision tower) the adapter saved at `path`, with its weights.
+def read_adapter(path) -> tuple[AdapterConfig, dict]:
+    """(adapter settings, adapter tensors) from a file: checkpoints written by clip_us (any
+    script's best.pt / last.pt), or the official NextGen-UIA Mona / LoRA files
+    (official_adapters.py; other Mona variants than the baseline are refused)."""
+    cfg, sd, _, _ = _read(path)
+    return cfg, sd
+
+
+def load_backbone_state(model: nn.Module, sd: dict, path) -> nn.Module:
+    """A checkpoint's fine-tuned backbone (`model_state_dict`, CLIP key names) into a CLIP or
+    its vision tower; adapter tensors come from adapter_state_dict, heads never."""
+    own = model.state_dict()
+    if not any(k.startswith("visual.") for k in own):  # a vision tower: keys without "visual."
+        sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    sd = {k: v for k, v in sd.items() if not is_adapter_key(k) and not k.startswith(HEAD)}
+    unknown = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    if unknown or wrong or not sd:
+        raise ValueError(f"{path}: its model_state_dict does not fit this model (architecture "
+                         f"differs?): {len(unknown)} unknown keys {unknown[:3]}, {len(wrong)} "
+                         f"with other shapes {wrong[:3]}")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def load_adapter(model: nn.Module, path, clip_norm: bool | None = None) -> nn.Module:
+    """Give `model` (a CLIP or its vision tower) the adapter saved at `path`, with its weights,
+    and the fine-tuned backbone weights when the checkpoint has them (train_contrastive.py
+    --train heads|image|text|full, or any script whose backbone trained).
 
     The adapter is added (unfrozen: requires_grad is left as it is) when the model has none;
-    a model that has a different adapter, or other settings, is an error naming them.
+    a model that has a different adapter, or other settings, is an error naming them. With
+    `clip_norm` (the run's normalisation), a checkpoint trained with the other one is warned
+    about: its weights saw differently scaled pixels.
     """
-    cfg, sd = read_adapter(path)
+    cfg, sd, backbone, norm = _read(path)
     if cfg.kind != "none" and adapter_config_of(model).kind == "none":
         apply_adapter(model, cfg, freeze=False)
-    return load_adapter_state_dict(model, sd, cfg)
+    load_adapter_state_dict(model, sd, cfg)
+    if backbone:
+        load_backbone_state(model, backbone, path)
+    if clip_norm is not None and norm is not None and bool(norm) != bool(clip_norm):
+        warnings.warn(f"--init {path} was trained on {_norm_name(norm)} but this run feeds "
+                      f"{_norm_name(clip_norm)}; pass {'--clip-norm' if norm else '--no-clip-norm'}"
+                      f" to match it", stacklevel=2)
+    return model
+
+
+def _norm_name(clip_norm: bool) -> str:
+    return "CLIP mean/std-normalised pixels" if clip_norm else "[0, 1] pixels"
 
 
 def backbone_trains(model: nn.Module) -> bool:

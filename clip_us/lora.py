@@ -1,17 +1,24 @@
-"""LoRA for CLIP's packed attention projections (and any nn.Linear), with merging and freezing.
+"""LoRA for packed attention projections (and any nn.Linear), with merging and freezing.
 
 LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: W x + s * B (A dropout(x)), with
 A [r, in] kaiming-uniform(a=sqrt(5)) and B [out, r] zeros, so a fresh adapter changes nothing.
 Seed 003 §3.1 puts it on the q, k, v and output projections of every vision block, r=16, alpha=32,
-dropout 0.1 (DESIGN.md, "LoRA").
+dropout 0.1.
 
 - Scaling: "rslora" gives s = alpha / sqrt(r), what the official code (jinggqu/NextGen-UIA) does,
   and is the default. "standard" gives classic LoRA's s = alpha / r.
 - q, k and v live in one packed `in_proj_weight` [3D, D] (rows q, k, v), as in OpenAI's
-  checkpoints. `LoRAAttention` adds each targeted delta to its slice of the packed projection
-  instead of splitting the weight, so every OpenAI key keeps its name. Each target has its own A,
-  B and dropout draw, as the official code's separate q/k/v layers do.
+  checkpoints and torch's nn.MultiheadAttention. `LoRAAttention` adds each targeted delta to its
+  slice of the packed projection instead of splitting the weight, so every key keeps its name.
+  Each target has its own A, B and dropout draw, as the official code's separate q/k/v layers do.
+- Any module with a packed `in_proj_weight` and an `out_proj` nn.Linear is an attention block:
+  one that computes q/k/v through an `in_proj(x)` method (clip_us's CLIP) gets that method
+  overridden; torch's nn.MultiheadAttention gets a forward that computes the same attention with
+  the LoRA'd projections. "mlp" targets the `c_fc`/`c_proj` nn.Linear pair of OpenAI's blocks;
+  `LoRALinear(layer)` wraps any other nn.Linear.
 - LoRA tensors are new keys containing "lora_" (`attn.lora_A_q`, `attn.out_proj.lora_B`, ...).
+
+This file imports only torch, so it can be copied into another project on its own.
 """
 from __future__ import annotations
 
@@ -20,8 +27,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .model import MLP, Attention
 
 QKV = ("q", "k", "v")
 TARGETS = ("q", "k", "v", "o", "mlp")
@@ -41,11 +46,12 @@ def _adopt(new: nn.Module, base: nn.Module) -> None:
     objects, so no copy and no renamed key). Names starting with "lora_" are LoRA's own: skipped,
     which is also how merge_lora(remove=True) turns a LoRA module back into a plain one."""
     nn.Module.__init__(new)
+    internals = set(vars(new)) - {"training"}  # nn.Module's own bookkeeping, fresh in `new`
     for store in ("_parameters", "_buffers", "_modules"):
         getattr(new, store).update({k: v for k, v in getattr(base, store).items()
                                     if not k.startswith("lora_")})
     new.__dict__.update({k: v for k, v in vars(base).items()
-                         if not k.startswith(("_", "lora_"))})
+                         if k not in internals and not k.startswith("lora_")})
 
 
 def _lora_pair(out_features: int, in_features: int, r: int, like: torch.Tensor):
@@ -66,7 +72,7 @@ class LoRALinear(nn.Linear):
         self.lora_r, self.lora_alpha, self.lora_scaling_kind = r, alpha, scaling
         self.lora_scaling = lora_scaling(r, alpha, scaling)
         self.lora_merged = False
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout).train(self.training)
         self.lora_A, self.lora_B = _lora_pair(self.out_features, self.in_features, r, self.weight)
 
     def delta_weight(self) -> torch.Tensor:
@@ -86,20 +92,36 @@ class LoRALinear(nn.Linear):
         self.lora_merged = sign > 0
 
 
-class LoRAAttention(Attention):
-    """Attention whose packed q/k/v projection carries LoRA deltas on the targeted slices."""
+def _attention_bias(attn_mask, key_padding_mask, is_causal, shape, like) -> torch.Tensor:
+    """nn.MultiheadAttention's masks as one additive bias [B, H, L, S]: a True (bool) entry is
+    a position not attended to; float masks are added as they are."""
+    B, H, L, S = shape
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=like.device).triu(1)
+    bias = like.new_zeros(shape)
+    for mask, view in ((attn_mask, (-1, H, L, S) if attn_mask is not None and attn_mask.dim() == 3
+                        else (1, 1, L, S)), (key_padding_mask, (B, 1, 1, S))):
+        if mask is not None:
+            mask = mask.reshape(view)  # [L, S] | [B*H, L, S] | [B, S] -> broadcastable to bias
+            bias = bias + (like.new_zeros(mask.shape).masked_fill(mask, -math.inf)
+                           if mask.dtype == torch.bool else mask.to(like.dtype))
+    return bias
 
-    def __init__(self, base: Attention, r: int = 16, alpha: float = 32, dropout: float = 0.1,
-                 targets=QKV, scaling: str = "rslora"):
+
+class LoRAAttention(nn.Module):
+    """An attention block whose packed q/k/v projection carries LoRA deltas on the targeted
+    slices. Built by `lora_attention(base, ...)`, as a subclass of the base's own class."""
+
+    def _setup(self, base: nn.Module, r: int, alpha: float, dropout: float, targets,
+               scaling: str):
         _adopt(self, base)
         targets = tuple(t for t in QKV if t in targets)  # canonical q, k, v order
-        if r < 1 or not targets:
-            raise ValueError(f"LoRAAttention needs r >= 1 and some of q, k, v; got r={r}, "
-                             f"targets={targets}")
+        if r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         self.lora_r, self.lora_alpha, self.lora_scaling_kind = r, alpha, scaling
         self.lora_scaling = lora_scaling(r, alpha, scaling)
         self.lora_targets, self.lora_merged = targets, False
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout).train(self.training)
         width = self.in_proj_weight.shape[1]
         for t in targets:
             A, B = _lora_pair(width, width, r, self.in_proj_weight)
@@ -109,16 +131,60 @@ class LoRAAttention(Attention):
     def delta_weight(self, t: str) -> torch.Tensor:
         return self.lora_scaling * getattr(self, f"lora_B_{t}") @ getattr(self, f"lora_A_{t}")
 
+    def _lora(self, x: torch.Tensor, t: str) -> torch.Tensor:
+        low = F.linear(self.lora_dropout(x), getattr(self, f"lora_A_{t}"))  # [..., r]
+        return F.linear(low * self.lora_scaling, getattr(self, f"lora_B_{t}"))  # [..., D]
+
     def in_proj(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [..., 3D], q | k | v
-        if self.lora_merged:
+        if self.lora_merged or not self.lora_targets:
             return out
         parts = list(out.chunk(3, dim=-1))  # 3 x [..., D]
         for t in self.lora_targets:
             i = QKV.index(t)
-            low = F.linear(self.lora_dropout(x), getattr(self, f"lora_A_{t}"))  # [..., r]
-            parts[i] = parts[i] + F.linear(low * self.lora_scaling, getattr(self, f"lora_B_{t}"))
+            parts[i] = parts[i] + self._lora(x, t)
         return torch.cat(parts, dim=-1)  # [..., 3D]
+
+    def proj_slice(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """q (i=0), k (1) or v (2) of `x` alone, LoRA included: for distinct query/key/value."""
+        D = self.in_proj_weight.shape[1]
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[i * D:(i + 1) * D]
+        out = F.linear(x, self.in_proj_weight[i * D:(i + 1) * D], bias)  # [..., D]
+        t = QKV[i]
+        return out if self.lora_merged or t not in self.lora_targets else out + self._lora(x, t)
+
+    def mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                    attn_mask=None, average_attn_weights=True, is_causal=False):
+        """nn.MultiheadAttention.forward's contract, computed with the LoRA'd projections."""
+        if self.bias_k is not None or self.add_zero_attn:
+            raise NotImplementedError("LoRA on nn.MultiheadAttention supports neither "
+                                      "add_bias_kv nor add_zero_attn")
+        batched = query.dim() == 3
+        seq_dim = 1 if self.batch_first else 0
+        if not batched:  # [L, D] -> [1, L, D] (batch_first) or [L, 1, D]
+            query, key, value = (t.unsqueeze(1 - seq_dim) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        if not self.batch_first:  # [L, B, D] -> [B, L, D]
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)  # 3 x [B, L, D]
+        else:
+            q, k, v = (self.proj_slice(t, i) for i, t in enumerate((query, key, value)))
+        B, L, D = q.shape
+        S, H = k.shape[1], self.num_heads
+        q, k, v = (t.reshape(B, -1, H, D // H).transpose(1, 2) for t in (q, k, v))  # [B, H, *, hd]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)  # [B, H, L, S]
+        scores = scores + _attention_bias(attn_mask, key_padding_mask, is_causal, (B, H, L, S), q)
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = self.out_proj((weights @ v).transpose(1, 2).reshape(B, L, D))  # [B, L, D]
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # [B, L, D] -> [L, B, D]
+        if need_weights:
+            weights = weights.mean(1) if average_attn_weights else weights
+        if not batched:
+            out = out.squeeze(1 - seq_dim)
+            weights = weights.squeeze(0) if need_weights else None
+        return out, (weights if need_weights else None)
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
@@ -128,6 +194,38 @@ class LoRAAttention(Attention):
             self.in_proj_weight[i * D:(i + 1) * D] += sign * self.delta_weight(t).to(
                 self.in_proj_weight.dtype)
         self.lora_merged = sign > 0
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def _no_fused_path(module, args):
+    """A no-op forward pre-hook. Its presence turns off nn.TransformerEncoderLayer's fused
+    inference path, which reads in_proj_weight directly and would skip LoRA."""
+    return None
+
+
+def lora_attention(base: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.1,
+                   targets=QKV, scaling: str = "rslora") -> LoRAAttention:
+    """`base` (same parameter objects, same keys) as an instance of LoRA<base class>."""
+    kind = type(base)
+    if kind not in _LORA_CLASSES:
+        body = {"lora_base": kind, "__module__": __name__}
+        if isinstance(base, nn.MultiheadAttention):
+            body["forward"] = LoRAAttention.mha_forward  # its own forward ignores in_proj
+        name = f"LoRA{kind.__name__}"
+        _LORA_CLASSES[kind] = globals()[name] = type(name, (LoRAAttention, kind), body)
+    new = _LORA_CLASSES[kind].__new__(_LORA_CLASSES[kind])
+    new._setup(base, r, alpha, dropout, targets, scaling)
+    if isinstance(base, nn.MultiheadAttention):
+        new.register_forward_pre_hook(_no_fused_path)
+    return new
+
+
+def is_packed_attention(m: nn.Module) -> bool:
+    """An attention block with a packed q/k/v projection and an out_proj nn.Linear."""
+    return isinstance(getattr(m, "in_proj_weight", None), torch.Tensor) and \
+        isinstance(getattr(m, "out_proj", None), nn.Linear)
 
 
 LORA_TYPES = (LoRALinear, LoRAAttention)
@@ -153,24 +251,29 @@ def add_lora(module: nn.Module, r: int = 16, alpha: float = 32, dropout: float =
         raise ValueError("this module already has LoRA; call merge_lora(model, remove=True) "
                          "before adding LoRA again")
     kw = dict(r=r, alpha=alpha, dropout=dropout, scaling=scaling)
-    attns = [m for m in module.modules() if isinstance(m, Attention)]
-    mlps = [m for m in module.modules() if isinstance(m, MLP)] if "mlp" in targets else []
+    attns = [m for m in module.modules() if is_packed_attention(m)]
+    mlps = [m for m in module.modules() if isinstance(getattr(m, "c_fc", None), nn.Linear)
+            and isinstance(getattr(m, "c_proj", None), nn.Linear)] if "mlp" in targets else []
     if not attns:
-        raise ValueError(f"add_lora found no clip_us Attention inside {type(module).__name__}")
+        raise ValueError(f"add_lora found no attention block (a module with a packed "
+                         f"in_proj_weight and an out_proj nn.Linear) inside {type(module).__name__}")
     for attn in attns:
         if "o" in targets:
             attn.out_proj = LoRALinear(attn.out_proj, **kw)
     for mlp in mlps:
         mlp.c_fc, mlp.c_proj = LoRALinear(mlp.c_fc, **kw), LoRALinear(mlp.c_proj, **kw)
-    if any(t in QKV for t in targets):
-        _replace(module, Attention, lambda a: LoRAAttention(a, targets=targets, **kw))
+    # torch's nn.MultiheadAttention never calls out_proj as a module: it needs LoRA's forward
+    # even when only "o" is targeted.
+    wrap = {id(a) for a in attns if any(t in QKV for t in targets)
+            or isinstance(a, nn.MultiheadAttention)}
+    _replace(module, lambda m: id(m) in wrap, lambda a: lora_attention(a, targets=targets, **kw))
     return module
 
 
-def _replace(module: nn.Module, kind: type, make) -> None:
-    """Swap every child of type `kind` (anywhere inside `module`) for make(child)."""
+def _replace(module: nn.Module, chosen, make) -> None:
+    """Swap every child for which chosen(child) holds (anywhere inside `module`) for make(child)."""
     found = [(parent, name, child) for parent in module.modules()
-             for name, child in parent.named_children() if isinstance(child, kind)]
+             for name, child in parent.named_children() if chosen(child)]
     for parent, name, child in found:
         setattr(parent, name, make(child))
 
@@ -194,15 +297,16 @@ def lora_settings(module: nn.Module) -> dict | None:
 def merge_lora(model: nn.Module, remove: bool = False) -> nn.Module:
     """Fold every LoRA delta into its base weight (eval-time speed; dropout no longer applies).
 
-    Already merged layers are left alone. With remove=True the LoRA layers become plain
-    Attention / nn.Linear again, so the state dict loads into a plain `build_model`.
+    Already merged layers are left alone. With remove=True the LoRA layers become their plain
+    classes again (the attention's own class, nn.Linear), so the state dict loads into the
+    model without LoRA.
     """
     for m in model.modules():
         if isinstance(m, LORA_TYPES) and not m.lora_merged:
             m.merge(+1.0)
     if remove:
-        _replace(model, LoRAAttention, lambda a: _plain(Attention, a))
-        _replace(model, LoRALinear, lambda lin: _plain(nn.Linear, lin))
+        _replace(model, lambda m: isinstance(m, LoRAAttention), lambda a: _plain(a.lora_base, a))
+        _replace(model, lambda m: isinstance(m, LoRALinear), lambda lin: _plain(nn.Linear, lin))
     return model
 
 

@@ -227,3 +227,36 @@ def test_vit_b16_lora_counts(r, targets):
 def test_vit_b16_lora_default_message():
     visual = apply_adapter(vit_b16_visual(), AdapterConfig(kind="lora"))
     assert format_count(visual) == "trainable 1,179,648 / 87,372,288 (1.35%)"
+
+
+# ----------------------------------------------------------------------------- torch's own MHA
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lora_on_torch_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    plain = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    plain.load_state_dict(mha.state_dict())
+    holder = torch.nn.Sequential()
+    holder.attn = mha
+    add_lora(holder, r=4)
+    assert isinstance(holder.attn, LoRAAttention) and isinstance(holder.attn.out_proj, LoRALinear)
+    assert set(holder.state_dict()) >= {"attn.in_proj_weight", "attn.lora_A_q", "attn.out_proj.lora_B"}
+    x, y = (torch.randn((2, 5, 16) if batch_first else (5, 2, 16)) for _ in range(2))
+    masks = {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2]),
+             "attn_mask": torch.eye(5, dtype=torch.bool).roll(1, 0)}
+    for args in ((x, x, x), (x, y, y)):  # self- and cross-attention: a fresh LoRA changes nothing
+        for kw in ({}, masks, {"attn_mask": torch.randn(5, 5), "need_weights": False}):
+            ours, ref = holder.attn(*args, **kw), plain(*args, **kw)
+            torch.testing.assert_close(ours[0], ref[0], atol=1e-6, rtol=1e-5)
+            assert (ours[1] is None) == (ref[1] is None)
+    randomise_lora(holder)
+    out = holder.attn(x, x, x)[0]
+    # The packed delta equals the hand-merged weights of a plain MHA.
+    with torch.no_grad():
+        for i, t in enumerate(QKV):
+            plain.in_proj_weight[i * 16:(i + 1) * 16] += holder.attn.delta_weight(t)
+        plain.out_proj.weight += holder.attn.out_proj.delta_weight()
+    torch.testing.assert_close(out, plain(x, x, x)[0], atol=1e-5, rtol=1e-4)
+    merge_lora(holder, remove=True)
+    assert type(holder.attn) is torch.nn.MultiheadAttention
+    torch.testing.assert_close(holder.attn(x, x, x)[0], out, atol=1e-5, rtol=1e-4)

@@ -6,7 +6,8 @@ import torch
 from clip_us.adapters import (AdapterConfig, adapter_state_dict, apply_adapter, count_parameters,
                               load_adapter_state_dict)
 from clip_us.model import build_model
-from clip_us.mona import Mona, MonaBlock, add_mona
+from clip_us.mona import Mona
+from clip_us.mona_in_clip import MonaBlock, add_mona
 
 
 def tiny(seed=0):
@@ -50,7 +51,7 @@ def test_zeroed_up_projection_is_identity():
 
 
 def test_fresh_mona_is_not_identity():
-    # DESIGN.md: the up-projection is not zero-initialised, so a fresh Mona changes the output.
+    # The up-projection is not zero-initialised (official code), so a fresh Mona changes the output.
     x = tokens((3, 5))
     assert not torch.allclose(mona()(x, (3, 5)), x)
 
