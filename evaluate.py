@@ -223,13 +223,14 @@ def classification(model, heads, img_f, txt_f, found, ci, per_organ) -> tuple[di
         emb = {s: heads.embed_image(parts[s][0]).double().numpy() for s in parts}
     scored("zs", protocol.zeroshot_probs(heads, x_te, prompt_f, o_te), y_te.numpy(), found, ci, per_organ)
     probs, probe_info = protocol.linear_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(),
-                                              emb["test"])
+                                              emb["test"], len(es.classes))
     scored("probe", probs, y_te.numpy(), found, ci, per_organ)
     fewshot = {}
     total = len(cfg.probe_fractions) * len(cfg.probe_seeds)
     with protocol.progress(total, f"few-shot probe ({model.name})") as bar:
         runs = protocol.fewshot_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"],
-                                      y_te.numpy(), cfg.probe_fractions, cfg.probe_seeds, bar)
+                                      y_te.numpy(), cfg.probe_fractions, cfg.probe_seeds,
+                                      len(es.classes), bar)
     fewshot.update(protocol.fewshot_summary(runs, "probe"))
     lr = cfg.e2e_lr or (5e-6 if model.vanilla else 1e-5)
     total = len(cfg.e2e_fractions) * len(cfg.e2e_seeds) * cfg.e2e_epochs

@@ -79,18 +79,20 @@ def zeroshot_probs(heads, img_feat, prompt_feat, organ_idx) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- linear probe
-def linear_probe(x_train, y_train, x_val, y_val, x_test, Cs=PROBE_CS) -> tuple[np.ndarray, dict]:
+def linear_probe(x_train, y_train, x_val, y_val, x_test, n_classes: int,
+                 Cs=PROBE_CS) -> tuple[np.ndarray, dict]:
     """Test probabilities of StandardScaler + LogisticProbe with C chosen on the validation rows
     by weighted F1; also {C, val_f1}."""
     scaler = StandardScaler().fit(x_train)
     probe, C, scores = select_C(scaler.transform(x_train), y_train, scaler.transform(x_val), y_val, Cs)
-    probs = np.zeros((len(x_test), int(max(y_train.max(), y_val.max())) + 1))
+    probs = np.zeros((len(x_test), n_classes))
     # [N, K] over every class index; a class absent from the training rows gets probability 0
     probs[:, probe.classes_] = probe.predict_proba(scaler.transform(x_test))
     return probs, {"C": C, "val_f1": {str(c): s for c, s in scores.items()}}
 
 
-def fewshot_probe(x_train, y_train, x_val, y_val, x_test, y_test, fractions, seeds, bar=None) -> dict:
+def fewshot_probe(x_train, y_train, x_val, y_val, x_test, y_test, fractions, seeds, n_classes: int,
+                  bar=None) -> dict:
     """{fraction: [report per seed]} for the probe fitted on a per-class fraction of the
     training rows (ceil, at least 2 per class)."""
     out = {}
@@ -98,7 +100,7 @@ def fewshot_probe(x_train, y_train, x_val, y_val, x_test, y_test, fractions, see
         out[f] = []
         for s in seeds:
             idx = metrics.fewshot_indices(y_train, f, seed=s)
-            probs, _ = linear_probe(x_train[idx], y_train[idx], x_val, y_val, x_test)
+            probs, _ = linear_probe(x_train[idx], y_train[idx], x_val, y_val, x_test, n_classes)
             out[f].append(classification_report(probs, y_test))
             if bar is not None:
                 bar.update(1)

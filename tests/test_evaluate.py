@@ -277,3 +277,54 @@ def test_help_says_every_label_is_a_class(env, capsys):
     code, stdout, _ = run(["--help"], env, capsys, check=False)
     assert code == 0 and "every label present in the manifest is a class" in " ".join(stdout.split())
     assert "binary" in stdout and "--allow-overlap" in stdout and "--e2e-epochs" in stdout
+
+
+# ----------------------------------------------------------------------------- protocol pieces
+def identity_heads(log_t=np.log(0.07)):
+    return evalmodels.ModuleHeads(torch.nn.Identity(), torch.nn.Identity(), torch.tensor(log_t))
+
+
+def test_zeroshot_uses_each_images_own_organ_prompts():
+    prompts = F.normalize(torch.randn(2, 3, 16), dim=-1)  # [organs, classes, D]
+    organ = torch.tensor([0, 1, 1, 0])
+    cls = torch.tensor([2, 0, 1, 1])
+    images = prompts[organ, cls] + 0.01 * torch.randn(4, 16)  # each image near its organ's prompt
+    probs = __import__("clip_us.protocol", fromlist=["x"]).zeroshot_probs(identity_heads(), images, prompts, organ)
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1)
+    assert probs.argmax(1).tolist() == cls.tolist()
+    # the scale is 1/τ (capped at 100): with τ = 0.07 the logits are cos/0.07
+    img = F.normalize(images, dim=-1)
+    ref = torch.softmax(torch.einsum("bd,bcd->bc", img, prompts[organ]) / 0.07, -1)
+    np.testing.assert_allclose(probs, ref.numpy(), atol=1e-5)
+
+
+def test_linear_probe_keeps_every_class_column():
+    from clip_us import protocol
+    rng = np.random.default_rng(0)
+    y_tr, y_te = np.array([0, 1] * 10), np.array([0, 1, 2])
+    x = lambda y: rng.normal(size=(len(y), 4)) + np.eye(4)[y] * 3  # noqa: E731
+    probs, info = protocol.linear_probe(x(y_tr), y_tr, x(y_tr), y_tr, x(y_te), n_classes=3)
+    assert probs.shape == (3, 3) and np.all(probs[:, 2] == 0) and info["C"] in protocol.PROBE_CS
+
+
+def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
+    from clip_us import protocol
+    torch.manual_seed(0)
+    prompts = F.normalize(torch.randn(1, 2, 8), dim=-1)  # [organ, class, D]
+
+    def part(n):  # (features, labels, organ index): class y is the one-hot e_y plus noise
+        y = torch.arange(n) % 2
+        return torch.eye(8)[y] + 0.1 * torch.randn(n, 8), y, torch.zeros(n, dtype=torch.long)
+
+    head = torch.nn.Linear(8, 8)
+    with torch.no_grad():  # start wrong: e_0 -> class 1's prompt, e_1 -> class 0's
+        head.weight.zero_(), head.bias.zero_()
+        head.weight[:, 0], head.weight[:, 1] = prompts[0, 1], prompts[0, 0]
+    heads = evalmodels.ModuleHeads(head, torch.nn.Identity(), torch.tensor(np.log(0.07)))
+    test = part(16)
+    assert (protocol.zeroshot_probs(heads, test[0], prompts, test[2]).argmax(1) == test[1].numpy()).mean() == 0
+    before = {k: v.clone() for k, v in heads.state_dict().items()}
+    rep = protocol.e2e_run(heads, part(32), part(16), test, prompts, lr=3e-2, seed=0, epochs=6)
+    assert set(rep) == {"acc", "f1", "auroc", "best_epoch", "val_f1"} and 1 <= rep["best_epoch"] <= 6
+    assert all(torch.equal(before[k], v) for k, v in heads.state_dict().items())  # a copy trained
+    assert rep["acc"] >= 0.75 and rep["val_f1"] >= 0.75  # from 0: the heads learnt the classes
