@@ -11,7 +11,7 @@ Differences from OpenAI's code, none of which change the numbers:
 - tokens are batch-first ([B, L, D]) instead of [L, B, D];
 - attention goes through `F.scaled_dot_product_attention`; the text tower uses `is_causal=True`
   instead of a materialised mask;
-- the vision tower can return chosen blocks' outputs for dense heads (DESIGN.md, Dense features),
+- the vision tower can return chosen blocks' outputs for dense heads (`return_blocks`),
   and interpolates its positional embedding (bicubic) for other input sizes.
 
 The one vision transformer also covers the other ViTs that feed the same heads (timm's ViT inside
@@ -55,7 +55,7 @@ class CLIPConfig:
 
 
 # Named architectures. "tiny" keeps every code path of ViT-B/16 (12 blocks, patch 16, the dense
-# block indices 3/6/9) at width 64, for unit tests and quick demos (DESIGN.md).
+# block indices 3/6/9) at width 64, for unit tests and quick demos.
 ARCHS = {
     "ViT-B/32": CLIPConfig(vision_patch_size=32),
     "ViT-B/16": CLIPConfig(),

@@ -5,7 +5,7 @@ Class order is fixed across clip_us: benign = 0, malignant = 1 (positive), norma
 - Seed 003 §4.3 prints one combined prompt per dataset (LN and BUSI), at most 77 tokens, ending in
   "The abnormality in this ... scan is {benign/malignant}". We fill the slot per class.
 - The official code encodes a set of prompts per class (10 in the code); the logit is 100·cos
-  averaged over a class's prompts (DESIGN.md, Zero-shot). `ensemble` below is our own set of
+  averaged over a class's prompts, softmax, P(malignant) > 0.5. `ensemble` below is our own set of
   ten paraphrases per class, in that spirit.
 - EchoCare-CLIP: "An ultrasound image of {organ} with {label} findings."
 - A JSON file mapping each class name to a list of prompts.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CLASSES = ("benign", "malignant", "normal")
+from .labels import CLASSES
 
 # Seed 003 §4.3, verbatim (the missing space after "margins." in the LN prompt is the paper's).
 PAPER_PROMPTS = {

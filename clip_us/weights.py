@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -35,6 +34,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from .fileio import atomic_path, cache_dir
 from .model import ARCHS, CLIP, CLIPConfig, build_model, config_from_state_dict
 from .transform import Preprocess
 
@@ -66,12 +66,6 @@ def model_sha256(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- cache, download
-def cache_dir(download_root: str | None = None) -> str:
-    """`download_root`, else $CLIP_US_CACHE, else ~/.cache/clip_us."""
-    root = download_root or os.environ.get("CLIP_US_CACHE") or "~/.cache/clip_us"
-    return os.path.expanduser(root)
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -96,8 +90,9 @@ def _fetch(url: str, dst, what: str) -> str:
 def download(url: str, sha256: str, download_root: str | None = None) -> str:
     """Path of `url`'s file in the cache, downloading it when absent or when its hash is wrong.
 
-    The bytes go to a temporary file in the cache folder, renamed only once the SHA256 matches,
-    so an interrupted or corrupted download never sits in the cache under the real name.
+    The bytes go to a temporary file in the cache folder (fileio.atomic_path), renamed only once
+    the SHA256 matches, so an interrupted or corrupted download never sits in the cache under the
+    real name.
     """
     root = cache_dir(download_root)
     target = os.path.join(root, os.path.basename(url))
@@ -107,23 +102,18 @@ def download(url: str, sha256: str, download_root: str | None = None) -> str:
             return target
         warnings.warn(f"{target} has SHA256 {got}, expected {sha256}: the cached file is corrupt "
                       f"or incomplete; downloading it again")
-    os.makedirs(root, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as dst:
+        with atomic_path(target) as tmp, open(tmp, "wb") as dst:
             got = _fetch(url, dst, os.path.basename(target))
-        if got != sha256:
-            raise RuntimeError(f"downloaded {url} has SHA256 {got}, expected {sha256}: the "
-                               f"download is corrupt; nothing was written to {target}. Try again.")
-        os.replace(tmp, target)
+            if got != sha256:
+                raise RuntimeError(f"downloaded {url} has SHA256 {got}, expected {sha256}: the "
+                                   f"download is corrupt; nothing was written to {target}. "
+                                   f"Try again.")
     except (urllib.error.URLError, OSError) as e:
         raise RuntimeError(
             f"could not download {url} ({e}). Offline? Fetch that file on another machine and "
             f"put it at {target} (SHA256 {sha256}); or set CLIP_US_CACHE / download_root to the "
             f"folder that holds it, or pass the file's path instead of a name.") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -363,7 +363,8 @@ def source(tmp_path):
 
 
 def _no_leftovers(root):
-    return [p for p in os.listdir(root) if p.endswith(".part")] == []
+    """No temporary file (fileio.atomic_path names them ".tmp-*") left in the cache folder."""
+    return not os.path.isdir(root) or [p for p in os.listdir(root) if p.startswith(".")] == []
 
 
 def test_download_checks_hash_and_caches(tmp_path, source):
