@@ -345,6 +345,15 @@ def test_template_command_on_metadata_csv(tmp_path):
     assert "61-year-old woman" in rows[0]["caption"] and rows[0]["note"] == "x1"
     assert FALLBACK["echogenicity"] in rows[0]["caption"]
     assert rows[1]["caption"] in [render(t, {"organ": "liver"}) for t in TEMPLATES[1]]
+    # --image-col picks the column, --context-length the token budget, --seed the draws
+    src.write_text("scan,picture,organ,label,age,shape\nx,img/a.png,thyroid,benign,40,oval\n")
+    short = tmp_path / "short.csv"
+    captions.main(["template", str(src), "--out", str(short), "--image-col", "picture",
+                   "--context-length", "12", "--tier-weights", "0,0,1"])
+    row = read_csv(short)[0]
+    assert row["image"] == "raw/img/a.png" and row["scan"] == "x" and row["tier"] == "3"
+    full = [render(t, record_fields(row)) for t in TEMPLATES[3]]
+    assert token_count(row["caption"]) <= 12 and any(f.startswith(row["caption"]) for f in full)
     with pytest.raises(captions.CaptionError, match="--organ"):
         src.write_text("image,label\nimg/a.png,benign\n")
         captions.template_manifest(src, out)
