@@ -29,12 +29,11 @@ class JsonlLogger:
     """Appends one JSON object per line; a no-op on ranks other than 0."""
 
     def __init__(self, path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.enabled = Path(path), enabled   # the folder is made at the first record
 
     def log(self, **record):
         if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             record.setdefault("time", round(time.time(), 3))
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
@@ -95,25 +94,46 @@ class Run:
     def main(self) -> bool:
         return self.rank == 0
 
+    def save_config(self):
+        """config.json, written once the data have passed their checks: a run that fails them
+        leaves an existing run folder as it was (and makes no new one)."""
+        if self.main:
+            write_json(self.out / "config.json", dataclasses.asdict(self.cfg))
+
     def checkpoint_extra(self, seed: int, **more) -> dict:
         """What every checkpoint of this run holds beside the tensors."""
         return {"config": dataclasses.asdict(self.cfg), "seed": seed, "script": self.script,
                 **more}
 
 
+TASK_OF_SCRIPT = {"train_seg": "segmentation", "train_cls": "classification"}
+
+
+def eval_checkpoint(cfg, script: str) -> dict:
+    """The --eval-only checkpoint, refused when missing or trained for the other task."""
+    if not cfg.checkpoint:
+        raise ValueError(f"--eval-only needs --checkpoint PATH: the seed<N>/best.pt of a "
+                         f"finished {script}.py run")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    trained_by = ckpt.get("script")
+    if trained_by in TASK_OF_SCRIPT and script in TASK_OF_SCRIPT and trained_by != script:
+        raise ValueError(f"{cfg.checkpoint} was trained by {trained_by}.py for "
+                         f"{TASK_OF_SCRIPT[trained_by]}; {script}.py --eval-only needs a "
+                         f"{TASK_OF_SCRIPT[script]} checkpoint (or run {trained_by}.py --eval-only)")
+    return ckpt
+
+
 def start_run(cfg, script: str) -> Run:
-    """Join DDP, resolve --eval-only, print and save the resolved config."""
-    rank, world, device = setup_distributed(cfg.device)
-    ckpt = None
-    if cfg.eval_only:
-        ckpt = load_checkpoint(cfg.checkpoint)
+    """Join DDP, resolve --eval-only, print the resolved config. Nothing is written here:
+    config.json follows once the data are checked (Run.save_config, from supervised_data)."""
+    ckpt = eval_checkpoint(cfg, script) if cfg.eval_only else None
+    if ckpt is not None:
         cfg = eval_only_config(cfg, ckpt)
+    rank, world, device = setup_distributed(cfg.device)
     row = row_name(cfg.backbone, cfg.adapter, bool(cfg.init))
     out = Path(cfg.out_dir or default_out_dir(script, cfg.dataset, row))
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dataclasses.asdict(cfg))
     log = JsonlLogger(out / "log.jsonl", enabled=rank == 0).log
     return Run(cfg, script, rank, world, device, row, out, log, ckpt)
 
@@ -126,11 +146,13 @@ def supervised_data(run: Run, task: str):
         dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
         clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
         split_path=str(run.out / "split.json"), train_aug=not cfg.eval_only,
+        require_split=not cfg.eval_only,   # --eval-only tests every image: no minimum size
         keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
     # Rank 0 writes the phantom and split.json; the other ranks then read them.
     if not run.main:
         barrier()
     train, val, test, info = build_datasets(data_cfg)
+    run.save_config()
     if run.main:
         barrier()
     if cfg.eval_only:
