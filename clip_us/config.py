@@ -12,6 +12,22 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# Counts and sizes that cannot work below these values: refused when the command line is parsed.
+FLAG_MINIMUM = {"epochs": 1, "batch_size": 1, "image_size": 16, "eval_every": 1, "patience": 1,
+                "workers": 0, "phantom_n": 1, "phantom_size": 16, "n_figures": 0}
+
+
+def _at_least(kind, low):
+    """An argparse type for `kind` that refuses values below `low` (argparse then exits 2)."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
 def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     flag = "--" + f.name.replace("_", "-")
@@ -24,6 +40,8 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
         parser.add_argument(flag, default=list(default), nargs="+", type=kind, help=helptext)
     else:
         kind = type(default) if default is not None else str
+        if f.name in FLAG_MINIMUM and kind in (int, float):
+            kind = _at_least(kind, FLAG_MINIMUM[f.name])
         parser.add_argument(flag, default=default, type=kind, choices=f.metadata.get("choices"),
                             help=helptext)
 

@@ -87,3 +87,14 @@ def test_failed_data_checks_keep_config_json(tmp_path):
     with pytest.raises(DataError, match="--phantom-n 3 is too few"):
         supervised_data(start_run(fresh, "train_seg"), "seg")
     assert not (tmp_path / "new").exists(), "a run refused before training leaves no folder"
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "0"),
+                                        ("--image-size", "0"), ("--epochs", "-3")])
+def test_bad_numeric_flags_refused_at_parse_time(flag, value, capsys):
+    from clip_us.config import parse_config
+    with pytest.raises(SystemExit) as e:
+        parse_config(SupervisedConfig, [flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be at least" in capsys.readouterr().err
+    assert parse_config(SupervisedConfig, ["--epochs", "1", "--batch-size", "2"]).batch_size == 2
