@@ -11,6 +11,9 @@ dropout 0.1.
   checkpoints and torch's nn.MultiheadAttention. `LoRAAttention` adds each targeted delta to its
   slice of the packed projection instead of splitting the weight, so every key keeps its name.
   Each target has its own A, B and dropout draw, as the official code's separate q/k/v layers do.
+  `shared_dropout=True` draws one mask for q, k and v instead (a third of the random numbers, one
+  stacked A matmul; each target's marginal distribution is unchanged, but the three masks are
+  equal instead of independent).
 - Any module with a packed `in_proj_weight` and an `out_proj` nn.Linear is an attention block:
   one that computes q/k/v through an `in_proj(x)` method (clip_us's CLIP) gets that method
   overridden; torch's nn.MultiheadAttention gets a forward that computes the same attention with
@@ -113,7 +116,7 @@ class LoRAAttention(nn.Module):
     slices. Built by `lora_attention(base, ...)`, as a subclass of the base's own class."""
 
     def _setup(self, base: nn.Module, r: int, alpha: float, dropout: float, targets,
-               scaling: str):
+               scaling: str, shared_dropout: bool = False):
         _adopt(self, base)
         targets = tuple(t for t in QKV if t in targets)  # canonical q, k, v order
         if r < 1:
@@ -121,6 +124,7 @@ class LoRAAttention(nn.Module):
         self.lora_r, self.lora_alpha, self.lora_scaling_kind = r, alpha, scaling
         self.lora_scaling = lora_scaling(r, alpha, scaling)
         self.lora_targets, self.lora_merged = targets, False
+        self.lora_shared_dropout = shared_dropout
         self.lora_dropout = nn.Dropout(dropout).train(self.training)
         width = self.in_proj_weight.shape[1]
         for t in targets:
@@ -135,14 +139,26 @@ class LoRAAttention(nn.Module):
         low = F.linear(self.lora_dropout(x), getattr(self, f"lora_A_{t}"))  # [..., r]
         return F.linear(low * self.lora_scaling, getattr(self, f"lora_B_{t}"))  # [..., D]
 
+    def _lora_shared(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every target's delta from ONE dropout draw of x (shared_dropout=True): each target
+        still sees x under a Bernoulli(1 - p) mask, but it is the same mask for q, k and v, so
+        their dropped features coincide. One draw and one matmul with the stacked A's replace
+        three of each."""
+        A = torch.cat([getattr(self, f"lora_A_{t}") for t in self.lora_targets])  # [n*r, D]
+        low = F.linear(self.lora_dropout(x), A) * self.lora_scaling  # [..., n*r]
+        return [F.linear(part, getattr(self, f"lora_B_{t}"))  # [..., D] each
+                for t, part in zip(self.lora_targets, low.split(self.lora_r, dim=-1))]
+
     def in_proj(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [..., 3D], q | k | v
         if self.lora_merged or not self.lora_targets:
             return out
         parts = list(out.chunk(3, dim=-1))  # 3 x [..., D]
-        for t in self.lora_targets:
+        deltas = self._lora_shared(x) if self.lora_shared_dropout else \
+            [self._lora(x, t) for t in self.lora_targets]  # the official independent draws
+        for t, delta in zip(self.lora_targets, deltas):
             i = QKV.index(t)
-            parts[i] = parts[i] + self._lora(x, t)
+            parts[i] = parts[i] + delta
         return torch.cat(parts, dim=-1)  # [..., 3D]
 
     def proj_slice(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -206,7 +222,8 @@ def _no_fused_path(module, args):
 
 
 def lora_attention(base: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.1,
-                   targets=QKV, scaling: str = "rslora") -> LoRAAttention:
+                   targets=QKV, scaling: str = "rslora",
+                   shared_dropout: bool = False) -> LoRAAttention:
     """`base` (same parameter objects, same keys) as an instance of LoRA<base class>."""
     kind = type(base)
     if kind not in _LORA_CLASSES:
@@ -216,7 +233,7 @@ def lora_attention(base: nn.Module, r: int = 16, alpha: float = 32, dropout: flo
         name = f"LoRA{kind.__name__}"
         _LORA_CLASSES[kind] = globals()[name] = type(name, (LoRAAttention, kind), body)
     new = _LORA_CLASSES[kind].__new__(_LORA_CLASSES[kind])
-    new._setup(base, r, alpha, dropout, targets, scaling)
+    new._setup(base, r, alpha, dropout, targets, scaling, shared_dropout)
     if isinstance(base, nn.MultiheadAttention):
         new.register_forward_pre_hook(_no_fused_path)
     return new
@@ -239,11 +256,14 @@ def _check_targets(targets) -> tuple:
 
 
 def add_lora(module: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.1,
-             targets=("q", "k", "v", "o"), scaling: str = "rslora") -> nn.Module:
+             targets=("q", "k", "v", "o"), scaling: str = "rslora",
+             shared_dropout: bool = False) -> nn.Module:
     """Add LoRA to every attention block inside `module` (e.g. `model.visual`), in place.
 
     targets: any of "q", "k", "v" (slices of the packed in_proj), "o" (out_proj) and "mlp"
     (c_fc and c_proj). Base weights are not frozen here: call mark_only_trainable for that.
+    shared_dropout: q, k and v share one dropout draw per block (faster; the official code
+    draws one per target, the default).
     """
     targets = _check_targets(targets)
     lora_scaling(r, alpha, scaling)  # validate before touching the model
@@ -266,7 +286,8 @@ def add_lora(module: nn.Module, r: int = 16, alpha: float = 32, dropout: float =
     # even when only "o" is targeted.
     wrap = {id(a) for a in attns if any(t in QKV for t in targets)
             or isinstance(a, nn.MultiheadAttention)}
-    _replace(module, lambda m: id(m) in wrap, lambda a: lora_attention(a, targets=targets, **kw))
+    _replace(module, lambda m: id(m) in wrap,
+             lambda a: lora_attention(a, targets=targets, shared_dropout=shared_dropout, **kw))
     return module
 
 
@@ -279,7 +300,8 @@ def _replace(module: nn.Module, chosen, make) -> None:
 
 
 def lora_settings(module: nn.Module) -> dict | None:
-    """The LoRA settings found in `module` (r, alpha, scaling, dropout, targets), or None."""
+    """The LoRA settings found in `module` (r, alpha, scaling, dropout, targets, shared_dropout),
+    or None."""
     layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LORA_TYPES)]
     if not layers:
         return None
@@ -290,8 +312,10 @@ def lora_settings(module: nn.Module) -> dict | None:
         else:
             targets.add("o" if name.endswith("out_proj") else "mlp")
     m = layers[0][1]
+    shared = any(getattr(a, "lora_shared_dropout", False) for _, a in layers)
     return {"r": m.lora_r, "alpha": m.lora_alpha, "scaling": m.lora_scaling_kind,
-            "dropout": m.lora_dropout.p, "targets": tuple(t for t in TARGETS if t in targets)}
+            "dropout": m.lora_dropout.p, "targets": tuple(t for t in TARGETS if t in targets),
+            "shared_dropout": shared}
 
 
 def merge_lora(model: nn.Module, remove: bool = False) -> nn.Module:

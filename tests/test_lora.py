@@ -7,8 +7,8 @@ import torch
 
 from clip_us.adapters import (AdapterConfig, adapter_config_of, adapter_state_dict, apply_adapter,
                               count_parameters, format_count, load_adapter_state_dict)
-from clip_us.lora import (LoRAAttention, LoRALinear, add_lora, mark_only_trainable, merge_lora,
-                          unmerge_lora)
+from clip_us.lora import (LoRAAttention, LoRALinear, add_lora, lora_settings, mark_only_trainable,
+                          merge_lora, unmerge_lora)
 from clip_us.model import build_model
 
 QKV = ("q", "k", "v")
@@ -119,6 +119,31 @@ def test_dropout_acts_on_lora_path_only_in_training(images):
     assert not torch.allclose(a, model.visual(images))  # dropout on the LoRA input is live
     model.eval()
     assert torch.equal(model.visual(images), model.visual(images))
+
+
+def test_shared_dropout_one_mask_for_q_k_v(images):
+    """--lora-shared-dropout: one draw per block shared by q, k and v (same output in eval mode;
+    in training, equal A/B give equal q/k/v deltas only when the mask is shared)."""
+    shared, independent = tiny(), tiny()
+    add_lora(shared.visual, dropout=0.5, shared_dropout=True)
+    add_lora(independent.visual, dropout=0.5)
+    randomise_lora(shared)
+    independent.load_state_dict(shared.state_dict())
+    assert lora_settings(shared.visual)["shared_dropout"]
+    assert not lora_settings(independent.visual)["shared_dropout"]
+    shared.eval(), independent.eval()
+    torch.testing.assert_close(shared.visual(images), independent.visual(images))
+    x = torch.randn(2, 10, 64)
+    for model, equal in ((shared, True), (independent, False)):
+        attn = model.visual.transformer.resblocks[0].attn.train()
+        with torch.no_grad():
+            for t in QKV:
+                getattr(attn, f"lora_A_{t}").copy_(attn.lora_A_q)
+                getattr(attn, f"lora_B_{t}").copy_(attn.lora_B_q)
+            base = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = (attn.in_proj(x) - base).chunk(3, dim=-1)  # the three deltas
+        same = [torch.allclose(a, b, atol=1e-5) for a, b in ((q, k), (k, v))]  # up to rounding
+        assert same == [equal, equal]
 
 
 def test_only_adapters_get_gradients(images):
