@@ -393,3 +393,53 @@ def build(name: str, weights: str | None = "default", arch: str | None = None,
         raise ValueError(f"--backbone {name} is a ViT-B; --arch may only be 'tiny' (tests, "
                          f"random weights), got {arch!r}")
     return build_vit(s, weights, arch, official, heads)
+
+
+# ----------------------------------------------------------------------------- for the scripts
+def row_label(name: str, adapter: str = "none") -> str:
+    """The table row of `--backbone name --adapter adapter`, e.g. "BiomedCLIP (Mona)"."""
+    base = BACKBONES[name].row if name in BACKBONES else name
+    return base if adapter == "none" else f"{base} ({ {'lora': 'LoRA', 'mona': 'Mona'}[adapter]})"
+
+
+class Renormalize(nn.Module):
+    """CLIP-normalised pixels -> this backbone's normalisation (an exact per-channel affine map).
+
+    The data pipeline normalises with CLIP's mean/std (or not at all with --no-clip-norm, the
+    official [0, 1] input, which is left as it is). No parameters and no state-dict keys."""
+
+    def __init__(self, mean, std, src_mean=CLIP_MEAN, src_std=CLIP_STD):
+        super().__init__()
+        # x_raw = x * src_std + src_mean; out = (x_raw - mean) / std = x * scale + shift
+        scale = torch.tensor(src_std) / torch.tensor(std)
+        shift = (torch.tensor(src_mean) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def input_norm(name: str, clip_norm: bool) -> nn.Module | None:
+    """What turns the pipeline's input into what backbone `name` expects, or None when nothing
+    needs to (CLIP's mean/std, or --no-clip-norm's [0, 1] pixels for every backbone)."""
+    s = spec(name)
+    if not clip_norm or (s.mean, s.std) == (CLIP_MEAN, CLIP_STD):
+        return None
+    return Renormalize(s.mean, s.std)
+
+
+class ResNetClassifier(nn.Module):
+    """torchvision's ResNet18 as a task model: `visual` (the trunk, fc removed) and `head` (the
+    new fc), so checkpoints split like every other row's; every parameter trains."""
+
+    def __init__(self, resnet: nn.Module, norm: nn.Module | None = None):
+        super().__init__()
+        self.head = resnet.fc
+        resnet.fc = nn.Identity()
+        self.visual = resnet
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.norm is None else self.norm(x)
+        return self.head(self.visual(x))  # [B, 512] -> [B, classes]

@@ -115,12 +115,14 @@ class ClsHead(nn.Module):
 class TaskModel(nn.Module):
     """A vision tower (CLIP's `model.visual`, adapters included) plus a dense head."""
 
-    def __init__(self, visual: nn.Module, head: nn.Module):
+    def __init__(self, visual: nn.Module, head: nn.Module, norm: nn.Module | None = None):
         super().__init__()
         self.visual = visual
         self.head = head
+        self.norm = norm  # e.g. backbones.Renormalize for a backbone trained on ImageNet's mean/std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.norm is None else self.norm(x)
         # pool=False stops the tower after the deepest block the head uses: about a sixth less
         # compute for blocks 3/6/9 of 12, and later blocks' adapters get no gradient.
         _, feats = self.visual(x, return_blocks=self.head.layers, pool=False)
@@ -130,7 +132,8 @@ class TaskModel(nn.Module):
 
 
 def build_task_model(visual: nn.Module, task: str, layers=(3, 6, 9), dim: int = 512,
-                     fuse: str = "sum", num_classes: int = 2, cls_head: str = "mlp") -> TaskModel:
+                     fuse: str = "sum", num_classes: int = 2, cls_head: str = "mlp",
+                     norm: nn.Module | None = None) -> TaskModel:
     """TaskModel for task "seg" or "cls"; widths are read from the tower, never hard-coded."""
     width = visual.width
     if task == "seg":
@@ -139,4 +142,4 @@ def build_task_model(visual: nn.Module, task: str, layers=(3, 6, 9), dim: int = 
         head = ClsHead(width, layers, dim, fuse, num_classes, kind=cls_head)
     else:
         raise ValueError(f"task must be 'seg' or 'cls', got {task!r}")
-    return TaskModel(visual, head)
+    return TaskModel(visual, head, norm)
