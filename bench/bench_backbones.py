@@ -1,5 +1,5 @@
-"""Baseline backbones' forward throughput on this CPU: clip_us against each one's peer library on the
-same random weights, side by side in one process (fp32, batch 8, inference_mode).
+"""Baseline backbones' forward throughput on this CPU: clip_us against each one's peer library on
+the same random weights, side by side in one process (fp32, batch 8, inference_mode).
 
     flock /tmp/clip_us_bench.lock python bench/bench_backbones.py [--repeats 3] [--batch 8]
 

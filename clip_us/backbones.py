@@ -6,21 +6,23 @@
 
 The ViT backbones are configurations of model.py's one VisionTransformer (no second transformer):
 - clip:       OpenAI CLIP ViT-B/16 (weights.py reads OpenAI, open_clip and Hugging Face files).
-- metaclip:   OpenAI's architecture with QuickGELU, in open_clip's keys (Xu et al., 2024). open_clip
-              files default to GELU in weights.py; MetaCLIP was trained with QuickGELU, so it is forced.
+- metaclip:   OpenAI's architecture with QuickGELU, in open_clip's keys (Xu et al., 2024).
+              open_clip files default to GELU in weights.py; MetaCLIP was trained with
+              QuickGELU, so it is forced.
 - biomedclip: timm's ViT-B/16 (GELU, no ln_pre, LayerNorm eps 1e-6, patch bias) under
               `visual.trunk.*`, projected by `visual.head.proj` (Zhang et al., 2023).
 - unimedclip: open_clip's ViT-B-16-quickgelu, the `visual.*` keys of unimed_clip_vit_b16.pt.
-- dinov2:     ViT-B/14 in Meta's key names: patch 14, 518 px, layer-scale, no projection (Oquab et
-              al., 2023). `official=True` builds it as NextGen-UIA did: without layer-scale, so its
-              `strict=False` load silently dropped every ls1/ls2 gamma; we drop them too, and say so.
+- dinov2:     ViT-B/14 in Meta's key names: patch 14, 518 px, layer-scale, no projection (Oquab
+              et al., 2023). `official=True` builds it as NextGen-UIA did: without layer-scale,
+              so its `strict=False` load silently dropped every ls1/ls2 gamma; we drop them too,
+              and say so.
 - resnet18:   torchvision's ResNet18, ImageNet weights, `fc` -> Linear(512, classes); a whole
               classifier (Table 3's reference row), not a token tower.
 
-The conversion from each authors' key names to ours is done here; timm, open_clip and transformers
-are never imported. Pickles are read with weights_only=True (weights.read_checkpoint). A missing file
-gets an error naming where the authors publish it and where to put it; a checkpoint of another
-kind gets an error listing the keys that do not fit.
+The conversion from each authors' key names to ours is done here; timm, open_clip and
+transformers are never imported. Pickles are read with weights_only=True (weights.read_checkpoint).
+A missing file gets an error naming where the authors publish it and where to put it; a checkpoint
+of another kind gets an error listing the keys that do not fit.
 """
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ _TIMM_UNUSED = ("mask_token",)
 
 
 def _timm_key(key: str) -> str | None:
-    """A timm / Meta ViT key -> ours ('blocks.3.mlp.fc1.weight' -> 'transformer.resblocks.3.mlp.c_fc.weight')."""
+    """A timm / Meta ViT key -> ours, e.g. 'blocks.3.mlp.fc1.weight' ->
+    'transformer.resblocks.3.mlp.c_fc.weight'; None for a key with no place here."""
     if key in _TIMM_TOP:
         return _TIMM_TOP[key]
     m = _TIMM_BLOCK_KEY.fullmatch(key)
@@ -123,7 +126,9 @@ def _timm_key(key: str) -> str | None:
     n, module, leaf = m.groups()
     if module == "attn.qkv":  # one packed projection, rows q, k, v: OpenAI's in_proj
         return f"transformer.resblocks.{n}.attn.in_proj_{leaf}"
-    return f"transformer.resblocks.{n}.{_TIMM_BLOCK[module]}.{leaf}" if module in _TIMM_BLOCK else None
+    if module not in _TIMM_BLOCK:
+        return None
+    return f"transformer.resblocks.{n}.{_TIMM_BLOCK[module]}.{leaf}"
 
 
 def timm_to_ours(sd: dict) -> tuple[dict, list]:

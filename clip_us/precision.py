@@ -3,7 +3,7 @@ validation and test passes of the training scripts).
 
 - fp32: plain float32.
 - bf16 on CUDA: autocast to bfloat16; the weights stay float32 (never a trained fp16 copy).
-- bf16 on a CPU with native bf16 (AVX512-BF16 or AMX on x86, the BF16 extension on Arm): CPU autocast.
+- bf16 on a CPU with native bf16 (AVX512-BF16 or AMX on x86, Arm's BF16 extension): CPU autocast.
 - bf16 on a CPU without it (e.g. AVX2 only): PyTorch emulates bf16 there, and a ViT-B/16 forward
   was measured 65-85x slower than fp32; so the request is refused with a message and fp32 is used.
 

@@ -1,5 +1,5 @@
-"""Tests for clip_us/backbones.py: each backbone against its peer on the same random weights, saved in
-the authors' own file layout (open_clip for MetaCLIP and UniMedCLIP, open_clip's timm trunk for
+"""Tests for clip_us/backbones.py: each backbone against its peer on the same random weights, saved
+in the authors' own file layout (open_clip for MetaCLIP and UniMedCLIP, open_clip's timm trunk for
 BiomedCLIP, Meta's key names for DINOv2, torchvision for ResNet18); what each name builds; adapters
 in the other ViTs; missing and wrong-kind files. open_clip, timm and torchvision are test peers."""
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _compare(tower, peer_fn, peer_blocks, x, batch_first=True):
 @pytest.fixture(scope="module")
 def open_clip_files(tmp_path_factory):
     """open_clip's ViT-B-16-quickgelu recipe (12 blocks, patch 16, 224 px, QuickGELU) at width 128
-    to keep the suite fast (tests/test_model.py checks the full ViT-B/16), saved as MetaCLIP does
-    ({"state_dict": {"module.<key>"}}) and as UniMedCLIP's visual keys beside a stand-in text tower."""
+    to keep the suite fast (tests/test_model.py checks the full ViT-B/16), saved as MetaCLIP
+    does ({"state_dict": {"module.<key>"}}) and as UniMedCLIP's visual keys beside a stand-in
+    text tower."""
     oc = pytest.importorskip("open_clip.model")
     vision = oc.CLIPVisionCfg(layers=12, width=128, head_width=64, patch_size=16, image_size=224)
     text = oc.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
@@ -230,8 +231,8 @@ def test_wrong_kind_lists_the_keys_that_do_not_fit(biomedclip_folder, open_clip_
                                          r"look like biomedclip"):
         backbones.build("metaclip", weights=str(bio / "open_clip_pytorch_model.bin"))
     _, oc = open_clip_files
-    with pytest.raises(ValueError, match=r"not a BiomedCLIP checkpoint.*unknown visual\.conv1\.weight.*"
-                                         r"look like clip, metaclip or unimedclip"):
+    with pytest.raises(ValueError, match=r"not a BiomedCLIP checkpoint.*unknown "
+                                         r"visual\.conv1\.weight.*look like clip, metaclip"):
         backbones.build("biomedclip", weights=str(oc / "b16_400m.pt"))
     with pytest.raises(ValueError, match=r"not a DINOv2 checkpoint.*unknown visual\."):
         backbones.build("dinov2", weights=str(oc / "b16_400m.pt"))
