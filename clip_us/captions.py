@@ -335,7 +335,8 @@ def fit_to_context(caption: str, context_length: int = CONTEXT_LENGTH, tokenizer
     """`caption` shortened to fit `context_length` CLIP tokens (start and end included): whole
     sentences if the first fits, else whole clauses, else whole words. Unchanged if it fits."""
     if context_length < 3:
-        raise ValueError(f"context_length must leave room for one token, got {context_length}")
+        raise CaptionError(f"the context length must be at least 3 (start, end and one token; "
+                           f"--context-length), got {context_length}")
     tokenizer = tokenizer or default_tokenizer()
     if token_count(caption, tokenizer) <= context_length:
         return caption
@@ -344,7 +345,8 @@ def fit_to_context(caption: str, context_length: int = CONTEXT_LENGTH, tokenizer
         best = _longest_fitting(text, cuts(text), context_length, tokenizer)
         if best:
             return best
-    raise ValueError(f"cannot fit {caption[:40]!r} into {context_length} tokens")
+    raise CaptionError(f"cannot fit {caption[:40]!r} into {context_length} tokens: its first "
+                       f"character alone is longer; raise --context-length")
 
 
 # ----------------------------------------------------------------------------- manifest files
@@ -352,20 +354,41 @@ IMAGE_COLS = ("image", "image_path", "filename", "file_name", "file", "img", "pa
 CAPTION_COLS = ("caption", "text_caption", "text", "report")
 
 
+def _json_rows(path: Path, text: str) -> list:
+    """The objects of a JSONL text, one per non-empty line; a bad line is named."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise CaptionError(f"{path}, line {n}: not JSON ({e}); fix the line") from None
+        if not isinstance(rows[-1], dict):
+            raise CaptionError(f"{path}, line {n}: a JSONL manifest needs one JSON object "
+                               f"({{\"image\": ..., \"caption\": ...}}) per line")
+    return rows
+
+
 def read_rows(path) -> tuple[list, list]:
     """(columns, rows as dicts) of a CSV or JSONL file, every row kept, in order."""
     path = Path(path)
     if not path.is_file():
         raise CaptionError(f"{path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")   # newlines inside CSV cells kept as-is
+    except UnicodeDecodeError as e:   # CURD-style Chinese files are often GB18030
+        raise CaptionError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8, "
+                           f"e.g. iconv -f GB18030 -t UTF-8") from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines()
-                if line.strip()]
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        return columns, rows
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        rows = _json_rows(path, text)
+        return list(dict.fromkeys(k for r in rows for k in r)), rows
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = [dict(r) for r in reader]
-        return list(reader.fieldnames or []), rows
+    except csv.Error as e:
+        raise CaptionError(f"{path}, line {reader.line_num}: not a valid CSV ({e})") from None
+    return list(reader.fieldnames or []), rows
 
 
 def write_rows(path, columns: list, rows: list) -> None:
@@ -438,11 +461,12 @@ def read_metadata(root: Path) -> dict:
     if not path.is_file():
         return {}
     out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            attrs = {k: v for k, v in rec.get("attributes", {}).items() if k != "condition"}
-            out[rec["file"]] = {"organ": rec.get("organ", ""), **attrs}
+    for rec in _json_rows(path, path.read_text(encoding="utf-8")):
+        if "file" not in rec:
+            raise CaptionError(f"{path}: a line without \"file\"; rewrite the phantom "
+                               f"(python -m clip_us.phantom) or remove the file")
+        attrs = {k: v for k, v in rec.get("attributes", {}).items() if k != "condition"}
+        out[rec["file"]] = {"organ": rec.get("organ", ""), **attrs}
     return out
 
 
@@ -611,9 +635,10 @@ class RefineConfig:
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
             raise CaptionError(f"--mode must be one of {sorted(MODE_DEFAULTS)}, got {self.mode!r}")
-        if not 0 < self.fraction <= 1 or self.concurrency < 1:
-            raise CaptionError(f"--fraction must be in (0, 1] and --concurrency at least 1; "
-                               f"got {self.fraction} and {self.concurrency}")
+        if not 0 < self.fraction <= 1 or self.concurrency < 1 or self.context_length < 3:
+            raise CaptionError(f"--fraction must be in (0, 1], --concurrency at least 1 and "
+                               f"--context-length at least 3; got {self.fraction}, "
+                               f"{self.concurrency} and {self.context_length}")
         given = {k: getattr(self, k) for k in MODE_DEFAULTS[self.mode]}
         self.params = {k: (MODE_DEFAULTS[self.mode][k] if v is None else v)
                        for k, v in given.items()}
@@ -779,12 +804,22 @@ def _penalty(value: str):
     return 0.0 if value.lower() in ("none", "off") else float(value)
 
 
+def _no_key_on_command_line(value: str):
+    # argparse prints only this message, never the value, so the key is not echoed either
+    raise argparse.ArgumentTypeError("a key on the command line shows in ps and the shell "
+                                     "history; put it in an environment variable and name that "
+                                     "with --api-key-env (default OPENAI_API_KEY)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m clip_us.captions",
+    # allow_abbrev=False: a prefix must not quietly become another flag (--api-key as
+    # --api-key-env would take the key for a variable name and send no key)
+    p = argparse.ArgumentParser(prog="python -m clip_us.captions", allow_abbrev=False,
                                 description="Caption manifests: three-tier templates, "
                                             "fitting to 77 CLIP tokens, LLM refinement.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("template", help="template captions for a data set folder or metadata CSV")
+    t = sub.add_parser("template", allow_abbrev=False,
+                       help="template captions for a data set folder or metadata CSV")
     t.add_argument("data", help="data set folder (busi, nextgen, tn3k, folder layouts) or a "
                                 "CSV/JSONL of metadata")
     t.add_argument("--out", required=True, help="manifest to write (.csv, or .jsonl)")
@@ -798,12 +833,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--image-col", help="image column of a CSV (default: detected)")
     t.add_argument("--skip-bad", action="store_true", help="skip bad files instead of stopping")
     t.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
-    f = sub.add_parser("fit", help=f"shorten captions to {CONTEXT_LENGTH} CLIP tokens")
+    f = sub.add_parser("fit", allow_abbrev=False,
+                       help=f"shorten captions to {CONTEXT_LENGTH} CLIP tokens")
     f.add_argument("manifest")
     f.add_argument("--out", required=True)
     f.add_argument("--caption-col")
     f.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
-    _refine_args(sub.add_parser("refine", help="rewrite captions with an OpenAI-compatible LLM"))
+    _refine_args(sub.add_parser("refine", allow_abbrev=False,
+                                help="rewrite captions with an OpenAI-compatible LLM"))
     return p
 
 
@@ -814,8 +851,10 @@ def _refine_args(r) -> None:
                    help="OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
     r.add_argument("--model", required=True)
     r.add_argument("--mode", choices=sorted(MODE_DEFAULTS), default="translate")
-    r.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (never printed)")
+    r.add_argument("--api-key-env",
+                   help="environment variable holding the API key, never printed (default "
+                        "OPENAI_API_KEY if set; a variable named here must be set)")
+    r.add_argument("--api-key", type=_no_key_on_command_line, help=argparse.SUPPRESS)
     r.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     r.add_argument("--temperature", type=float)
     r.add_argument("--top-p", type=float)
@@ -836,8 +875,19 @@ def _refine_args(r) -> None:
     r.add_argument("--no-progress", action="store_true")
 
 
+def api_key(env_name: str | None) -> str | None:
+    """The key from the variable --api-key-env names (which must be set), else from
+    OPENAI_API_KEY if set, else None (local servers need none)."""
+    key = os.environ.get(env_name or "OPENAI_API_KEY") or None
+    if env_name and key is None:
+        raise CaptionError(f"--api-key-env {env_name}: that environment variable is not set or "
+                           f"empty; export {env_name}=..., or leave out --api-key-env")
+    return key
+
+
 def run_refine(a) -> None:
-    chat = llm.ChatConfig(a.endpoint, a.model, api_key=os.environ.get(a.api_key_env) or None,
+    key_env = a.api_key_env or "OPENAI_API_KEY"
+    chat = llm.ChatConfig(a.endpoint, a.model, api_key=api_key(a.api_key_env),
                           timeout=a.timeout, retries=a.retries, backoff=a.backoff)
     rcfg = RefineConfig(mode=a.mode, temperature=a.temperature, top_p=a.top_p,
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
@@ -845,7 +895,7 @@ def run_refine(a) -> None:
                         fraction=a.fraction, only_non_ascii=a.only_non_ascii,
                         caption_col=a.caption_col, cache=a.cache, progress=not a.no_progress,
                         extra_body=a.extra_body)
-    key_note = f"key from ${a.api_key_env}" if chat.api_key else "no API key"
+    key_note = f"key from ${key_env}" if chat.api_key else "no API key"
     print(f"refine {a.manifest} -> {a.out}: {chat.url}, model {chat.model}, mode {rcfg.mode}, "
           f"{rcfg.params}, concurrency {rcfg.concurrency}, {key_note}")
     print_refine_summary(refine_manifest(a.manifest, a.out, chat, rcfg))

@@ -26,6 +26,7 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ FATAL_STATUS = {401: "the API key was refused (set it in the environment variabl
 
 
 class LLMError(RuntimeError):
-    """One request failed after all its retries; the message says why."""
+    """A request failed after all its retries, or cannot be made (a bad setting); the message
+    says why."""
 
 
 class FatalLLMError(LLMError):
@@ -63,6 +65,17 @@ class ChatConfig:
     retries: int = 5                # tries after the first one
     backoff: float = 1.0            # first wait in seconds; doubles after every failed try
     max_backoff: float = 60.0
+
+    def __post_init__(self):
+        # checked here, once, instead of failing every request (an endpoint without http://
+        # gives "unknown url type" on each try; retries=-1 would send nothing at all)
+        parts = urllib.parse.urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise LLMError(f"--endpoint must be an http(s) base URL such as "
+                           f"http://127.0.0.1:8000/v1, got {self.endpoint!r}")
+        if not (self.timeout > 0 and self.retries >= 0 and self.backoff >= 0):
+            raise LLMError(f"--timeout must be > 0, --retries and --backoff >= 0; got "
+                           f"{self.timeout}, {self.retries} and {self.backoff}")
 
     @property
     def url(self) -> str:
@@ -95,6 +108,18 @@ def reply_text(payload) -> str:
     return content
 
 
+# A server on this machine is reached directly even when http_proxy is set for outside traffic
+# (common on clusters): urllib would send every request to the proxy unless no_proxy names it.
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _urlopen(req: urllib.request.Request, timeout: float):
+    if urllib.parse.urlsplit(req.full_url).hostname in LOOPBACK:
+        return _DIRECT.open(req, timeout=timeout)
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
 def post_chat(cfg: ChatConfig, body: dict) -> str:
     """One POST; the reply's text. Raises urllib/socket errors or BadReply."""
     headers = {"Content-Type": "application/json"}
@@ -102,7 +127,7 @@ def post_chat(cfg: ChatConfig, body: dict) -> str:
         headers["Authorization"] = f"Bearer {cfg.api_key}"
     req = urllib.request.Request(cfg.url, data=json.dumps(body).encode("utf-8"),
                                  headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=cfg.timeout) as resp:
+    with _urlopen(req, cfg.timeout) as resp:
         raw = resp.read()
     try:
         payload = json.loads(raw)

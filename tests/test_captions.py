@@ -660,7 +660,7 @@ def test_api_key_sent_but_never_written(tmp_path, serve, monkeypatch, capsys):
     assert "MY_LLM_KEY" in printed.out and secret not in printed.out + printed.err
     for f in tmp_path.iterdir():
         assert secret not in f.read_text()
-    assert repr(llm.ChatConfig("u", "m", api_key=secret)).find(secret) == -1
+    assert repr(llm.ChatConfig("http://h/v1", "m", api_key=secret)).find(secret) == -1
 
 
 def test_refused_key_stops_the_run(tmp_path, serve, capsys):
@@ -705,3 +705,79 @@ def test_refine_flags_reach_the_request_and_the_row_choice(tmp_path, serve):
     assert [r["refine_status"] == "ok" for r in read_csv(tmp_path / "c.csv")] == picked
     with pytest.raises(captions.CaptionError, match="fraction"):
         captions.RefineConfig(fraction=0)
+
+
+def test_retry_waits_double_up_to_the_cap(monkeypatch):
+    waits = []
+    monkeypatch.setattr(llm.time, "sleep", waits.append)
+    monkeypatch.setattr(llm.random, "uniform", lambda a, b: 1.0)     # no jitter
+    monkeypatch.setattr(llm, "post_chat", lambda cfg, body: (_ for _ in ()).throw(
+        llm.BadReply("the reply is not JSON")))
+    chat = llm.ChatConfig("http://127.0.0.1:9/v1", "m", retries=4, backoff=0.5, max_backoff=3)
+    stats = llm.Stats()
+    with pytest.raises(llm.LLMError, match="5 tries.*not JSON"):
+        llm.complete(chat, {"messages": []}, stats=stats)
+    assert waits == [0.5, 1.0, 2.0, 3.0] and stats.retries == 4
+
+
+def test_progress_bar_shows_rate_and_errors(tmp_path, monkeypatch, capsys):
+    def post(cfg, body):
+        if body["messages"] == "bad":
+            raise llm.BadReply("empty reply")
+        return "fine"
+    monkeypatch.setattr(llm, "post_chat", post)
+    chat = llm.ChatConfig("http://127.0.0.1:9/v1", "m", retries=1, backoff=0)
+    bodies = {"a": {"messages": "ok"}, "b": {"messages": "bad"}, "c": {"messages": "ok 2"}}
+    cache = llm.ReplyCache(tmp_path / "c.jsonl")
+    replies, errors, stats = llm.run_requests(chat, bodies, cache, concurrency=2, progress=True)
+    bar = capsys.readouterr().err.splitlines()[-1]
+    assert "3/3" in bar and "req/s" in bar and "errors=1" in bar and "retries=1" in bar, bar
+    assert set(replies) == {"a", "c"} and "empty reply" in errors["b"]
+
+
+def test_output_is_replaced_atomically(tmp_path, monkeypatch):
+    src, out = tmp_path / "m.csv", tmp_path / "o.csv"
+    write_manifest(src, [CLINICAL])
+    out.write_text("old output\n")
+
+    def no_rename(a, b):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full"):
+        captions.fit_manifest(src, out)
+    assert out.read_text() == "old output\n"              # never half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "o.csv"]   # no temp left
+
+
+def cli_error(capsys, argv) -> str:
+    """The one-line message of a command that must exit 2 without a traceback."""
+    with pytest.raises(SystemExit) as e:
+        captions.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
+    assert "bad.jsonl, line 2: not JSON" in cli_error(capsys, ["fit", str(bad), "--out", "o"])
+    bad.write_text("[1, 2]\n")
+    assert "one JSON object" in cli_error(capsys, ["fit", str(bad), "--out", "o"])
+    gb = tmp_path / "gb.csv"
+    gb.write_bytes("image,caption\na.png,左乳低回声结节\n".encode("gb18030"))
+    assert "gb.csv: not UTF-8" in cli_error(capsys, ["fit", str(gb), "--out", "o"])
+    ok = tmp_path / "m.csv"
+    write_manifest(ok, ["a caption"])
+    fit = ["fit", str(ok), "--out", str(tmp_path / "o.csv")]
+    assert "at least 3" in cli_error(capsys, fit + ["--context-length", "2"])
+    assert "unrecognized" in cli_error(capsys, fit + ["--context", "20"])   # no abbreviations
+    refine = ["refine", str(ok), "--out", str(tmp_path / "r.csv"), "--model", "m"]
+    url = ["--endpoint", "http://127.0.0.1:9/v1"]
+    assert "http(s) base URL" in cli_error(capsys, refine + ["--endpoint", "127.0.0.1:9/v1"])
+    assert "--retries" in cli_error(capsys, refine + url + ["--retries", "-1"])
+    err = cli_error(capsys, refine + url + ["--api-key", "sk-SECRET-42"])
+    assert "--api-key-env" in err and "sk-SECRET-42" not in err
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    assert "NOT_SET_KEY" in cli_error(capsys, refine + url + ["--api-key-env", "NOT_SET_KEY"])
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "r.csv").exists()
