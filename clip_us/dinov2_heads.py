@@ -107,16 +107,18 @@ def last_blocks(depth: int, n: int) -> tuple[int, ...]:
 
 class DINOv2TaskModel(nn.Module):
     """A frozen ViT (`visual`: our VisionTransformer) and one of the heads above (`head`):
-    images -> seg logits [B, classes, H, W] or cls logits [B, classes]."""
+    images -> seg logits [B, classes, H, W] or cls logits [B, classes]. `norm`, when given, maps
+    the pipeline's normalisation to DINOv2's own (ImageNet mean/std) first."""
 
-    def __init__(self, visual: nn.Module, head: nn.Module):
+    def __init__(self, visual: nn.Module, head: nn.Module, norm: nn.Module | None = None):
         super().__init__()
-        self.visual, self.head = visual.requires_grad_(False), head
+        self.visual, self.head, self.norm = visual.requires_grad_(False), head, norm
         self.blocks = last_blocks(len(visual.transformer.resblocks), head.n_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # frozen, as in the official code
-            _, feats = self.visual(x, return_blocks=self.blocks, pool=False, norm=True)
+            y = x if self.norm is None else self.norm(x)
+            _, feats = self.visual(y, return_blocks=self.blocks, pool=False, norm=True)
         if isinstance(self.head, DINOv2ClsHead):
             return self.head(feats)
         p = self.visual.patch_size
