@@ -290,6 +290,15 @@ def _split(raw: dict, folder: str) -> tuple[dict, dict]:
     return parts["clip."], parts["decoder."]
 
 
+def _decoder_onto(clip: CLIP, hf: dict, dec_sd: dict, folder: str) -> CLIPSeg:
+    model = CLIPSeg(clip, config_from_hf(hf))
+    missing, unexpected = model.decoder.load_state_dict(decoder_from_hf(dec_sd), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: decoder tensors do not match its config.json: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return model.float().eval()
+
+
 def load_clipseg(folder: str, clip_weights: str | None = None) -> CLIPSeg:
     """A CLIPSeg model from a Hugging Face CLIPSegForImageSegmentation folder (config.json, then
     model.safetensors or pytorch_model.bin, read with weights_only).
@@ -305,9 +314,11 @@ def load_clipseg(folder: str, clip_weights: str | None = None) -> CLIPSeg:
     else:
         sd, info = load_state_dict(clip_weights)
         clip = build_model(sd, config=info["config"])
-    model = CLIPSeg(clip, config_from_hf(hf))
-    missing, unexpected = model.decoder.load_state_dict(decoder_from_hf(dec_sd), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder}: decoder tensors do not match its config.json: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return model.float().eval()
+    return _decoder_onto(clip, hf, dec_sd, folder)
+
+
+def load_decoder(folder: str, clip: CLIP) -> CLIPSeg:
+    """The folder's decoder on a CLIP the caller already has (the folder's CLIP is not built)."""
+    hf = _read_config(folder)
+    _, dec_sd = _split(read_checkpoint(folder)[0], folder)
+    return _decoder_onto(clip, hf, dec_sd, folder)

@@ -103,6 +103,8 @@ def test_clip_weights_from_elsewhere_and_pytorch_bin(hf_folder, ours, tmp_path):
         torch.testing.assert_close(load_clipseg(str(bin_folder))(images, ids), ref)
         other = load_clipseg(str(folder), clip_weights=str(clip_folder))
         torch.testing.assert_close(other(images, ids), ref)
+        onto = clipseg.load_decoder(str(folder), ours.clip)   # the decoder onto a CLIP we have
+        torch.testing.assert_close(onto(images, ids), ref)
 
 
 def test_plain_transposed_conv_variant(tmp_path):
