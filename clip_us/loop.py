@@ -147,9 +147,24 @@ def on_nonfinite(loss, s: Settings, in_row: int, where: str) -> int:
     return in_row + 1
 
 
+def model_tensors(model: nn.Module) -> dict:
+    """The model's checkpoint entries. A model that owns its layout (echocare.EchoCareCLIP, whose
+    frozen encoders are named and hashed instead of copied) says what to store."""
+    if hasattr(model, "checkpoint_tensors"):
+        return model.checkpoint_tensors()
+    return checkpoint_tensors(model)
+
+
+def restore_tensors(model: nn.Module, ck: dict) -> None:
+    if hasattr(model, "load_checkpoint_tensors"):
+        model.load_checkpoint_tensors(ck)
+    else:
+        load_task_state(model, ck)
+
+
 def resume_from(path: Path, model, opt, sched) -> dict:
     ck = load_checkpoint(path)
-    load_task_state(model, ck)
+    restore_tensors(model, ck)
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     set_rng_state(ck["rng"])
@@ -215,7 +230,7 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
                 finite = score is not None and not math.isnan(score)
                 state.update(best_score=score if finite else None, best_epoch=epoch + 1, bad=0)
                 if is_main:
-                    save_checkpoint(best, {**extra, **checkpoint_tensors(model),
+                    save_checkpoint(best, {**extra, **model_tensors(model),
                                            "epoch": epoch + 1, "val": metrics})
             else:
                 state["bad"] += 1
@@ -225,10 +240,10 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
                            f"{' (best)' if improved else ''}")
         state["epoch"] = epoch + 1
         if is_main:  # checkpoint before the log line, so a resumed run never logs an epoch twice
-            save_checkpoint(last, {**extra, **checkpoint_tensors(model),
+            save_checkpoint(last, {**extra, **model_tensors(model),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "rng": rng_state(), "state": state, "epoch": epoch + 1})
         log(**record)
     barrier()
-    load_task_state(model, load_checkpoint(best))
+    restore_tensors(model, load_checkpoint(best))
     return state
