@@ -108,7 +108,15 @@ def random_text(family: str, arch: str, captions) -> tuple[nn.Module, object, di
     cfg = B.BertConfig(vocab_size=len(vocab), **sizes)
     source = {"family": "bert", "arch": arch, "config": cfg.to_dict(), "path": None,
               "sha256": None, "vocab": vocab, "do_lower_case": True}
-    return B.BertModel(cfg), B.WordPieceTokenizer(vocab, True), source
+    model = B.BertModel(cfg)
+    # BERT's init (std 0.02) leaves an untrained BERT's pooled [CLS] feature the same for every
+    # text (cosine ~1.0 between captions), which no head can learn from; std 0.2 spreads them
+    # (mean cosine ~0.75 on phantom captions, like the random tiny CLIP text tower's).
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.2)
+    return model, B.WordPieceTokenizer(vocab, True), source
 
 
 # ----------------------------------------------------------------------------- the model
