@@ -11,7 +11,7 @@ zeroshot.py, whose binary benign/malignant default follows seed 003.
 
     python evaluate.py --manifest data/busi_captions.csv --organ breast --weights ViT-B/32
     python evaluate.py --manifest m.csv --checkpoint runs/train_contrastive/x/best.pt --name ft
-    python evaluate.py --arch tiny --weights none       # the phantom's caption manifest, random weights
+    python evaluate.py --arch tiny --weights none --image-size 64   # phantom captions, random weights
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import re
 import sys
 import time
@@ -39,10 +38,11 @@ from clip_us.prompts import ECHOCARE_TEMPLATE
 class Config:
     manifest: str = field(default="", metadata={"help": "image-caption manifest (CSV/JSONL, any format "
                                                 "train_contrastive.py reads); '' = the phantom's"})
-    image_col: str = ""
-    caption_col: str = ""
-    ascii_only: bool = False
-    skip_bad: bool = False
+    image_col: str = field(default="", metadata={"help": "the manifest's image column (default: detected)"})
+    caption_col: str = field(default="", metadata={"help": "the manifest's caption column (default: detected)"})
+    ascii_only: bool = field(default=False, metadata={"help": "drop captions that are not ASCII"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip unreadable or missing images (counted) "
+                                                    "instead of stopping"})
     organ: str = field(default="", metadata={"help": "organ for rows without an organ column value"})
     classes: list = field(default_factory=list, metadata={
         "help": "restrict to these labels (default: every label present, e.g. 3 classes for BUSI "
@@ -54,54 +54,106 @@ class Config:
     arch: str = field(default="ViT-B/16", metadata={"help": "architecture for --weights none (tiny, ...)"})
     name: list = field(default_factory=list, metadata={"repeat": True, "help": "row names, checkpoints "
                        "first, then weights (repeatable)"})
-    image_size: int = field(default=224, metadata={"help": "for --weights models; checkpoints use their own"})
-    clip_norm: bool = True
+    image_size: int = field(default=224, metadata={"min": 16, "help": "input size for --weights models; "
+                                                   "checkpoints use their own"})
+    clip_norm: bool = field(default=True, metadata={"help": "CLIP's mean/std for --weights models "
+                                                    "(--no-clip-norm: none); checkpoints use their own"})
     split_file: str = field(default="", metadata={"help": "split.json to evaluate on (its test part)"})
     allow_overlap: bool = field(default=False, metadata={"help": "evaluate even on images a model "
                                                          "trained on"})
     seed: int = field(default=42, metadata={"help": "split and bootstrap seed"})
-    probe_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.10])
-    probe_seeds: list = field(default_factory=lambda: list(protocol.FEWSHOT_SEEDS))
-    e2e_fractions: list = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30])
-    e2e_seeds: list = field(default_factory=lambda: [42, 43, 44])
-    e2e_epochs: int = 8
-    e2e_batch_size: int = 16
-    e2e_lr: float = field(default=0.0, metadata={"help": "0 = 1e-5 for trained models, 5e-6 for vanilla"})
-    bootstrap: int = field(default=1000, metadata={"help": "resamples (0 = no CIs)"})
-    batch_size: int = 32
-    workers: int = 2
-    device: str = "auto"
-    out_dir: str = ""
+    probe_fractions: list = field(default_factory=lambda: [0.01, 0.05, 0.10], metadata={
+        "fraction": True, "help": "few-shot probe: fractions of each class's training images"})
+    probe_seeds: list = field(default_factory=lambda: list(protocol.FEWSHOT_SEEDS), metadata={
+        "help": "few-shot probe: one subset per seed"})
+    e2e_fractions: list = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30],
+                                metadata={"fraction": True, "help": "end-to-end few-shot: fractions of "
+                                          "each class's training images"})
+    e2e_seeds: list = field(default_factory=lambda: [42, 43, 44], metadata={
+        "help": "end-to-end few-shot: one subset and batch order per seed"})
+    e2e_epochs: int = field(default=8, metadata={"min": 1, "help": "end-to-end few-shot epochs"})
+    e2e_batch_size: int = field(default=16, metadata={"min": 1, "help": "end-to-end few-shot batch"})
+    e2e_lr: float = field(default=0.0, metadata={"min": 0, "help": "0 = 1e-5 for trained models, "
+                                                 "5e-6 for vanilla"})
+    bootstrap: int = field(default=1000, metadata={"min": 0, "help": "resamples (0 = no CIs)"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "images per batch when embedding"})
+    workers: int = field(default=2, metadata={"min": 0, "help": "image-loading processes"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1"})
+    out_dir: str = field(default="", metadata={"help": "output folder (default runs/evaluate/"
+                                               "<manifest>-<time>); its split.json and features are reused"})
+
+
+def at_least(kind, low):
+    """argparse type: a `kind` number >= low (a bad count fails when the command line is read)."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def fraction(text):
+    """argparse type: a fraction of the training images, in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1] (0.05 = 5 %), got {text}")
+    return value
+
+
+def option_type(f: dataclasses.Field, default):
+    """The argparse type of a Config field: its default's type, bounded by its metadata."""
+    kind = type(default[0]) if isinstance(default, list) and default else \
+        str if isinstance(default, list) else type(default)
+    if f.metadata.get("fraction"):
+        return fraction
+    return at_least(kind, f.metadata["min"]) if "min" in f.metadata else kind
 
 
 def parse_config(argv=None) -> Config:
     """The CLI from Config: list fields marked "repeat" accumulate (--checkpoint a --checkpoint b)."""
+    # epilog: the class rule and the examples, with their line breaks
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2].split("\n\n")[0])
+                                     epilog="\n\n".join(__doc__.split("\n\n")[2:4]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, helptext = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
         elif isinstance(default, list):
-            kind = type(default[0]) if default else str
             action = "extend" if f.metadata.get("repeat") else "store"
-            parser.add_argument(flag, default=default, nargs="+", type=kind, action=action, help=helptext)
+            parser.add_argument(flag, default=default, nargs="+", type=option_type(f, default),
+                                action=action, help=helptext)
         else:
-            parser.add_argument(flag, default=default, type=type(default), help=helptext)
+            parser.add_argument(flag, default=default, type=option_type(f, default), help=helptext)
     return Config(**vars(parser.parse_args(argv)))
 
 
-def fail(message: str):
+def fail(message):
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    if isinstance(message, KeyError) and message.args:
+        message = message.args[0]  # str(KeyError) would print the message in quotes
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: auto = cuda when there is one; a bad name or a missing GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
 cfg = parse_config()
-auto = "cuda" if torch.cuda.is_available() else "cpu"
-device = torch.device(auto if cfg.device == "auto" else cfg.device)  # one process: no DDP here
+device = resolve_device(cfg.device)  # one process: no DDP here
 torch.manual_seed(cfg.seed)
-print(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 # ----------------------------------------------------------------------------- data and split
 try:
@@ -111,8 +163,8 @@ try:
     es = evaldata.load_eval_set(cfg.manifest, cfg.organ, cfg.classes, image_col=cfg.image_col or None,
                                 caption_col=cfg.caption_col or None, ascii_only=cfg.ascii_only,
                                 skip_bad=cfg.skip_bad)
-except (ValueError, OSError, AttributeError) as e:
-    fail(str(e))
+except (ValueError, OSError) as e:
+    fail(e)
 labelled = bool(es.label)
 if labelled and len(es.classes) < 2:
     fail(f"the manifest (with --classes) has one class only, {es.classes}: zero-shot and the probes "
@@ -122,8 +174,7 @@ if labelled and "" in organs:
     fail("some images have no organ (no organ column value): pass --organ (e.g. breast)")
 stamp = time.strftime("%Y%m%d-%H%M%S")
 out = Path(cfg.out_dir or Path("runs") / "evaluate" / f"{Path(cfg.manifest).stem}-{stamp}")
-out.mkdir(parents=True, exist_ok=True)
-write_json(out / "config.json", dataclasses.asdict(cfg))
+print(f"evaluate.py: output {out} (config.json there has every setting)")
 print(f"{len(es.pairs)} pairs, {len(es.keys)} images from {cfg.manifest} "
       f"({es.report.get('format')}); classes: {es.classes or 'none (no labels)'}"
       + (f"; {es.report['images_left_out']} images without one of these labels left out"
@@ -143,16 +194,23 @@ try:
         raise ValueError(f"--name: give one distinct name per model ({len(models)} models, names "
                          f"{[m.name for m in models]}, left over {names})")
     ckpt_split = next((m.split_path for m in models if m.split_path), None)
-    split, how = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json", ckpt_split)
+    split, how, new_split = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json",
+                                                  ckpt_split)
     overlap = evaldata.check_overlap(split["test"], models, cfg.allow_overlap)
 except (ValueError, OSError, KeyError, RuntimeError) as e:  # bad files, weights missing offline
-    fail(str(e))
+    fail(e)
 print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / "
       f"{len(split['test'])} test images")
 need = [s for s in ("train", "val", "test") if labelled or s == "test"]
 if any(len(split[s]) == 0 for s in need):
     fail(f"a split part is empty ({ {s: len(split[s]) for s in need} }); the protocol needs "
          f"train, val and test images: use a larger manifest")
+# written only now that the data, models and split passed their checks: a refused run leaves
+# no folder (or an existing one as it was)
+write_json(out / "config.json", dataclasses.asdict(cfg))
+if new_split:
+    write_json(out / "split.json", new_split, indent=1)
+    print(f"split saved to {out / 'split.json'}")
 
 
 def slug(name: str) -> str:
@@ -168,23 +226,33 @@ prompts = {o: [ECHOCARE_TEMPLATE.format(organ=o, label=c) for c in es.classes] f
 test_pairs = [p for p in es.pairs if p.key in set(split["test"])]
 test_organ = np.array([es.organ[k] for k in split["test"]])
 pair_organ = np.array([es.organ[p.key] for p in test_pairs])
+# organ -> its rows of the test pairs / test images, for the per-organ results (an unknown organ
+# has none; alignment's cross score needs two pairs)
+pair_groups = {o: np.flatnonzero(pair_organ == o) for o in organs if o and (pair_organ == o).sum() >= 2}
+test_groups = {o: np.flatnonzero(test_organ == o) for o in organs if o and (test_organ == o).any()}
 
 
-def alignment(heads, img_f, txt_f) -> tuple[dict, dict, dict]:
+def scoring_steps() -> int:
+    """Steps of a model's scoring bar: bootstrapped metrics (3 per group) and probe fits."""
+    boot = 3 if cfg.bootstrap else 0
+    steps = boot * (1 + len(pair_groups))
+    return steps + (len(protocol.PROBE_CS) + 2 * boot * (1 + len(test_groups)) if labelled else 0)
+
+
+def alignment(heads, img_f, txt_f, bar) -> tuple[dict, dict, dict]:
     """(metrics, ci, per_organ) for alignment and retrieval on the test pairs."""
     with torch.no_grad():
         img = heads.embed_image(torch.stack([img_f[p.key] for p in test_pairs]))
         txt = heads.embed_text(torch.stack([txt_f[p.caption] for p in test_pairs]))
     captions = [p.caption for p in test_pairs]
     found = {k: metric(v) for k, v in protocol.alignment_and_retrieval(img, txt, captions).items()}
-    ci = protocol.bootstrap_alignment(img, txt, cfg.bootstrap, cfg.seed) if cfg.bootstrap else {}
+    ci = protocol.bootstrap_alignment(img, txt, cfg.bootstrap, cfg.seed, bar) if cfg.bootstrap else {}
     per_organ = {}
-    for o in organs if len(organs) > 1 or organs[0] else []:  # organ unknown: overall only
-        sel = np.flatnonzero(pair_organ == o)
-        if len(sel) >= 2:  # alignment's cross score needs two pairs
-            block = protocol.alignment_and_retrieval(img[sel], txt[sel], [captions[i] for i in sel])
-            per_organ[o] = {"metrics": {k: metric(v) for k, v in block.items()}, "ci": {},
-                            "n_pairs": len(sel)}
+    for o, sel in pair_groups.items():
+        block = protocol.alignment_and_retrieval(img[sel], txt[sel], [captions[i] for i in sel])
+        per_organ[o] = {"metrics": {k: metric(v) for k, v in block.items()}, "n_pairs": len(sel),
+                        "ci": protocol.bootstrap_alignment(img[sel], txt[sel], cfg.bootstrap, cfg.seed, bar)
+                        if cfg.bootstrap else {}}
     return found, ci, per_organ
 
 
@@ -195,51 +263,74 @@ def arrays(img_f, part):
             torch.tensor([organs.index(es.organ[k]) for k in ks]))
 
 
-def scored(prefix, probs, y, found, ci, per_organ):
+def scored(prefix, probs, y, found, ci, per_organ, bar):
     """Add acc / weighted F1 / AUROC of `probs`, overall and per organ, with bootstrap CIs."""
     found.update({f"{prefix}_{k}": metric(v) for k, v in protocol.classification_report(probs, y).items()})
     if cfg.bootstrap:
-        boot = protocol.bootstrap_cls(probs, y, cfg.bootstrap, cfg.seed)
+        boot = protocol.bootstrap_cls(probs, y, cfg.bootstrap, cfg.seed, bar)
         ci.update({f"{prefix}_{k}": v for k, v in boot.items()})
-    for o in organs:
-        sel = np.flatnonzero(test_organ == o)
-        if not len(sel):
-            continue
+    for o, sel in test_groups.items():
         block = per_organ.setdefault(o, {"metrics": {}, "ci": {}})
         block["n_test"] = len(sel)
         block["metrics"].update({f"{prefix}_{k}": metric(v)
                                  for k, v in protocol.classification_report(probs[sel], y[sel]).items()})
         if cfg.bootstrap:
-            boot = protocol.bootstrap_cls(probs[sel], y[sel], cfg.bootstrap, cfg.seed)
+            boot = protocol.bootstrap_cls(probs[sel], y[sel], cfg.bootstrap, cfg.seed, bar)
             block["ci"].update({f"{prefix}_{k}": v for k, v in boot.items()})
 
 
-def classification(model, heads, img_f, txt_f, found, ci, per_organ) -> tuple[dict, dict]:
+def zero_shot_and_probe(heads, parts, prompt_f, emb, found, ci, per_organ, bar) -> dict:
+    """Zero-shot and the linear probe (C by validation weighted F1), scored into found/ci/
+    per_organ; returns the probe's {C, val_f1}."""
+    y_te = parts["test"][1].numpy()
+    zs = protocol.zeroshot_probs(heads, parts["test"][0], prompt_f, parts["test"][2])
+    scored("zs", zs, y_te, found, ci, per_organ, bar)
+    probs, probe_info = protocol.linear_probe(emb["train"], parts["train"][1].numpy(), emb["val"],
+                                              parts["val"][1].numpy(), emb["test"], len(es.classes), bar=bar)
+    scored("probe", probs, y_te, found, ci, per_organ, bar)
+    return probe_info
+
+
+def fewshot_probe(model, parts, emb) -> dict:
+    """{fraction: [report per seed]} of the few-shot linear probe."""
+    y = {s: parts[s][1].numpy() for s in parts}
+    with protocol.progress(len(cfg.probe_fractions) * len(cfg.probe_seeds),
+                           f"few-shot probe ({model.name})") as bar:
+        return protocol.fewshot_probe(emb["train"], y["train"], emb["val"], y["val"], emb["test"], y["test"],
+                                      cfg.probe_fractions, cfg.probe_seeds, len(es.classes),
+                                      groups=test_groups, bar=bar)
+
+
+def fewshot_e2e(model, heads, parts, prompt_f, lr) -> dict:
+    """{fraction: [report per seed]} of the end-to-end few-shot (heads and temperature train)."""
+    total = len(cfg.e2e_fractions) * len(cfg.e2e_seeds) * cfg.e2e_epochs
+    with protocol.progress(total, f"end-to-end few-shot ({model.name})") as bar:
+        return protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f,
+                                    cfg.e2e_fractions, cfg.e2e_seeds, lr, cfg.e2e_epochs,
+                                    cfg.e2e_batch_size, groups=test_groups, bar=bar)
+
+
+def fewshot_blocks(probe_runs, e2e_runs, per_organ) -> dict:
+    """results["fewshot"] (overall), and each organ's under per_organ[organ]["fewshot"]."""
+    for o in test_groups:
+        per_organ[o]["fewshot"] = {**protocol.fewshot_summary(probe_runs, "probe", o),
+                                   **protocol.fewshot_summary(e2e_runs, "e2e", o)}
+    return {**protocol.fewshot_summary(probe_runs, "probe"), **protocol.fewshot_summary(e2e_runs, "e2e")}
+
+
+def classification(model, heads, img_f, txt_f, found, ci, per_organ, bar) -> tuple[dict, dict]:
     """Zero-shot, linear probe, few-shot probe and end-to-end few-shot; returns (fewshot, details)."""
     parts = {s: arrays(img_f, s) for s in ("train", "val", "test")}
-    (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, o_te) = (parts[s] for s in ("train", "val", "test"))
     prompt_f = torch.stack([torch.stack([txt_f[t] for t in prompts[o]]) for o in organs])  # [O, C, F']
     with torch.no_grad():
         emb = {s: heads.embed_image(parts[s][0]).double().numpy() for s in parts}
-    scored("zs", protocol.zeroshot_probs(heads, x_te, prompt_f, o_te), y_te.numpy(), found, ci, per_organ)
-    probs, probe_info = protocol.linear_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(),
-                                              emb["test"], len(es.classes))
-    scored("probe", probs, y_te.numpy(), found, ci, per_organ)
-    fewshot = {}
-    total = len(cfg.probe_fractions) * len(cfg.probe_seeds)
-    with protocol.progress(total, f"few-shot probe ({model.name})") as bar:
-        runs = protocol.fewshot_probe(emb["train"], y_tr.numpy(), emb["val"], y_va.numpy(), emb["test"],
-                                      y_te.numpy(), cfg.probe_fractions, cfg.probe_seeds,
-                                      len(es.classes), bar)
-    fewshot.update(protocol.fewshot_summary(runs, "probe"))
+    probe_info = zero_shot_and_probe(heads, parts, prompt_f, emb, found, ci, per_organ, bar)
+    bar.close()  # the few-shot stages have their own bars
+    probe_runs = fewshot_probe(model, parts, emb)
     lr = cfg.e2e_lr or (5e-6 if model.vanilla else 1e-5)
-    total = len(cfg.e2e_fractions) * len(cfg.e2e_seeds) * cfg.e2e_epochs
-    with protocol.progress(total, f"end-to-end few-shot ({model.name})") as bar:
-        runs = protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f,
-                                    cfg.e2e_fractions, cfg.e2e_seeds, lr, cfg.e2e_epochs,
-                                    cfg.e2e_batch_size, bar)
-    fewshot.update(protocol.fewshot_summary(runs, "e2e"))
-    e2e = {"lr": lr, "best_epoch": {f"{f:g}": [r["best_epoch"] for r in v] for f, v in runs.items()},
+    e2e_runs = fewshot_e2e(model, heads, parts, prompt_f, lr)
+    fewshot = fewshot_blocks(probe_runs, e2e_runs, per_organ)
+    e2e = {"lr": lr, "best_epoch": {f"{f:g}": [r["best_epoch"] for r in v] for f, v in e2e_runs.items()},
            "heads_trainable": model.source.get("heads_trainable", True)}
     return fewshot, {"probe": probe_info, "e2e": e2e}
 
@@ -250,23 +341,23 @@ for model in models:
     keys = [k for s in need for k in split[s]]
     texts = [p.caption for p in test_pairs] + ([t for o in organs for t in prompts[o]] if labelled else [])
     where = {p.key: str(p.image) for p in es.pairs}
-    img_f, txt_f = evalmodels.cached_features(model, out / slug(model.name) / "features.pt", keys,
-                                              [where[k] for k in keys], texts, cfg.batch_size, cfg.workers)
+    img_f, txt_f = evalmodels.cached_features(model, mdir / "features.pt", keys, [where[k] for k in keys],
+                                              texts, cfg.batch_size, cfg.workers)
     heads = model.heads.eval()
-    found, ci, per_organ = alignment(heads, img_f, txt_f)
     fewshot, details, skipped = {}, {}, []
-    if labelled:
-        with protocol.single_thread():
+    with protocol.single_thread(), protocol.progress(scoring_steps(), f"scoring ({model.name})") as bar:
+        found, ci, per_organ = alignment(heads, img_f, txt_f, bar)
+        if labelled:
             try:
-                fewshot, details = classification(model, heads, img_f, txt_f, found, ci, per_organ)
+                fewshot, details = classification(model, heads, img_f, txt_f, found, ci, per_organ, bar)
             except ValueError as e:  # e.g. a class missing from the training split of a tiny set
                 fail(f"{model.name}: {e}")
-    else:
+    if not labelled:
         skipped = ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
 
     results = {
         "script": "evaluate.py", "task": "align", "dataset": Path(cfg.manifest).stem, "row": model.name,
-        "backbone": model.kind, "adapter": None, "init": model.source.get("checkpoint"),
+        "backbone": model.kind, "adapter": model.source.get("adapter"), "init": model.source.get("checkpoint"),
         "seeds": list(cfg.probe_seeds), "classes": es.classes, "organs": organs,
         "metrics": found, "ci": ci, "per_organ": per_organ, "fewshot": fewshot, "skipped": skipped,
         "details": details, "split": {"how": how, **{s: len(split[s]) for s in ("train", "val", "test")}},

@@ -11,7 +11,8 @@ part. Here:
 - Organ: the manifest's ``organ`` column, else the ``organ`` argument.
 - Split: images a checkpoint's split.json places in train/val/test stay there; the others (held
   out from that run, or unknown to it) get a seeded 70/15/15 split stratified by ``dataset`` and
-  then label, saved as split.json and reused. A ``split_file`` replaces both.
+  then label, which the caller saves as split.json (once its checks pass) and which is reused
+  when it places the same images with the same seed. A ``split_file`` replaces both.
 - Overlap: test images a model trained on (its split's train and val) are refused unless allowed.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import write_json
 from .labels import CLASSES, parse_label
 from .manifest import SPLITS, read_manifest
 
@@ -116,10 +116,10 @@ def read_split(path) -> dict:
 
 
 def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | None = None,
-                 checkpoint_split: str | None = None) -> tuple[dict, str]:
-    """({train, val, test: [keys]}, how it was made). Order of precedence: ``split_file``; else
-    the checkpoint's split.json for the images it places, plus a fresh (or the ``saved``)
-    split for the rest."""
+                 checkpoint_split: str | None = None) -> tuple[dict, str, dict | None]:
+    """({train, val, test: [keys]}, how it was made, what to save as split.json or None).
+    Order of precedence: ``split_file``; else the checkpoint's split.json for the images it
+    places, plus the ``saved`` split (when it fits) or a fresh one for the rest."""
     have = set(es.keys)
     if split_file:
         parts = read_split(split_file)
@@ -128,33 +128,41 @@ def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | Non
         if lost:
             raise ValueError(f"--split-file {split_file}: {len(lost)} images of the manifest are "
                              f"in none of train/val/test (e.g. {sorted(lost)[0]})")
-        return out, f"--split-file {split_file}"
+        return out, f"--split-file {split_file}", None
     ckpt = read_split(checkpoint_split) if checkpoint_split else {s: [] for s in SPLITS}
     out = {s: [k for k in ckpt[s] if k in have] for s in SPLITS}
     rest = [k for k in es.keys if k not in {k for v in out.values() for k in v}]
     placed = len(have) - len(rest)
     how = [f"checkpoint split {checkpoint_split} for {placed} images"] if placed else []
+    new = None
     if rest:
-        fresh, what = _fresh_split(es, rest, seed, saved)
+        fresh, what, new = _fresh_split(es, rest, seed, saved)
         out = {s: out[s] + fresh[s] for s in SPLITS}
         how.append(what)
-    return out, "; ".join(how)
+    return out, "; ".join(how), new
 
 
-def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict, str]:
-    """Reuse ``saved`` when it places exactly these images, else make and save a new split."""
+def _reuse(saved: Path, keys, seed: int) -> dict:
+    """The saved split's parts, if it places exactly ``keys`` and was made with ``seed``."""
+    parts = read_split(saved)
+    if set(k for s in SPLITS for k in parts[s]) != set(keys):
+        raise ValueError(f"{saved} was made for other images than this manifest's (or --classes); "
+                         f"delete it or use another --out-dir")
+    made_with = json.loads(Path(saved).read_text()).get("seed", seed)  # older files: no seed
+    if made_with != seed:
+        raise ValueError(f"{saved} was made with --seed {made_with}, not {seed}: pass --seed "
+                         f"{made_with} to reuse it, or another --out-dir for a new split")
+    return {s: parts[s] for s in SPLITS}
+
+
+def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict, str, dict | None]:
+    """(parts, how, what to save): ``saved`` reused when it fits, else a new seeded split."""
     if saved is not None and saved.is_file():
-        parts = read_split(saved)
-        if set(k for s in SPLITS for k in parts[s]) == set(keys):
-            return {s: parts[s] for s in SPLITS}, f"reused {saved}"
-        raise ValueError(f"{saved} was made for other images than this manifest's; delete it or "
-                         f"use another --out-dir")
+        return _reuse(saved, keys, seed), f"reused {saved}", None
     strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
     parts = stratified_split(keys, strata, seed)
     how = f"70/15/15 stratified by dataset then label, seed {seed}"
-    if saved is not None:
-        write_json(saved, {"how": how, **parts}, indent=1)
-    return parts, how + (f", saved to {saved}" if saved else "")
+    return parts, how, {"how": how, "seed": seed, **parts}
 
 
 def check_overlap(test_keys, models, allow: bool) -> dict:

@@ -197,7 +197,8 @@ def _contrastive(ckpt: dict, path: str, device, name: str) -> EvalModel:
     kind = {"lora": "LoRA", "mona": "Mona"}.get(adapter.kind, cfg.get("train", "adapter"))
     row = name or ckpt.get("row") or f"CLIP ({kind}, ft.)"  # seed 003's "CLIP (Mona, ft.)" style
     ev = clip_model(model, row, "contrastive", False, Preprocess(size, mean, std),
-                    {"checkpoint": _file_identity(path)}, device, {"checkpoint": str(path)})
+                    {"checkpoint": _file_identity(path)}, device,
+                    {"checkpoint": str(path), "adapter": adapter.kind, "train": cfg.get("train")})
     fixed = float(ckpt.get("temperature") or cfg.get("temperature") or 0)  # None/0: learnt
     if fixed > 0:  # trained with a fixed τ (0.07 with --train adapter): start the heads from it
         ev.heads.logit_scale.data.fill_(math.log(1.0 / fixed))

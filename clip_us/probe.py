@@ -135,13 +135,17 @@ class LogisticProbe:
         return self.classes_[self.predict_proba(X).argmax(1)]
 
 
-def select_C(X_train, y_train, X_val, y_val, Cs=PROBE_CS, **kw) -> tuple[LogisticProbe, float, dict]:
+def select_C(X_train, y_train, X_val, y_val, Cs=PROBE_CS, bar=None,
+             **kw) -> tuple[LogisticProbe, float, dict]:
     """Fit a probe per C on the (already scaled) training rows; the best validation weighted F1
-    wins, the first C on a tie. Returns (probe, C, {C: validation F1})."""
+    wins, the first C on a tie. Returns (probe, C, {C: validation F1}). ``bar`` (a tqdm bar)
+    advances once per fit."""
     best, scores = None, {}
     for C in Cs:
         probe = LogisticProbe(C=C, **kw).fit(X_train, y_train)
         scores[C] = weighted_f1(probe.predict(X_val), y_val)
+        if bar is not None:
+            bar.update(1)
         if best is None or scores[C] > scores[best[1]]:
             best = (probe, C)
     return best[0], best[1], scores

@@ -60,31 +60,45 @@ def classification_report(probs, labels) -> dict:
     None when the labels hold one class only)."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     pred = probs.argmax(1)
-    try:
-        auroc = metrics.multiclass_auroc(probs, labels)
-    except ValueError:
-        auroc = None
+    auroc = metrics.multiclass_auroc(probs, labels) if len(np.unique(labels)) > 1 else None
     return {"acc": float(np.mean(pred == labels)), "f1": metrics.weighted_f1(pred, labels), "auroc": auroc}
 
 
+def report_with_organs(probs, labels, groups=None) -> dict:
+    """classification_report overall, plus "per_organ": {organ: report} when ``groups`` maps
+    each organ to its rows of ``probs``/``labels`` (the protocol is per organ and overall)."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    out = classification_report(probs, labels)
+    if groups:
+        out["per_organ"] = {o: classification_report(probs[i], labels[i]) for o, i in groups.items()}
+    return out
+
+
+def organ_logits(heads, img_feat, prompt_feat, organ_idx) -> torch.Tensor:
+    """[N, C] logits of images against their own organ's class prompts, through the heads.
+    prompt_feat [O, C, F'] holds each organ's class prompts' text features; organ_idx [N] picks
+    an image's organ. Gradients flow when enabled (the end-to-end few-shot trains the heads)."""
+    img = heads.embed_image(img_feat)
+    prompts = heads.embed_text(prompt_feat.flatten(0, 1))  # [O·C, F'] -> [O·C, D]
+    prompts = prompts.view(*prompt_feat.shape[:2], -1)  # [O·C, D] -> [O, C, D]
+    # one prompt per class: [N, C, D] -> [N, C, 1, D], the per-image form of class_logits
+    return class_logits(img, prompts[organ_idx].unsqueeze(2), heads.scale())
+
+
 def zeroshot_probs(heads, img_feat, prompt_feat, organ_idx) -> np.ndarray:
-    """[N, C] zero-shot probabilities. prompt_feat [O, C, F'] holds each organ's class prompts'
-    text features; organ_idx [N] picks an image's organ."""
+    """[N, C] zero-shot probabilities: softmax of organ_logits."""
     with torch.no_grad():
-        img = heads.embed_image(img_feat)
-        prompts = heads.embed_text(prompt_feat.flatten(0, 1))  # [O·C, F'] -> [O·C, D]
-        prompts = prompts.view(*prompt_feat.shape[:2], -1)  # [O·C, D] -> [O, C, D]
-        logits = class_logits(img, prompts[organ_idx].unsqueeze(2), heads.scale())  # [N, C, 1, D]
-        return logits.softmax(-1).numpy()
+        return organ_logits(heads, img_feat, prompt_feat, organ_idx).softmax(-1).numpy()
 
 
 # ----------------------------------------------------------------------------- linear probe
 def linear_probe(x_train, y_train, x_val, y_val, x_test, n_classes: int,
-                 Cs=PROBE_CS) -> tuple[np.ndarray, dict]:
+                 Cs=PROBE_CS, bar=None) -> tuple[np.ndarray, dict]:
     """Test probabilities of StandardScaler + LogisticProbe with C chosen on the validation rows
-    by weighted F1; also {C, val_f1}."""
+    by weighted F1; also {C, val_f1}. ``bar`` advances once per C fitted."""
     scaler = StandardScaler().fit(x_train)
-    probe, C, scores = select_C(scaler.transform(x_train), y_train, scaler.transform(x_val), y_val, Cs)
+    probe, C, scores = select_C(scaler.transform(x_train), y_train, scaler.transform(x_val), y_val, Cs,
+                                bar=bar)
     probs = np.zeros((len(x_test), n_classes))
     # [N, K] over every class index; a class absent from the training rows gets probability 0
     probs[:, probe.classes_] = probe.predict_proba(scaler.transform(x_test))
@@ -92,62 +106,62 @@ def linear_probe(x_train, y_train, x_val, y_val, x_test, n_classes: int,
 
 
 def fewshot_probe(x_train, y_train, x_val, y_val, x_test, y_test, fractions, seeds, n_classes: int,
-                  bar=None) -> dict:
+                  groups=None, bar=None) -> dict:
     """{fraction: [report per seed]} for the probe fitted on a per-class fraction of the
-    training rows (ceil, at least 2 per class)."""
+    training rows (ceil, at least 2 per class); reports per organ too (report_with_organs)."""
     out = {}
     for f in fractions:
         out[f] = []
         for s in seeds:
             idx = metrics.fewshot_indices(y_train, f, seed=s)
             probs, _ = linear_probe(x_train[idx], y_train[idx], x_val, y_val, x_test, n_classes)
-            out[f].append(classification_report(probs, y_test))
+            out[f].append(report_with_organs(probs, y_test, groups))
             if bar is not None:
                 bar.update(1)
     return out
 
 
 # ----------------------------------------------------------------------------- end-to-end few-shot
-def _e2e_probs(heads, img_feat, prompt_feat, organ_idx, grad: bool = False):
-    with torch.set_grad_enabled(grad):
-        img = heads.embed_image(img_feat)
-        prompts = heads.embed_text(prompt_feat.flatten(0, 1)).view(*prompt_feat.shape[:2], -1)  # [O, C, D]
-        return class_logits(img, prompts[organ_idx].unsqueeze(2), heads.scale())  # [B, C]
-
-
 def e2e_run(heads0, train, val, test, prompt_feat, lr: float, seed: int, epochs: int = 8,
-            batch_size: int = 16, weight_decay: float = 1e-4, clip: float = 1.0, bar=None) -> dict:
+            batch_size: int = 16, weight_decay: float = 1e-4, clip: float = 1.0, groups=None,
+            bar=None) -> dict:
     """Train a copy of the heads and temperature on `train` (features, labels, organ index);
-    keep the epoch with the best validation weighted F1 (the first on a tie); report on `test`."""
+    keep the epoch with the best validation weighted F1 (the first on a tie); report on `test`
+    (overall and per organ: ``groups``), with the validation F1 of every epoch."""
     torch.manual_seed(seed)
     heads = copy.deepcopy(heads0).train()
     for p in heads.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, best_f1, x, y, o = None, -1.0, *train
+    best, curve, x, y, o = None, [], *train
     for epoch in range(epochs):
+        heads.train()
         for idx in torch.randperm(len(y), generator=gen).split(batch_size):
-            loss = F.cross_entropy(_e2e_probs(heads, x[idx], prompt_feat, o[idx], grad=True), y[idx])
-            opt.zero_grad()
-            loss.backward()
+            with torch.enable_grad():  # also when the caller runs under no_grad
+                loss = F.cross_entropy(organ_logits(heads, x[idx], prompt_feat, o[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), clip)
             opt.step()
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        pred = _e2e_probs(heads, val[0], prompt_feat, val[2]).argmax(1)
-        f1 = metrics.weighted_f1(pred.numpy(), val[1].numpy())
-        if f1 > best_f1:
-            best, best_f1 = (epoch + 1, copy.deepcopy(heads.state_dict())), f1
+        heads.eval()  # validation and test without the heads' dropout, if they have any
+        with torch.no_grad():
+            pred = organ_logits(heads, val[0], prompt_feat, val[2]).argmax(1)
+        curve.append(metrics.weighted_f1(pred.numpy(), val[1].numpy()))
+        if best is None or curve[-1] > max(curve[:-1]):
+            best = (epoch + 1, copy.deepcopy(heads.state_dict()))
         if bar is not None:
             bar.update(1)
     heads.load_state_dict(best[1])
-    probs = _e2e_probs(heads, test[0], prompt_feat, test[2]).softmax(-1).numpy()
-    return {**classification_report(probs, test[1].numpy()), "best_epoch": best[0], "val_f1": best_f1}
+    probs = zeroshot_probs(heads, test[0], prompt_feat, test[2])  # the best epoch's heads
+    return {**report_with_organs(probs, test[1].numpy(), groups), "best_epoch": best[0],
+            "val_f1": curve[best[0] - 1], "val_f1_per_epoch": curve}
 
 
 def e2e_fewshot(heads, train, val, test, prompt_feat, fractions, seeds, lr, epochs, batch_size=16,
-                bar=None) -> dict:
+                groups=None, bar=None) -> dict:
     """{fraction: [report per seed]}: a per-class fraction of the training images (ceil, at
     least 2 per class) trains the heads; see e2e_run."""
     out = {}
@@ -156,7 +170,8 @@ def e2e_fewshot(heads, train, val, test, prompt_feat, fractions, seeds, lr, epoc
         for s in seeds:
             idx = torch.as_tensor(metrics.fewshot_indices(train[1].numpy(), f, seed=s))
             sub = tuple(t[idx] for t in train)
-            out[f].append(e2e_run(heads, sub, val, test, prompt_feat, lr, s, epochs, batch_size, bar=bar))
+            out[f].append(e2e_run(heads, sub, val, test, prompt_feat, lr, s, epochs, batch_size,
+                                  groups=groups, bar=bar))
     return out
 
 
@@ -169,13 +184,15 @@ def summary(values) -> dict:
             "per_seed": vals}
 
 
-def fewshot_summary(runs: dict, prefix: str) -> dict:
-    """{prefix_metric: {fraction: {mean, std, per_seed}}} from {fraction: [report per seed]}."""
-    return {f"{prefix}_{m}": {f"{f:g}": summary([r[m] for r in reps]) for f, reps in runs.items()}
+def fewshot_summary(runs: dict, prefix: str, organ: str | None = None) -> dict:
+    """{prefix_metric: {fraction: {mean, std, per_seed}}} from {fraction: [report per seed]},
+    over all test images or (``organ``) over that organ's."""
+    pick = (lambda r: r["per_organ"][organ]) if organ else (lambda r: r)  # noqa: E731
+    return {f"{prefix}_{m}": {f"{f:g}": summary([pick(r)[m] for r in reps]) for f, reps in runs.items()}
             for m in CLS_METRICS}
 
 
-def bootstrap_cls(probs, labels, n: int, seed: int) -> dict:
+def bootstrap_cls(probs, labels, n: int, seed: int, bar=None) -> dict:
     """{acc, f1, auroc: {low, high}} over resampled test images. Accuracy and F1 resample the
     images freely; AUROC resamples within each class (class counts fixed), since a resample
     missing a class has no AUROC and dropping such resamples would bias the interval."""
@@ -185,6 +202,8 @@ def bootstrap_cls(probs, labels, n: int, seed: int) -> dict:
            "auroc": lambda p, y: metrics.multiclass_auroc(p, y)}
     out = {}
     for k, fn in fns.items():
+        if bar is not None:
+            bar.update(1)
         if k == "auroc" and len(np.unique(labels)) < 2:
             continue
         ci = metrics.bootstrap_ci(fn, probs, labels, n=n, seed=seed, strata=labels if k == "auroc" else None)
@@ -192,17 +211,20 @@ def bootstrap_cls(probs, labels, n: int, seed: int) -> dict:
     return out
 
 
-def bootstrap_alignment(img, txt, n: int, seed: int) -> dict:
+def bootstrap_alignment(img, txt, n: int, seed: int, bar=None) -> dict:
     """{paired, cross, gap: {low, high}} over resampled (image, caption) pairs."""
     img, txt = np.asarray(img, dtype=np.float64), np.asarray(txt, dtype=np.float64)
     out = {}
     for k in ("paired", "cross", "gap"):
+        if bar is not None:
+            bar.update(1)
         ci = metrics.bootstrap_ci(lambda a, b: metrics.alignment_scores(a, b)[k], img, txt, n=n, seed=seed)
         out[k] = {"low": ci["low"], "high": ci["high"]}
     return out
 
 
 def progress(total: int, desc: str):
+    """A progress bar that clears itself when done (the results line follows it)."""
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 

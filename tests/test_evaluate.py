@@ -175,7 +175,8 @@ def test_feature_cache_computes_each_image_and_text_once(tmp_path, manifest, one
 def test_split_stratified_by_dataset_then_label_and_classes(manifest):
     es = evaldata.load_eval_set(manifest)
     assert es.classes == ["benign", "malignant", "normal"]  # every label present, fixed order
-    split, how = evaldata.choose_split(es, seed=42)
+    split, how, new = evaldata.choose_split(es, seed=42)
+    assert new["seed"] == 42 and all(new[s] == split[s] for s in ("train", "val", "test"))  # to save
     assert sorted(k for s in ("train", "val", "test") for k in split[s]) == sorted(es.keys)
     for c in range(3):
         n = sum(1 for k in es.keys if es.label[k] == c)
@@ -185,6 +186,19 @@ def test_split_stratified_by_dataset_then_label_and_classes(manifest):
     assert two.classes == ["benign", "malignant"] and len(two.keys) < len(es.keys)
     with pytest.raises(ValueError, match="not in the manifest"):
         evaldata.load_eval_set(manifest, classes=["cyst"])
+
+
+def test_saved_split_reused_only_for_the_same_images_and_seed(tmp_path, manifest):
+    es = evaldata.load_eval_set(manifest)
+    saved = tmp_path / "split.json"
+    split, _, new = evaldata.choose_split(es, 42, saved=saved)
+    saved.write_text(json.dumps(new))
+    again, how, none = evaldata.choose_split(es, 42, saved=saved)
+    assert again == split and how == f"reused {saved}" and none is None
+    with pytest.raises(ValueError, match="made with --seed 42"):
+        evaldata.choose_split(es, 43, saved=saved)  # --seed is not silently ignored
+    with pytest.raises(ValueError, match="other images"):
+        evaldata.choose_split(evaldata.load_eval_set(manifest, classes=["benign", "normal"]), 42, saved=saved)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -207,6 +221,9 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     assert res["metrics"]["gap"]["mean"] == pytest.approx(res["metrics"]["paired"]["mean"] - res["metrics"]["cross"]["mean"])
     assert res["metrics"]["dup_i2t_R@1"]["mean"] >= res["metrics"]["strict_i2t_R@1"]["mean"]
     assert set(res["per_organ"]) == {"breast", "thyroid"} and "zs_acc" in res["per_organ"]["breast"]["metrics"]
+    breast = res["per_organ"]["breast"]  # per organ: the same blocks, CIs and few-shot included
+    assert {"paired", "gap", "zs_acc", "probe_f1"} <= set(breast["ci"]) and breast["n_test"] > 0
+    assert set(breast["fewshot"]) == set(res["fewshot"]) and set(breast["fewshot"]["e2e_acc"]) == {"0.3"}
     assert set(res["fewshot"]) == {f"{p}_{m}" for p in ("probe", "e2e") for m in ("acc", "f1", "auroc")}
     assert set(res["fewshot"]["probe_acc"]) == {"0.1"} and set(res["fewshot"]["e2e_f1"]) == {"0.3"}
     assert set(res["fewshot"]["e2e_acc"]["0.3"]) == {"mean", "std", "per_seed"}
@@ -242,7 +259,7 @@ def test_contrastive_checkpoint_split_reused_and_overlap_refused(tmp_path, manif
                                "test": split["train"][:3]}))
     code, _, stderr = run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--split-file", bad,
                            "--out-dir", tmp_path / "refused"] + SMALL, env, capsys, check=False)
-    assert code == 2 and "--allow-overlap" in stderr
+    assert code == 2 and "--allow-overlap" in stderr and not (tmp_path / "refused").exists()
     assert "{'CLIP (heads, ft.)': 3}" in stderr  # which model (row name from its config), how many images
     run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--split-file", bad, "--allow-overlap",
          "--out-dir", tmp_path / "allowed"] + SMALL[:-1] + ["0"], env, capsys)  # --bootstrap 0
@@ -271,6 +288,16 @@ def test_one_class_is_refused_without_traceback(tmp_path, manifest, env, capsys)
     code, _, stderr = run(["--manifest", manifest, "--classes", "benign", "--weights", "none",
                            "--out-dir", tmp_path / "one"] + SMALL, env, capsys, check=False)
     assert code == 2 and "one class only" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "one").exists()  # a refused run leaves no folder
+
+
+@pytest.mark.parametrize("bad", [["--probe-fractions", "0.1", "0"], ["--e2e-epochs", "0"], ["--bootstrap", "-1"],
+                                 ["--image-size", "8"], ["--device", "bogus"], ["--arch", "bogus"]])
+def test_bad_flags_refused_in_one_line(tmp_path, manifest, env, capsys, bad):
+    code, _, stderr = run(["--manifest", manifest, "--weights", "none", "--out-dir", tmp_path / "x"] + SMALL + bad,
+                          env, capsys, check=False)
+    assert code == 2 and "Traceback" not in stderr and not (tmp_path / "x").exists()
+    assert bad[0] in stderr or "error: unknown architecture 'bogus'" in stderr  # the flag, or its value
 
 
 def test_help_says_every_label_is_a_class(env, capsys):
@@ -324,7 +351,13 @@ def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
     test = part(16)
     assert (protocol.zeroshot_probs(heads, test[0], prompts, test[2]).argmax(1) == test[1].numpy()).mean() == 0
     before = {k: v.clone() for k, v in heads.state_dict().items()}
-    rep = protocol.e2e_run(heads, part(32), part(16), test, prompts, lr=3e-2, seed=0, epochs=6)
-    assert set(rep) == {"acc", "f1", "auroc", "best_epoch", "val_f1"} and 1 <= rep["best_epoch"] <= 6
+    train, val = part(32), part(16)
+    rep = protocol.e2e_run(heads, train, val, test, prompts, lr=3e-2, seed=0, epochs=6)
+    assert set(rep) == {"acc", "f1", "auroc", "best_epoch", "val_f1", "val_f1_per_epoch"}
     assert all(torch.equal(before[k], v) for k, v in heads.state_dict().items())  # a copy trained
     assert rep["acc"] >= 0.75 and rep["val_f1"] >= 0.75  # from 0: the heads learnt the classes
+    curve = rep["val_f1_per_epoch"]  # here [0, 0, 0, 0.42, 1, 1]: the best epoch is not the last
+    assert len(curve) == 6 and rep["best_epoch"] == 1 + int(np.argmax(curve)) < 6  # first best
+    # the test figures are the best epoch's heads': the same run stopped at that epoch
+    short = protocol.e2e_run(heads, train, val, test, prompts, lr=3e-2, seed=0, epochs=rep["best_epoch"])
+    assert {k: short[k] for k in ("acc", "f1", "auroc")} == {k: rep[k] for k in ("acc", "f1", "auroc")}
