@@ -1,0 +1,113 @@
+"""The rows of seed 003's Tables 2 and 3 with heads of their own, as the training scripts build them.
+
+- `--backbone unet` (Table 2): the official vendored U-Net (unet.py), trained from scratch, every
+  parameter; its checkpoint therefore holds `model_state_dict`. Segmentation only.
+- `--backbone clipseg` (Table 2): CLIPSeg's rd64-refined decoder (clipseg.py) on the frozen CLIP
+  of `--weights` (OpenAI's ViT-B/16 by default, as the official code), conditioned on the data
+  set's description of benign and malignant findings (`--prompt` overrides it). The decoder starts
+  from `--clipseg-weights` (a Hugging Face CIDAS/clipseg-rd64-refined folder; "default" looks in
+  the clip_us cache) or, with `none`, from random weights, announced. Segmentation only.
+- `--backbone dinov2 --head official` (Tables 2 and 3): the frozen DINOv2 ViT-B/14 of
+  backbones.py with the official code's heads (dinov2_heads.py); `--dinov2-official` builds it as
+  that code did, without layer-scale. `--head proposed` is not built here: it is the generic
+  backbone path (feature-reducing heads on blocks 3/6/9).
+
+`clip_fn` is passed in by taskmodel.py (a function returning the run's CLIP), so this file does
+not import the module that imports it.
+"""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from . import backbones
+from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder, prompt_for
+from .dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
+from .fileio import cache_dir
+from .tokenizer import tokenize
+from .unet import UNet
+
+SEG_ONLY = ("unet", "clipseg")
+CLIPSEG_FOLDER = "clipseg-rd64-refined"  # its folder in the clip_us cache
+CLIPSEG_PUBLISHED = "https://huggingface.co/CIDAS/clipseg-rd64-refined (config.json, model.safetensors)"
+
+
+def check_flags(cfg):
+    """The flags of these rows name what they change: refused on rows they would not change."""
+    given = [flag for flag, used, wanted in (
+        ("--head proposed", cfg.head != "official", cfg.backbone == "dinov2"),
+        ("--dinov2-official", cfg.dinov2_official, cfg.backbone == "dinov2"),
+        ("--clipseg-weights", cfg.clipseg_weights != "default", cfg.backbone == "clipseg"),
+        ("--prompt", bool(cfg.prompt), cfg.backbone == "clipseg")) if used and not wanted]
+    if given:
+        raise ValueError(f"{', '.join(given)} do(es) nothing for --backbone {cfg.backbone}; "
+                         "drop it, or pick the backbone it is for (dinov2, clipseg)")
+
+
+def owns(cfg) -> bool:
+    """True when cfg's row is built here rather than from a ViT and the feature-reducing heads."""
+    return cfg.backbone in SEG_ONLY or (cfg.backbone == "dinov2" and cfg.head == "official")
+
+
+def _check(cfg, task: str):
+    if cfg.backbone in SEG_ONLY and task != "seg":
+        raise ValueError(f"--backbone {cfg.backbone} is a segmentation row (Table 2); "
+                         "train_cls.py takes clip, dinov2 and the other backbones")
+    if cfg.adapter != "none" or cfg.init:
+        raise ValueError(f"--backbone {cfg.backbone} runs without adapters, as the paper's row; "
+                         "pass --adapter none and no --init")
+
+
+def _clipseg_folder(weights: str) -> str:
+    folder = os.path.join(cache_dir(), CLIPSEG_FOLDER) if weights == "default" else weights
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"no CLIPSeg decoder in {folder}: download {CLIPSEG_PUBLISHED} into "
+            f"{os.path.join(cache_dir(), CLIPSEG_FOLDER)} (or pass --clipseg-weights FOLDER), or "
+            "pass --clipseg-weights none for a random decoder")
+    return folder
+
+
+def build_clipseg(cfg, clip_fn) -> CLIPSegTaskModel:
+    clip = clip_fn()
+    if cfg.eval_only:  # the checkpoint holds the trained decoder (rd64-refined's sizes)
+        model = CLIPSeg(clip)
+    elif cfg.clipseg_weights == "none":
+        print("!!! --clipseg-weights none: the CLIPSeg decoder starts from RANDOM weights; the "
+              "paper's row starts from CIDAS/clipseg-rd64-refined. !!!")
+        model = CLIPSeg(clip)
+    else:
+        model = load_decoder(_clipseg_folder(cfg.clipseg_weights), clip)
+    prompt = prompt_for(cfg.dataset, cfg.prompt)
+    print(f"clip_us: CLIPSeg prompt: {prompt!r}")
+    return CLIPSegTaskModel(model, tokenize([prompt]))
+
+
+def _backbone_weights(cfg) -> str:
+    """--weights' default names CLIP's ViT-B/16; for another backbone it means its own file."""
+    return "default" if cfg.weights == "ViT-B/16" else cfg.weights
+
+
+def build_dinov2(cfg, task: str, num_classes: int) -> DINOv2TaskModel:
+    tower = backbones.build("dinov2", _backbone_weights(cfg), cfg.arch,
+                            official=cfg.dinov2_official)
+    if cfg.image_size != backbones.spec("dinov2").resolution:
+        print(f"note: the official DINOv2 rows ran at {backbones.spec('dinov2').resolution} px; "
+              f"this run uses {cfg.image_size} px (--image-size)")
+    head = (DINOv2SegHead if task == "seg" else DINOv2ClsHead)(tower.width, num_classes)
+    # The pipeline normalises with CLIP's mean/std; DINOv2 was trained with ImageNet's.
+    return DINOv2TaskModel(tower, head, backbones.input_norm("dinov2", cfg.clip_norm))
+
+
+def build_row_model(cfg, task: str, clip_fn, num_classes: int = 2) -> nn.Module:
+    """The task model of an `owns(cfg)` row: images -> logits [B, classes, H, W] or [B, classes]."""
+    _check(cfg, task)
+    if cfg.backbone == "unet":
+        if cfg.image_size % 16:
+            raise ValueError(f"--backbone unet needs --image-size divisible by 16 (it pools 4 "
+                             f"times), got {cfg.image_size}; 224 and 128 work")
+        return UNet(3, num_classes)
+    if cfg.backbone == "clipseg":
+        return build_clipseg(cfg, clip_fn)
+    return build_dinov2(cfg, task, num_classes)
