@@ -10,7 +10,8 @@ temperature. The checkpoint is what `--init` of train_seg.py, train_cls.py and z
 
     python train_contrastive.py                                   # the phantom's captions
     python train_contrastive.py --manifest data/pmc_curd/pmc_curd_dataset.csv --adapter lora
-    python train_contrastive.py --manifest captions.csv --train heads --split 70,15,15 --hold-out busi,liver
+    python train_contrastive.py --manifest captions.csv --train heads --split 70,15,15 \
+        --hold-out busi,liver
     torchrun --nproc_per_node 2 train_contrastive.py ...           # DDP (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ import clip_us
 from clip_us import loop, manifest, phantom, tables
 from clip_us.adapters import AdapterConfig, apply_adapter, count_parameters
 from clip_us.config import parse_config
-from clip_us.contrastive import TRAIN_MODES, CaptionDataset, ContrastiveCLIP, set_trainable, validate
+from clip_us.contrastive import (TRAIN_MODES, CaptionDataset, ContrastiveCLIP, set_trainable,
+                                 validate)
 from clip_us.distributed import barrier, gather_list, setup_distributed, shard
 from clip_us.fileio import write_json
 from clip_us.losses import clip_loss
@@ -75,7 +77,8 @@ class Config:
     text_weights: str = field(default="", metadata={"help": "--model echocare: text weights "
                               "('' = ViT-B/32 or the cached Bio_ClinicalBERT folder)"})
     norm_stats: str = field(default="authors", metadata={"choices": ["authors", "train"], "help":
-                            "--model echocare: the authors' mean/std, or this run's training split's"})
+                            "--model echocare: the authors' mean/std, or this run's "
+                                    "training split's"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "--model echocare: "
                                      "recompute activations in backward (less memory)"})
     train: str = field(default="adapter", metadata={"choices": list(TRAIN_MODES), "help":

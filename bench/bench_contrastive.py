@@ -1,4 +1,4 @@
-"""Contrastive training throughput (pairs/s) of train_contrastive.py's step, and open_clip beside it.
+"""Contrastive training throughput (pairs/s) of train_contrastive.py's step; open_clip beside it.
 
 One step is what loop.train does for train_contrastive.py: the forward of both towers through
 contrastive.ContrastiveCLIP, the symmetric InfoNCE (losses.clip_loss), backward, gradient clipping
@@ -154,7 +154,8 @@ def report(times, flops, batch, args, device):
             line += f" {flops[name] / med / (peak * 1e12):6.1%}"
         print(line)
     if "B16 heads" in times and "open_clip B16 heads" in times:
-        ratio = statistics.median(times["B16 heads"]) / statistics.median(times["open_clip B16 heads"])
+        ratio = statistics.median(times["B16 heads"]) / statistics.median(
+            times["open_clip B16 heads"])
         print(f"clip_us / open_clip step time, heads mode (median): {ratio:.2f}")
 
 

@@ -61,7 +61,9 @@ def test_each_mode_trains_exactly_what_it_names(mode, adapter, learn, one_thread
     assert got == want
     # LoRA's B starts at zero, so A gets no gradient at first; everything else moves.
     nonzero = {n for n in got if model.get_parameter(n).grad.abs().sum() > 0}
-    assert nonzero >= {n for n in want if "lora_A" not in n and "resblocks.11.mona2.adapter_conv" not in n}
+    # (The last block's Mona convolutions only reach patch tokens, which nothing reads.)
+    last_conv = "resblocks.11.mona2.adapter_conv"
+    assert nonzero >= {n for n in want if "lora_A" not in n and last_conv not in n}
 
 
 def test_fixed_temperature_and_learnable_scale_capped_at_100():
@@ -177,7 +179,8 @@ def test_official_lora_keys_map_onto_ours():
                     "lora_A_v": "v_proj.w_lora_A", "lora_B_v": "v_proj.w_lora_B",
                     "out_proj.lora_A": "proj.w_lora_A", "out_proj.lora_B": "proj.w_lora_B"}[rest]
         lora_sd[f"{block}.attn.{official}"] = v
-    lora_sd["visual.transformer.resblocks.0.attn.q_proj.weight"] = torch.zeros(64, 64)  # base: skipped
+    base = "visual.transformer.resblocks.0.attn.q_proj.weight"  # a frozen base weight: skipped
+    lora_sd[base] = torch.zeros(64, 64)
     settings, ours = convert_official_lora({"adapter_type": "lora", "lora_r": 16, "lora_alpha": 32,
                                             "lora_dropout": 0.1, "lora_state_dict": lora_sd})
     assert settings["targets"] == ("q", "k", "v", "o") and settings["scaling"] == "rslora"
