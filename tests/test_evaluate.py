@@ -232,6 +232,8 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     table = list(csv.reader((out / "table.csv").open()))
     assert table[0][:5] == ["dataset", "row", "paired", "cross", "gap"] and [r[1] for r in table[1:]] == ["echo", "tiny random"]
     assert (out / "tiny-random" / "row.csv").is_file() and (out / "tiny-random" / "features.pt").is_file()
+    texts = torch.load(out / "tiny-random" / "features.pt", weights_only=True)["texts"]
+    assert "An ultrasound image of thyroid with normal findings." in texts  # the authors' prompt, per organ
     for fig in ("alignment", "zs", "probe", "fewshot_probe", "fewshot_e2e"):
         ET.parse(out / f"{fig}.svg")  # well-formed SVG
     saved = json.loads((out / "split.json").read_text())
@@ -323,6 +325,31 @@ def test_zeroshot_uses_each_images_own_organ_prompts():
     img = F.normalize(images, dim=-1)
     ref = torch.softmax(torch.einsum("bd,bcd->bc", img, prompts[organ]) / 0.07, -1)
     np.testing.assert_allclose(probs, ref.numpy(), atol=1e-5)
+
+
+def test_alignment_block_has_strict_and_duplicate_aware_retrieval():
+    from clip_us import metrics, protocol
+    torch.manual_seed(0)
+    txt = F.normalize(torch.randn(6, 16), dim=-1)
+    txt[1] = txt[0]  # captions 0 and 1 are the same text, so the same embedding
+    img = F.normalize(txt + 0.05 * torch.randn(6, 16), dim=-1)
+    img[0] = txt[0]  # text 1's best image is image 0: a strict miss, a duplicate-aware hit
+    captions = ["a benign lesion.", "a benign lesion.", "b", "c", "d", "e"]
+    block = protocol.alignment_and_retrieval(img, txt, captions)
+    strict, dup = metrics.retrieval_ranked(img, txt), metrics.retrieval_ranked(img, txt, captions=captions)
+    assert all(block[f"strict_{k}"] == v for k, v in strict.items())
+    assert all(block[f"dup_{k}"] == v for k, v in dup.items())
+    assert block["dup_t2i_R@1"] == 1.0 > block["strict_t2i_R@1"]
+    assert {"paired", "cross", "gap", "strict_i2t_mean_rank", "dup_t2i_R@10"} <= set(block)
+
+
+def test_bootstrap_cis_are_seeded():
+    from clip_us import protocol
+    rng = np.random.default_rng(0)
+    y, probs = np.arange(40) % 3, rng.dirichlet(np.ones(3), size=40)
+    first = protocol.bootstrap_cls(probs, y, 200, seed=42)
+    assert set(first) == {"acc", "f1", "auroc"} and all(v["low"] <= v["high"] for v in first.values())
+    assert protocol.bootstrap_cls(probs, y, 200, seed=42) == first != protocol.bootstrap_cls(probs, y, 200, seed=7)
 
 
 def test_linear_probe_keeps_every_class_column():
