@@ -419,6 +419,12 @@ class FakeLLM:
                 try:
                     status, payload, wait, *headers = fake.behave(text, attempt, body)
                     time.sleep(wait)
+                finally:
+                    # out of flight before the reply leaves: the client's next request can
+                    # then never be counted beside this one
+                    with fake.lock:
+                        fake.in_flight -= 1
+                try:
                     self.send_response(status)
                     for name, value in (headers[0] if headers else {}).items():
                         self.send_header(name, value)
@@ -428,9 +434,6 @@ class FakeLLM:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass                                  # the client timed out and left
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
 
             def log_message(self, *args):
                 pass
@@ -781,3 +784,68 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
     assert "NOT_SET_KEY" in cli_error(capsys, refine + url + ["--api-key-env", "NOT_SET_KEY"])
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "r.csv").exists()
+
+
+def test_template_flags_pick_layout_name_and_skip(tmp_path):
+    root = tmp_path / "scans"            # benign/ alone would be read as BUSI
+    for name in ("images/case0.png", "images/case1.png", "benign/other.png"):
+        png(root / name)
+    (root / "labels.csv").write_text("image,label\ncase0.png,benign\ncase1.png,oops\n")
+    out = tmp_path / "c.csv"
+    args = ["template", str(root), "--out", str(out), "--dataset", "folder", "--organ", "liver"]
+    with pytest.raises(SystemExit):                              # a bad label stops the run
+        captions.main(args)
+    with pytest.warns(UserWarning, match="skipped"):
+        captions.main(args + ["--skip-bad", "--dataset-name", "clinic A"])
+    rows = read_csv(out)
+    assert [(r["image"], r["label"], r["dataset"]) for r in rows] == [
+        ("scans/images/case0.png", "benign", "clinic A")]
+
+
+def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
+    def behave(text, attempt, body):
+        if "organ: kidney" in text:
+            return 503, b"down", 0
+        if "organ: liver" in text:                               # first try past --timeout
+            return 200, chat_reply("1. A liver caption."), 1.0 if attempt == 0 else 0
+        # breast rows: held until 3 are in flight (counted here, not by the server, which
+        # still counts a timed-out liver request the client has given up on)
+        with server.lock:
+            held["now"] += 1
+            held["max"] = max(held["max"], held["now"])
+        deadline = time.time() + 0.4
+        while held["now"] < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)               # long enough for a 4th to arrive if one were sent
+        with server.lock:
+            held["now"] -= 1
+        return 200, chat_reply("1. " + LONG_REPLY), 0
+
+    held = {"now": 0, "max": 0}
+
+    server = serve(behave)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")      # a local server goes direct
+    src = tmp_path / "m.csv"
+    src.write_text("image,desc,organ,age\n" + "".join(f"b{i}.png,old {i},breast,{30 + i}\n"
+                                                      for i in range(6)) +
+                   "l.png,old l,liver,50\nk.png,old k,kidney,60\n")
+    cache = tmp_path / "replies.jsonl"
+    captions.main(["refine", str(src), "--out", str(tmp_path / "o.csv"), "--endpoint", server.url,
+                   "--model", "m", "--mode", "describe", "--caption-col", "desc", "--top-p",
+                   "0.5", "--timeout", "0.5", "--retries", "1", "--backoff", "0", "--cache",
+                   str(cache), "--context-length", "20", "--concurrency", "3", "--no-progress"])
+    body = server.requests[0]
+    assert body["messages"][0]["content"] == captions.DESCRIBE_INSTRUCTIONS
+    assert body["top_p"] == 0.5 and "old" not in body["messages"][-1]["content"]
+    assert held["max"] == 3
+    assert server.attempts["Metadata:\n- organ: kidney\n- age: 60"] == 2            # --retries
+    assert server.attempts["Metadata:\n- organ: liver\n- age: 50"] == 2             # --timeout
+    rows = read_csv(tmp_path / "o.csv")
+    assert [r["refine_status"] for r in rows] == ["fitted"] * 6 + ["ok", "failed"]
+    assert all(token_count(r["desc"]) <= 20 for r in rows) and rows[7]["desc"] == "old k"
+    assert cache.is_file() and not (tmp_path / "o.csv.cache.jsonl").exists()
+    out = capsys.readouterr().out
+    assert "failed rows (0-based, header not counted): 7" in out and "HTTP 503" in out
+    defaults = captions.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint",
+                                                   "http://h/v1", "--model", "m"])
+    assert defaults.concurrency == 8 == captions.RefineConfig().concurrency
