@@ -168,11 +168,11 @@ W, H = 480, 360  # one plot panel, in SVG units
 LEFT, RIGHT, TOP, BOTTOM = 60, 20, 36, 48  # margins around the plot box
 
 
-def _nice_ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi]."""
-    raw = (hi - lo) / n
+def _nice_ticks(lo, hi, n=5, integer=False):
+    """About n round tick values covering [lo, hi]; whole numbers only with `integer` (epochs)."""
+    raw = max((hi - lo) / n, 1.0) if integer else (hi - lo) / n
     step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    step *= next(m for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)) if m * step >= raw)
     first = math.ceil(lo / step - 1e-9) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -183,7 +183,7 @@ def _svg_open(width, height):
             f'<rect width="{width}" height="{height}" fill="white"/>']
 
 
-def _axes_svg(title, xlabel, ylabel, xlim, ylim, ox=0):
+def _axes_svg(title, xlabel, ylabel, xlim, ylim, ox=0, integer_x=False):
     """Frame, ticks, grid and labels of one panel whose left edge is at x = ox; returns
     (parts, to_px) for drawing on top."""
     pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
@@ -200,13 +200,13 @@ def _axes_svg(title, xlabel, ylabel, xlim, ylim, ox=0):
              f'{escape(xlabel)}</text>',
              f'<text x="{ox + 14}" y="{TOP + ph / 2}" text-anchor="middle" '
              f'transform="rotate(-90 {ox + 14} {TOP + ph / 2})">{escape(ylabel)}</text>']
-    parts += _ticks_svg(to_px, xlim, ylim)
+    parts += _ticks_svg(to_px, xlim, ylim, integer_x)
     return parts, to_px
 
 
-def _ticks_svg(to_px, xlim, ylim):
+def _ticks_svg(to_px, xlim, ylim, integer_x=False):
     parts = []
-    for v in _nice_ticks(*xlim):
+    for v in _nice_ticks(*xlim, integer=integer_x):
         x, y = to_px(v, ylim[0])
         parts.append(f'<line x1="{x:.1f}" y1="{y}" x2="{x:.1f}" y2="{y + 4}" stroke="black"/>'
                      f'<text x="{x:.1f}" y="{y + 16}" text-anchor="middle">{v:g}</text>')
@@ -279,7 +279,8 @@ def _xlim(*series):
 def _panel(series, colours, title, xlabel, ylabel, ox=0, corner="top", dots=False, xlim=None):
     """SVG parts of one line-plot panel; series are already finite and non-empty."""
     ys = [y for pts in series.values() for _, y in pts]
-    parts, to_px = _axes_svg(title, xlabel, ylabel, xlim or _xlim(series), _limits(ys), ox)
+    parts, to_px = _axes_svg(title, xlabel, ylabel, xlim or _xlim(series), _limits(ys), ox,
+                             integer_x=xlabel == "epoch")
     for pts, c in zip(series.values(), colours):
         parts.append(_polyline(sorted(pts), to_px, c))
         parts += _markers(pts, to_px, c) if dots else []

@@ -184,6 +184,14 @@ def test_training_curves_loss_beside_validation(tmp_path):
     assert first[0][1] > first[-1][1]                           # val Dice rises: y goes up the page
 
 
+def test_epoch_axis_has_whole_numbers_only(tmp_path):
+    recs = [{"epoch": e, "loss": 1.0 / e, "val": {"dice": 0.1 * e}} for e in (1, 2, 3)]
+    viz.save_training_curves(recs, tmp_path / "e.svg", "dice")
+    texts = [t.text for t in ET.parse(tmp_path / "e.svg").getroot().iter(SVG + "text")]
+    assert "1.5" not in texts and "2.5" not in texts and {"1", "2", "3"} <= set(texts)
+    assert any(v != int(v) for v in viz._nice_ticks(0, 1))       # other axes keep fractions
+
+
 def test_training_curves_plain_numbers_and_no_validation(tmp_path):
     recs = [{"epoch": 1, "loss": 0.9, "val": {"acc": 0.5}}, {"epoch": 2, "loss": 0.7},
             {"epoch": 3, "loss": 0.6, "val": {"acc": 0.75, "auc": None}}]
