@@ -251,7 +251,7 @@ def test_fit_to_context_leaves_fitting_captions_alone():
     for text in ("  An ultrasound image of the breast.  ", "乳腺超声。", "ok 👍🏽", "",
                  " ".join(["word"] * 75)):
         assert fit_to_context(text) is text
-    with pytest.raises(ValueError, match="context_length"):
+    with pytest.raises(captions.CaptionError, match="context length must be at least 3"):
         fit_to_context("x", 2)
 
 
