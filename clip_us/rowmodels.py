@@ -12,8 +12,8 @@
   that code did, without layer-scale. `--head proposed` is not built here: it is the generic
   backbone path (feature-reducing heads on blocks 3/6/9).
 
-`clip_fn` is passed in by taskmodel.py (a function returning the run's CLIP), so this file does
-not import the module that imports it.
+`clip_fn` and `tower_fn` are passed in by taskmodel.py (functions returning the run's CLIP and its
+--backbone tower), so this file does not import the module that imports it.
 """
 from __future__ import annotations
 
@@ -84,14 +84,8 @@ def build_clipseg(cfg, clip_fn) -> CLIPSegTaskModel:
     return CLIPSegTaskModel(model, tokenize([prompt]))
 
 
-def _backbone_weights(cfg) -> str:
-    """--weights' default names CLIP's ViT-B/16; for another backbone it means its own file."""
-    return "default" if cfg.weights == "ViT-B/16" else cfg.weights
-
-
-def build_dinov2(cfg, task: str, num_classes: int) -> DINOv2TaskModel:
-    tower = backbones.build("dinov2", _backbone_weights(cfg), cfg.arch,
-                            official=cfg.dinov2_official)
+def build_dinov2(cfg, task: str, num_classes: int, tower_fn) -> DINOv2TaskModel:
+    tower = tower_fn()
     if cfg.image_size != backbones.spec("dinov2").resolution:
         print(f"note: the official DINOv2 rows ran at {backbones.spec('dinov2').resolution} px; "
               f"this run uses {cfg.image_size} px (--image-size)")
@@ -100,8 +94,10 @@ def build_dinov2(cfg, task: str, num_classes: int) -> DINOv2TaskModel:
     return DINOv2TaskModel(tower, head, backbones.input_norm("dinov2", cfg.clip_norm))
 
 
-def build_row_model(cfg, task: str, clip_fn, num_classes: int = 2) -> nn.Module:
-    """The task model of an `owns(cfg)` row: images -> logits [B, classes, H, W] or [B, classes]."""
+def build_row_model(cfg, task: str, clip_fn, tower_fn, num_classes: int = 2) -> nn.Module:
+    """The task model of an `owns(cfg)` row: images -> logits [B, classes, H, W] or [B, classes].
+    `clip_fn()` gives the run's CLIP (CLIPSeg), `tower_fn()` the run's --backbone tower (DINOv2,
+    with --dinov2-official applied)."""
     _check(cfg, task)
     if cfg.backbone == "unet":
         if cfg.image_size % 16:
@@ -110,4 +106,4 @@ def build_row_model(cfg, task: str, clip_fn, num_classes: int = 2) -> nn.Module:
         return UNet(3, num_classes)
     if cfg.backbone == "clipseg":
         return build_clipseg(cfg, clip_fn)
-    return build_dinov2(cfg, task, num_classes)
+    return build_dinov2(cfg, task, num_classes, tower_fn)
