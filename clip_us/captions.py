@@ -474,27 +474,32 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def folder_records(root, out_dir: Path, layout: str | None = None, organ: str | None = None,
-                   nextgen_name: str | None = None, skip_bad: bool = False) -> tuple[list, list]:
-    """(records, keys): a record (image relative to out_dir, organ, label, attributes) and the
-    image's path inside the data set for every image of a labelled data set in any layout the
-    supervised scripts read, listed by clip_us.data itself."""
+def scan_labelled(root: Path, layout: str, nextgen_name: str | None, skip_bad: bool) -> list:
+    """clip_us.data's Items (key, image, label) of a labelled data set folder, in natural order.
+    The layout's own scanner lists them; no split is made (a caption manifest of a handful of
+    images is fine) and no image is decoded."""
     from . import data    # torchvision only when a folder is read
-    root = Path(root)
-    layout = layout or detect_layout(root)
     if layout in ("folder", "ddti", "tn3k") and not (root / "labels.csv").is_file():
         raise CaptionError(f"{root}: no labels.csv (columns image,label), so no condition to "
                            f"caption; add one, or pass a CSV with an image column and any "
                            f"metadata columns instead of the folder")
     cfg = data.DataConfig(dataset=layout, root=str(root), task="cls", keep_normal=True,
                           skip_bad=skip_bad, nextgen_name=nextgen_name)
-    # The layout's own scanner lists the images and labels; no split is made (a caption
-    # manifest of a handful of images is fine) and no file is decoded.
     tally = data.Tally(skip_bad)
-    items = sorted(data.SCANNERS[layout](root, cfg, tally)[0], key=lambda it: _natural(it.key))
+    items = data.SCANNERS[layout](root, cfg, tally)[0]
     if tally.messages:
         warnings.warn(f"skipped {len(tally.messages)} bad file(s), e.g. {tally.messages[0]}")
-    meta = read_metadata(root)
+    return sorted(items, key=lambda it: _natural(it.key))
+
+
+def folder_records(root, out_dir: Path, layout: str | None = None, organ: str | None = None,
+                   nextgen_name: str | None = None, skip_bad: bool = False) -> tuple[list, list]:
+    """(records, keys): a record (image relative to out_dir, organ, label, attributes) and the
+    image's path inside the data set for every image of a labelled data set in any layout the
+    supervised scripts read, listed by clip_us.data itself."""
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    items, meta = scan_labelled(root, layout, nextgen_name, skip_bad), read_metadata(root)
     guess = guess_organ(nextgen_name, root.name, layout)
     if organ is None and guess is None and not meta:
         raise CaptionError(f"{root}: cannot tell the organ from the data set's name; "
