@@ -431,10 +431,11 @@ def caption_manifest(root=None, cfg: PhantomConfig | None = None, caption_seed: 
                      tier_weights=(0.2, 0.3, 0.5)) -> Path:
     """The phantom's image-caption manifest (what `train_contrastive.py` reads with no
     arguments): writes the phantom into `root` (default: a cache folder named by `cfg`) if it
-    is not there yet, then `captions-seed{caption_seed}.csv` beside its images with
-    clip_us.captions' three-tier templates, and returns that CSV's path. The default `cfg`
-    draws all four organs and 17 % normal images, so every tier has something to say."""
-    from clip_us import captions   # the generator itself needs no tokenizer
+    is not there yet, then `captions-seed{caption_seed}-tiers{weights}.csv` beside its images
+    with clip_us.captions' three-tier templates (an existing one is reused), and returns that
+    CSV's path. The default `cfg` draws all four organs and 17 % normal images, so every tier
+    has something to say."""
+    from clip_us import captions   # here, not at the top: writing images needs no tokenizer
     cfg = cfg or PhantomConfig(organs=ORGANS, p_normal=0.17)
     root = Path(root) if root else caption_root(cfg)
     if not (root / "metadata.jsonl").is_file():
