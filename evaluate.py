@@ -32,6 +32,7 @@ import clip_us
 from clip_us import evaldata, evalmodels, evalplots, protocol, tables
 from clip_us.fileio import write_json, write_text
 from clip_us.prompts import ECHOCARE_TEMPLATE
+from clip_us.weights import available_models
 
 
 @dataclass
@@ -187,7 +188,11 @@ if not labelled:
 try:
     names = list(cfg.name)
     models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "") for p in cfg.checkpoint]
+    # no model flag: the published weights of --arch (tiny has none: it is for tests, random)
     weights = cfg.weights or ([] if cfg.checkpoint else [cfg.arch])
+    if weights == [cfg.arch] and not cfg.weights and cfg.arch not in available_models():
+        raise ValueError(f"--arch {cfg.arch} has no published weights: add --weights none for "
+                         f"random weights, or --weights NAME|FILE (names: {available_models()})")
     models += [evalmodels.from_weights(w, cfg.arch, cfg.image_size, device, names.pop(0) if names else "",
                                        cfg.clip_norm) for w in weights]
     if names or len({m.name for m in models}) < len(models):
@@ -197,6 +202,9 @@ try:
     split, how, new_split = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json",
                                                   ckpt_split)
     overlap = evaldata.check_overlap(split["test"], models, cfg.allow_overlap)
+    for name in (n for n, c in overlap.items() if c is None):
+        print(f"warning: {name}: no split.json beside its checkpoint (or 1-2 folders up), so "
+              f"whether it trained on these test images cannot be checked")
 except (ValueError, OSError, KeyError, RuntimeError) as e:  # bad files, weights missing offline
     fail(e)
 print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / "
@@ -363,6 +371,8 @@ for model in models:
         "details": details, "split": {"how": how, **{s: len(split[s]) for s in ("train", "val", "test")}},
         "overlap": overlap[model.name], "prompt": ECHOCARE_TEMPLATE, "units": {"mean_rank": "rank (1-based)"},
         "n_test": len(split["test"]), "n_pairs": len(test_pairs), "n_dropped": 0, "source": model.source,
+        "data": {**{k: v for k, v in es.report.items() if k != "bad_rows"},
+                 "bad_rows": len(es.report.get("bad_rows", []))},  # what the manifest reading left out
         "machine": f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
         "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
     }

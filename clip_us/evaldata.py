@@ -166,9 +166,10 @@ def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict
 
 
 def check_overlap(test_keys, models, allow: bool) -> dict:
-    """{model name: number of test images it trained on}; raises unless ``allow``."""
+    """{model name: number of test images it trained on, or None when unknown (a trained model
+    without a split.json)}; raises unless ``allow``."""
     test = set(test_keys)
-    seen = {m.name: len(test & m.trained_on) for m in models}
+    seen = {m.name: len(test & m.trained_on) if m.split_path or m.vanilla else None for m in models}
     bad = {n: c for n, c in seen.items() if c}
     if bad and not allow:
         raise ValueError(f"the test split holds images these models trained on (train/val of their "

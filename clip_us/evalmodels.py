@@ -33,7 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+from .checkpoint import load_checkpoint
+from .fileio import atomic_path
+from .taskmodel import build_clip
+from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
 
 MAX_SCALE = 100.0  # CLIP's cap on exp(logit_scale); EchoCare-CLIP's evaluation caps 1/τ alike
@@ -121,7 +127,6 @@ def _identity_projections(model):
 def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity: dict, device,
                source: dict | None = None) -> EvalModel:
     """Wrap a CLIP (clip_us.model.CLIP, adapters allowed) as an EvalModel."""
-    from .tokenizer import tokenize
     model = model.eval().to(device)
 
     @torch.inference_mode()
@@ -143,7 +148,6 @@ def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity:
 def from_weights(weights: str, arch: str, image_size: int, device, name: str = "",
                  clip_norm: bool = True) -> EvalModel:
     """Vanilla CLIP from a weights name or file, or random weights (``none``) of ``arch``."""
-    from .taskmodel import build_clip
     model = build_clip(weights, arch)
     ident = {"weights": _file_identity(weights) if os.path.isfile(weights) else weights,
              "arch": arch if weights == "none" else None, "image_size": image_size, "clip_norm": clip_norm}
@@ -174,8 +178,6 @@ def trained_keys(split_path) -> set:
 def _contrastive(ckpt: dict, path: str, device, name: str) -> EvalModel:
     """A train_contrastive.py checkpoint: CLIP from its config's --weights/--arch, its adapter,
     then every trained tensor it holds (model_state_dict when backbone weights trained)."""
-    from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
-    from .taskmodel import build_clip
     cfg = ckpt.get("config") or {}
     if "weights" not in cfg or "arch" not in cfg:
         raise ValueError(f"{path}: checkpoint config has no weights/arch; it was not written by "
@@ -245,11 +247,9 @@ class FromPath:
 
 
 def _echocare(path: str, device, name: str) -> EvalModel:
-    try:
-        from . import echocare
-    except ImportError as e:
-        raise ValueError(f"{path} is an EchoCare-CLIP checkpoint, but clip_us.echocare is not "
-                         f"available in this install ({e})") from e
+    """An EchoCare-CLIP dual-encoder checkpoint through clip_us.echocare.load."""
+    # imported here: the Swin and BERT towers are only needed for EchoCare-CLIP checkpoints
+    from . import echocare
     from .echocare_data import read_rgb
     model = echocare.load(path)
     # The authors' evaluation transform (bilinear resize of the shorter side to 256, centre crop,
@@ -264,7 +264,6 @@ def _echocare(path: str, device, name: str) -> EvalModel:
 
 def from_checkpoint(path: str, device, name: str = "") -> EvalModel:
     """A train_contrastive.py checkpoint, CLIP-based or EchoCare-CLIP, with its run's split."""
-    from .checkpoint import load_checkpoint
     ckpt = load_checkpoint(path)
     model = _echocare(path, device, name) if ckpt.get("model") == "echocare" else \
         _contrastive(ckpt, path, device, name)
@@ -292,9 +291,6 @@ def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int 
     """({image key: feature}, {text: feature}) of the frozen encoders, read from the cache file
     `path` when the same model made it (``fingerprint``); what is missing is computed and added,
     so each image and caption text is encoded once per model, whatever the split or seed."""
-    from tqdm import tqdm
-
-    from .fileio import atomic_path
     path = Path(path)
     cache = torch.load(path, weights_only=True) if path.is_file() else {}
     if cache.get("fingerprint") != model.fingerprint():

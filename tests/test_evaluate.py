@@ -207,9 +207,10 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     echo = echocare_checkpoint(tmp_path / "ec")  # two models in one run: names go checkpoints first
     _, stdout, _ = run(["--manifest", manifest, "--weights", "none", "--checkpoint", echo, "--name", "echo",
                         "--name", "tiny random", "--out-dir", out] + SMALL, env, capsys)
-    assert "RANDOM weights" in stdout
+    assert "RANDOM weights" in stdout and "echo: no split.json" in stdout  # overlap not checkable
     echo_res = json.loads((out / "echo" / "results.json").read_text())
     assert echo_res["backbone"] == "echocare" and echo_res["details"]["e2e"]["heads_trainable"]
+    assert echo_res["overlap"] is None and echo_res["data"]["kept"] == 40
     assert echo_res["metrics"]["zs_acc"]["mean"] is not None
     res = json.loads((out / "tiny-random" / "results.json").read_text())
     assert res["task"] == "align" and res["row"] == "tiny random" and res["classes"] == ["benign", "malignant", "normal"]
@@ -300,6 +301,12 @@ def test_bad_flags_refused_in_one_line(tmp_path, manifest, env, capsys, bad):
                           env, capsys, check=False)
     assert code == 2 and "Traceback" not in stderr and not (tmp_path / "x").exists()
     assert bad[0] in stderr or "error: unknown architecture 'bogus'" in stderr  # the flag, or its value
+
+
+def test_arch_without_published_weights_asks_for_weights_none(tmp_path, manifest, env, capsys):
+    code, _, stderr = run(["--manifest", manifest, "--arch", "tiny", "--out-dir", tmp_path / "x"], env, capsys,
+                          check=False)
+    assert code == 2 and "add --weights none" in stderr and not (tmp_path / "x").exists()
 
 
 def test_help_says_every_label_is_a_class(env, capsys):
