@@ -290,12 +290,15 @@ def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int 
                     workers: int = 0) -> tuple[dict, dict]:
     """({image key: feature}, {text: feature}) of the frozen encoders, read from the cache file
     `path` when the same model made it (``fingerprint``); what is missing is computed and added,
-    so each image and caption text is encoded once per model, whatever the split or seed."""
+    so each image and caption text is encoded once per model, whatever the split or seed. An
+    image is looked up by its key and its file (path, size, time): another manifest's image with
+    the same key, or a changed file, is encoded afresh."""
     path = Path(path)
     cache = torch.load(path, weights_only=True) if path.is_file() else {}
     if cache.get("fingerprint") != model.fingerprint():
         cache = {"fingerprint": model.fingerprint(), "images": {}, "texts": {}}
-    todo = [(k, p) for k, p in zip(keys, paths) if k not in cache["images"]]
+    files = cache.setdefault("files", {})
+    todo = [(k, p) for k, p in zip(keys, paths) if files.get(k) != _file_identity(p)]
     loader = torch.utils.data.DataLoader(_Images([p for _, p in todo], model.preprocess), batch_size,
                                          num_workers=workers)
     done = 0
@@ -303,6 +306,7 @@ def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int 
         feats = model.image_features(batch)
         cache["images"].update(zip([k for k, _ in todo[done:done + len(feats)]], feats))
         done += len(feats)
+    files.update({k: _file_identity(p) for k, p in todo})
     new = [t for t in dict.fromkeys(texts) if t not in cache["texts"]]
     for i in tqdm(range(0, len(new), batch_size), f"embedding texts ({model.name})", disable=not new):
         chunk = new[i:i + batch_size]

@@ -167,9 +167,11 @@ def test_feature_cache_computes_each_image_and_text_once(tmp_path, manifest, one
     img, txt = evalmodels.cached_features(ev, tmp_path / "f.pt", keys, [paths[k] for k in keys], ["t2", "t3"])
     assert calls == {"img": 6, "txt": 3}  # only the two new images and the new text
     assert set(img) == set(keys) and set(txt) == {"t1", "t2", "t3"}
+    evalmodels.cached_features(ev, tmp_path / "f.pt", keys[:1], [paths[keys[1]]], [])
+    assert calls["img"] == 7  # same key, another file (another manifest): encoded afresh
     ev.identity = {"other": 1}  # another model: the cache is not reused
     evalmodels.cached_features(ev, tmp_path / "f.pt", keys[:1], [paths[keys[0]]], [])
-    assert calls["img"] == 7
+    assert calls["img"] == 8
 
 
 def test_split_stratified_by_dataset_then_label_and_classes(manifest):
