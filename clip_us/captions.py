@@ -775,7 +775,8 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
     return {"rows": len(rows), "requests": len(bodies), "cached": cached,
             "sent": len(bodies) - cached, "retries": stats.retries, **counts,
             "failed_rows": failed, "errors": {i: errors.get(keys[i], "") for i in failed},
-            "seconds": round(time.perf_counter() - t0, 2), "out": str(out), "cache": cache.path}
+            "seconds": round(time.perf_counter() - t0, 2), "out": str(out), "cache": cache.path,
+            "torn_cache_lines": cache.torn}
 
 
 def print_refine_summary(s: dict) -> None:
@@ -790,6 +791,9 @@ def print_refine_summary(s: dict) -> None:
         for i in s["failed_rows"][:5]:
             print(f"    row {i}: {s['errors'][i]}")
         print("  rerun the same command to retry only these rows (answers are cached)")
+    if s["torn_cache_lines"]:
+        print(f"  {s['torn_cache_lines']} unreadable cache line(s) skipped (a run killed while "
+              f"writing); any answer on them was asked for again")
     print(f"wrote {s['out']} (cache {s['cache']}) in {s['seconds']:.1f} s")
 
 
@@ -926,6 +930,10 @@ def main(argv=None) -> None:
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; answers received so far are in the cache: rerun the same command "
+              "to go on", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

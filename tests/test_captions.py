@@ -603,12 +603,18 @@ def test_killed_run_resumes_without_repeating_calls(tmp_path, serve):
     proc.wait()
     release.set()
     assert not out.exists() and cache.read_text().count("\n") == 4
+    with open(cache, "a") as f:
+        f.write('{"key": "0f3a')                        # a line the kill cut short
     before = len(server.requests)
     s = refine(tmp_path / "m.csv", out, server.url)
     resent = [b["messages"][-1]["content"] for b in server.requests[before:]]
     assert s["cached"] == 4 and s["sent"] == 6 and len(resent) == 6
+    assert s["torn_cache_lines"] == 1
     assert not set(resent) & set(answered)             # no answered request asked again
     assert [r["caption"] for r in read_csv(out)] == [f"EN: {c}" for c in caps]
+    # the new answers started on a fresh line, so all 10 are read back: no calls at all
+    s = refine(tmp_path / "m.csv", out, server.url)
+    assert s["cached"] == 10 and s["sent"] == 0 and s["torn_cache_lines"] == 1
 
 
 def test_describe_mode_settings_and_seeded_pick(tmp_path, serve):
@@ -849,3 +855,13 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
     defaults = captions.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint",
                                                    "http://h/v1", "--model", "m"])
     assert defaults.concurrency == 8 == captions.RefineConfig().concurrency
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(captions, "refine_manifest", interrupted)
+    with pytest.raises(SystemExit) as e:
+        captions.main(["refine", "m.csv", "--out", "o.csv", "--endpoint", "http://h/v1",
+                       "--model", "m"])
+    assert e.value.code == 130 and "rerun the same command" in capsys.readouterr().err
