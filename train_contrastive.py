@@ -81,6 +81,9 @@ class Config:
                                     "training split's"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "--model echocare: "
                                      "recompute activations in backward (less memory)"})
+    augment: bool = field(default=True, metadata={"help": "--model echocare: the authors' random "
+                          "crop and flip in training; --no-augment trains on the evaluation "
+                          "transform"})
     train: str = field(default="adapter", metadata={"choices": list(TRAIN_MODES), "help":
                        "adapter: only the adapter; heads: visual.proj, text_projection, "
                        "logit_scale; image / text: + that tower; full: everything"})
@@ -128,7 +131,7 @@ def fail(message: str):
 
 # ----------------------------------------------------------------------------- setup
 ECHOCARE_ONLY = ("text_encoder", "image_weights", "text_weights", "norm_stats",
-                 "grad_checkpointing")
+                 "grad_checkpointing", "augment")
 
 
 def given_flags(argv) -> set:

@@ -400,7 +400,8 @@ def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, EchoCareCap
                                                         EchoCareCaptionDataset]:
     """`train_contrastive.py --model echocare`: the model (requires_grad set by cfg.train) on
     `device` and its training and validation data sets. Reads cfg.text_encoder, image_weights,
-    text_weights, norm_stats, grad_checkpointing, arch, weights ("none" = random), image_size."""
+    text_weights, norm_stats, grad_checkpointing, augment, arch, weights ("none" = random),
+    image_size. `augment=False` trains on the evaluation transform (no random crop or flip)."""
     text_family = getattr(cfg, "text_encoder", "clip")
     norm = getattr(cfg, "norm_stats", "authors")
     if norm not in ("authors", "train"):
@@ -416,6 +417,7 @@ def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, EchoCareCap
                   getattr(cfg, "text_weights", "") or None, [p.caption for p in parts["train"]],
                   size, mean, std, getattr(cfg, "grad_checkpointing", False))
     set_trainable(model, cfg.train)
-    train_set = EchoCareCaptionDataset(parts["train"], model.tokenize, size, True, mean, std)
+    augment = getattr(cfg, "augment", True)
+    train_set = EchoCareCaptionDataset(parts["train"], model.tokenize, size, augment, mean, std)
     val_set = EchoCareCaptionDataset(parts["val"], model.tokenize, size, False, mean, std)
     return model.to(device), train_set, val_set

@@ -80,3 +80,24 @@ def test_bert_family_random_tiny_text_variant(tmp_path, env):
     model = E.load(out / "best.pt")
     emb = model.encode_text(["An ultrasound image of the liver."])
     assert emb.shape == (1, 256) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+
+
+def test_training_signal_on_the_phantom_captions(tmp_path, env):
+    """A few epochs on the phantom's three-tier captions (tiny random encoders, heads only, the
+    CLIP family) raise the duplicate-aware validation R@1 (both directions averaged) and the
+    alignment gap of the checkpoint the validation loss picks above the untrained model's.
+    --no-augment: a random Swin's features are not shift-stable (two random crops of one image
+    are hardly closer than two images), so only unaugmented images give the heads a signal.
+    Measured: R@1 0.025 -> 0.15, gap -0.001 -> 0.007 at the best epoch (1), gap 0.058 by epoch 6."""
+    out = tmp_path / "signal"
+    run(["--text-encoder", "clip", "--train", "heads", "--arch", "tiny", "--weights", "none",
+         "--lr", "1e-3", "--batch-size", "16", "--image-size", "32", "--phantom-n", "400",
+         "--phantom-size", "128", "--split", "95,5", "--epochs", "3", "--patience", "100",
+         "--workers", "0", "--no-augment", "--out-dir", out], env)
+    res = json.loads((out / "results.json").read_text())
+    before = res["untrained"]
+    after = {k: v["mean"] for k, v in res["metrics"].items()}
+    r1 = lambda m: (m["i2t_R@1"] + m["t2i_R@1"]) / 2  # noqa: E731
+    assert res["n_val"] == 20
+    assert r1(after) >= r1(before) + 0.1, (before, after)
+    assert after["gap"] >= before["gap"] + 0.005, (before, after)
