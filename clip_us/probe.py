@@ -21,6 +21,8 @@ Imports only torch, numpy and the portable ``metrics.py`` (for weighted F1).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -117,7 +119,12 @@ class LogisticProbe:
             return loss
 
         opt.step(closure)
-        return int(opt.state[opt._params[0]]["n_iter"])
+        state = opt.state[opt._params[0]]
+        if state["n_iter"] >= self.max_iter or state["func_evals"] >= 2 * self.max_iter:
+            # as scikit-learn's ConvergenceWarning: the fit is used, but the user is told
+            warnings.warn(f"LogisticProbe (C={self.C}): L-BFGS stopped at max_iter={self.max_iter} "
+                          f"before converging; the probabilities may be off by more than 1e-3")
+        return int(state["n_iter"])
 
     def decision_function(self, X) -> torch.Tensor:
         z = self._logits(_as_float64(X), self.coef_, self.intercept_)

@@ -67,6 +67,8 @@ def test_string_labels_and_bad_input():
         LogisticProbe(C=0)
     with pytest.raises(ValueError, match="finite"):
         LogisticProbe().fit(np.full((4, 2), np.nan), [0, 1, 0, 1])
+    with pytest.warns(UserWarning, match="before converging"):  # as scikit-learn's ConvergenceWarning
+        LogisticProbe(max_iter=2).fit(StandardScaler().fit_transform(X), y)
 
 
 def test_select_C_picks_best_validation_weighted_f1():
