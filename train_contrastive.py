@@ -250,7 +250,10 @@ if cfg.model == "echocare":
         from clip_us import echocare
     except ImportError:
         fail("--model echocare needs clip_us/echocare.py, which this checkout does not have yet")
-    model, train_set, val_set = echocare.for_contrastive(cfg, parts, device)
+    try:
+        model, train_set, val_set = echocare.for_contrastive(cfg, parts, device)
+    except (OSError, ValueError, KeyError) as e:  # encoder files missing or of the wrong family
+        fail(str(e))
 else:
     try:
         model = clip_model().to(device)

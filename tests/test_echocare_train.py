@@ -101,3 +101,12 @@ def test_training_signal_on_the_phantom_captions(tmp_path, env):
     assert res["n_val"] == 20
     assert r1(after) >= r1(before) + 0.1, (before, after)
     assert after["gap"] >= before["gap"] + 0.005, (before, after)
+
+
+def test_missing_encoder_file_exits_2_with_where_to_get_it(tmp_path, env):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_contrastive.py"), "--model", "echocare",
+                           *PHANTOM, "--out-dir", str(tmp_path / "run")],
+                          env={**env, "CLIP_US_CACHE": str(tmp_path / "empty")}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "CAIR-HKISI/EchoCare" in proc.stderr and "echocare_encoder.pth" in proc.stderr
