@@ -21,7 +21,7 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
     python -m clip_us.captions refine curd.csv --mode translate \\
         --endpoint http://127.0.0.1:8000/v1 --model Qwen/Qwen3-8B --out curd_en.csv
 
-Manifests are CSV (or JSONL when the name ends in .jsonl): `image` (relative to the manifest),
+Manifests are CSV (or JSONL when the name ends in .jsonl or .json): `image` (relative to the manifest),
 `caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns. `train_contrastive.py`
 reads them.
 """
@@ -392,8 +392,9 @@ def read_rows(path) -> tuple[list, list]:
 
 
 def write_rows(path, columns: list, rows: list) -> None:
-    """CSV (JSONL when the name ends in .jsonl) written atomically: temp file, then rename."""
-    if str(path).lower().endswith(".jsonl"):
+    """CSV (JSONL when the name ends in .jsonl or .json, as read_rows and clip_us.manifest read
+    them) written atomically: temp file, then rename."""
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
         text = "".join(json.dumps({c: r.get(c, "") for c in columns}, ensure_ascii=False) + "\n"
                        for r in rows)
     else:

@@ -370,6 +370,10 @@ def test_fit_command_counts_changes(tmp_path, capsys):
     assert rows[0]["Caption"] == fit_to_context(CLINICAL)
     assert rows[0]["original_caption"] == CLINICAL
     assert rows[1]["Caption"] == "Short caption." and rows[1]["filename"] == "b.png"
+    # a .json name is JSONL both ways (as train_contrastive's reader takes it), not CSV
+    captions.main(["fit", str(src), "--out", str(tmp_path / "o.json")])
+    captions.main(["fit", str(tmp_path / "o.json"), "--out", str(tmp_path / "again.csv")])
+    assert read_csv(tmp_path / "again.csv")[1]["Caption"] == "Short caption."
 
 
 def test_phantom_caption_manifest(tmp_path):
