@@ -21,9 +21,9 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
     python -m clip_us.captions refine curd.csv --mode translate \\
         --endpoint http://127.0.0.1:8000/v1 --model Qwen/Qwen3-8B --out curd_en.csv
 
-Manifests are CSV (or JSONL when the name ends in .jsonl or .json): `image` (relative to the manifest),
-`caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns. `train_contrastive.py`
-reads them.
+Manifests are CSV (or JSONL when the name ends in .jsonl or .json): `image` (relative to the
+manifest), `caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns.
+`train_contrastive.py` reads them.
 """
 from __future__ import annotations
 
