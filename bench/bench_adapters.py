@@ -1,5 +1,6 @@
 """Training-step time and peak memory of ViT-B/16's vision tower: frozen + LoRA, frozen + Mona and
 full fine-tuning, against the plain forward time (issue 3's benchmark; seed 003 §3.1 adapters).
+"lora-shared" is LoRA with one dropout draw shared by q, k and v (--lora-shared-dropout).
 
 One step = forward of the whole tower (pooled embedding), an MSE loss, backward, AdamW step and
 zero_grad. Frozen weights must compute no weight gradient: after every adapter step the script
@@ -36,9 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from clip_us.adapters import AdapterConfig, apply_adapter, format_count  # noqa: E402
+from clip_us.lora import add_lora, mark_only_trainable  # noqa: E402
 from clip_us.model import build_model  # noqa: E402
 
-MODES = ("forward", "lora", "mona", "full")
+MODES = ("forward", "lora", "lora-shared", "mona", "full")
 
 
 def rss_mb() -> float:
@@ -55,6 +57,8 @@ def build(mode: str, device: torch.device):
     visual = build_model(config="ViT-B/16").visual
     if mode in ("lora", "mona"):
         apply_adapter(visual, AdapterConfig(kind=mode))  # freezes all but the adapter
+    if mode == "lora-shared":  # one dropout draw for q, k and v (--lora-shared-dropout)
+        mark_only_trainable(add_lora(visual, shared_dropout=True), ("lora_",))
     return visual.to(device).train()
 
 
@@ -140,8 +144,9 @@ def interleaved_times(args) -> dict:
     device = torch.device(args.device)
     times = {mode: [] for mode in MODES}
     for rep in range(args.warmup + args.reps):
-        for mode, fn in fns.items():
-            t = timed(fn, 1, 0, device)[0]
+        order = MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]  # rotated: a load trend
+        for mode in order:                                           # falls on every mode alike
+            t = timed(fns[mode], 1, 0, device)[0]
             if rep >= args.warmup:
                 times[mode].append(round(t, 3))
     return times
@@ -186,12 +191,12 @@ def report(results: dict, args):
             mem += f", saved {r['saved_mb']:.0f} + grad/AdamW {r['state_mb']:.0f} MB"
         ratios = "" if mode in ("forward", "full") else \
             f"  {r['median_s'] / full:.2f}x full, {r['median_s'] / fwd:.2f}x forward"
-        print(f"{mode:8s} {r['median_s']:7.3f} s  {mem}  {r['params']}{ratios}")
-        print(f"{'':8s} runs {r['times_s']}")
+        print(f"{mode:11s} {r['median_s']:7.3f} s  {mem}  {r['params']}{ratios}")
+        print(f"{'':11s} runs {r['times_s']}")
     picks = (("median", lambda r: r["median_s"]), ("fastest", lambda r: min(r["times_s"])))
     for stat, pick in picks:
         full, fwd = pick(results["full"]), pick(results["forward"])
-        for mode in ("lora", "mona"):
+        for mode in ("lora", "lora-shared", "mona"):
             t = pick(results[mode])
             print(f"goal {mode} ({stat}): {t / full:.2f}x full (<=0.75 "
                   f"{'met' if t <= 0.75 * full else 'MISSED'}), {t / fwd:.2f}x forward (<=2.5 "
