@@ -616,6 +616,7 @@ MODE_DEFAULTS = {   # sampling settings per mode; describe follows EchoCare-CLIP
 # Columns that are not metadata of the image (left out of describe's field list).
 NOT_METADATA = {"image", "caption", "original_caption", "refine_status", "tier", "split",
                 "dataset", *IMAGE_COLS, *CAPTION_COLS}
+DESCRIBE_N = 3            # captions asked for per describe request; one is kept per row
 THINK = re.compile(r"<think>.*?(</think>|$)", re.S)   # reasoning models' hidden thoughts
 NUMBERED = re.compile(r"^\s*\(?(\d+)[.):]\s*(.+?)\s*$", re.M)
 
@@ -669,8 +670,11 @@ def reply_check(mode: str):
     def check(text: str) -> None:
         if not clean_reply(text):
             raise llm.BadReply("empty reply")
-        if mode == "describe" and not numbered_captions(text):
-            raise llm.BadReply(f"no numbered captions in the reply: {clean_reply(text)[:60]!r}")
+        # describe asks for three; fewer would shrink the seeded choice (a model that ran out
+        # of tokens or ignored the format), so that reply is asked for again
+        if mode == "describe" and len(numbered_captions(text)) < DESCRIBE_N:
+            raise llm.BadReply(f"fewer than {DESCRIBE_N} numbered captions in the reply: "
+                               f"{clean_reply(text)[:60]!r}")
     return check
 
 
@@ -714,7 +718,7 @@ def final_caption(reply: str, index: int, rcfg: RefineConfig) -> tuple[str, str]
     """(caption, status) from an accepted reply: describe picks one of its captions with the
     seed; a caption over the context is fitted ('fitted'), otherwise 'ok'."""
     if rcfg.mode == "describe":
-        options = numbered_captions(reply)
+        options = numbered_captions(reply)[:DESCRIBE_N]
         text = options[row_rng(rcfg.seed, index, "pick").randrange(len(options))]
     else:
         text = clean_reply(reply)

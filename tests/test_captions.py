@@ -652,12 +652,14 @@ def test_describe_mode_settings_and_seeded_pick(tmp_path, serve):
         refine(no_meta, tmp_path / "d.csv", server.url, mode="describe")
 
 
-def test_describe_reply_without_numbered_lines_is_retried(tmp_path, serve):
-    server = serve(lambda text, attempt, body:
-                   (200, chat_reply("Sure! Here you go." if attempt == 0 else "1. Fine."), 0))
+def test_describe_reply_without_three_numbered_lines_is_retried(tmp_path, serve):
+    replies = ["Sure! Here you go.", "1. Fine.\n2. Also fine.",
+               "1. Fine.\n2. Fine.\n3. Fine.\n4. x"]
+    server = serve(lambda text, attempt, body: (200, chat_reply(replies[attempt]), 0))
     (tmp_path / "m.csv").write_text("image,caption,organ\na.png,x,liver\n")
-    refine(tmp_path / "m.csv", tmp_path / "o.csv", server.url, mode="describe")
-    assert read_csv(tmp_path / "o.csv")[0]["caption"] == "Fine." and len(server.requests) == 2
+    s = refine(tmp_path / "m.csv", tmp_path / "o.csv", server.url, mode="describe")
+    assert read_csv(tmp_path / "o.csv")[0]["caption"] == "Fine." and len(server.requests) == 3
+    assert s["retries"] == 2
 
 
 def test_api_key_sent_but_never_written(tmp_path, serve, monkeypatch, capsys):
