@@ -186,18 +186,19 @@ if not labelled:
 
 # ----------------------------------------------------------------------------- models
 try:
-    names = list(cfg.name)
-    models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "") for p in cfg.checkpoint]
     # no model flag: the published weights of --arch (tiny has none: it is for tests, random)
     weights = cfg.weights or ([] if cfg.checkpoint else [cfg.arch])
     if weights == [cfg.arch] and not cfg.weights and cfg.arch not in available_models():
         raise ValueError(f"--arch {cfg.arch} has no published weights: add --weights none for "
                          f"random weights, or --weights NAME|FILE (names: {available_models()})")
+    if len(cfg.name) > len(cfg.checkpoint) + len(weights):  # before any model loads
+        raise ValueError(f"--name: {len(cfg.name)} names for {len(cfg.checkpoint) + len(weights)} models")
+    names = list(cfg.name)
+    models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "") for p in cfg.checkpoint]
     models += [evalmodels.from_weights(w, cfg.arch, cfg.image_size, device, names.pop(0) if names else "",
                                        cfg.clip_norm) for w in weights]
-    if names or len({m.name for m in models}) < len(models):
-        raise ValueError(f"--name: give one distinct name per model ({len(models)} models, names "
-                         f"{[m.name for m in models]}, left over {names})")
+    if len({m.name for m in models}) < len(models):
+        raise ValueError(f"--name: give each model its own name (rows: {[m.name for m in models]})")
     ckpt_split = next((m.split_path for m in models if m.split_path), None)
     split, how, new_split = evaldata.choose_split(es, cfg.seed, cfg.split_file, out / "split.json",
                                                   ckpt_split)
@@ -210,9 +211,9 @@ except (ValueError, OSError, KeyError, RuntimeError) as e:  # bad files, weights
 print(f"split: {how}: {len(split['train'])} train / {len(split['val'])} val / "
       f"{len(split['test'])} test images")
 need = [s for s in ("train", "val", "test") if labelled or s == "test"]
-if any(len(split[s]) == 0 for s in need):
-    fail(f"a split part is empty ({ {s: len(split[s]) for s in need} }); the protocol needs "
-         f"train, val and test images: use a larger manifest")
+if any(len(split[s]) < (2 if s == "test" else 1) for s in need):  # alignment's cross score: 2 pairs
+    fail(f"a split part is (nearly) empty ({ {s: len(split[s]) for s in need} }); the protocol needs "
+         f"train and val images and at least 2 test images: use a larger manifest")
 # written only now that the data, models and split passed their checks: a refused run leaves
 # no folder (or an existing one as it was)
 write_json(out / "config.json", dataclasses.asdict(cfg))
