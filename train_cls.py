@@ -4,53 +4,40 @@ CLIP ViT-B/16's vision tower with LoRA or Mona (or neither), blocks 3/6/9 fused 
 reducer, then the official code's MLP head (`--cls-head mlp`) or the paper's pooling head
 (`--cls-head pool`, §3.2). Focal loss as MONAI's FocalLoss(to_onehot_y=True), AdamW, cosine
 schedule, best validation accuracy picks the checkpoint, seeds 1, 2, 3 averaged (§4.2).
-Malignant (class 1) is the positive class for AUC, sensitivity and F1.
-
-    python train_cls.py --dataset busi --data-root data/BUSI --adapter lora --adapter-train no
-    python train_cls.py --eval-only --checkpoint runs/.../seed1/best.pt --data-root data/LN-2
+Malignant (class 1) is the positive class for AUC, sensitivity and F1. The training loop itself
+is clip_us/loop.py (`loop.train`); which flags reproduce which row is in docs/reproducing.md.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
 
-import clip_us
-from clip_us import loop, metrics, tables, viz
-from clip_us.adapters import AdapterConfig, format_count, load_task_state
-from clip_us.config import SupervisedConfig, parse_config
+from clip_us import loop, metrics, viz
+from clip_us.config import ClsConfig, parse_config
 from clip_us.distributed import gather_list, shard
 from clip_us.fileio import write_json
 from clip_us.losses import focal_loss
-from clip_us.runs import fmt, save_loss_curves, start_run, summarize_seeds, supervised_data
-from clip_us.taskmodel import make_task_model
+from clip_us.runs import fmt, start_run, summarize_seeds, supervised_data, supervised_step
 
 CLS_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
-
-
-@dataclass
-class Config(SupervisedConfig):
-    cls_head: str = field(default="mlp", metadata={"choices": ["mlp", "pool"]})
-    focal: str = field(default="sigmoid", metadata={"choices": ["sigmoid", "softmax"],
-                                                    "help": "MONAI FocalLoss variant"})
-    threshold: float = 0.5
-
+EXAMPLES = """examples:
+  python train_cls.py --arch tiny --weights none --image-size 128 --phantom-n 120 --epochs 30 \\
+      --eval-every 5 --seeds 1 --out-dir runs/demo-cls   # a few minutes on a CPU, no download
+  python train_cls.py --dataset busi --data-root data/BUSI --adapter lora   # CLIP (LoRA)
+  python train_cls.py --eval-only --checkpoint runs/demo-cls/seed1/best.pt \\
+      --dataset folder --data-root data/LN-2             # an external test set
+"""
 
 # ----------------------------------------------------------------------------- setup
-cfg = parse_config(Config, description=__doc__.splitlines()[0])
+cfg = parse_config(ClsConfig, description=__doc__.splitlines()[0], epilog=EXAMPLES)
 run = start_run(cfg, "train_cls")
-cfg, device = run.cfg, run.device
-train_set, val_set, test_set, _ = supervised_data(run, "cls")
-adapter_cfg = AdapterConfig(kind=cfg.adapter)
-settings = loop.Settings.of(cfg, metric="acc")
-
-
-def loss_step(batch, model):
-    """Focal loss (MONAI's FocalLoss(to_onehot_y=True), sigmoid or softmax) on one batch."""
-    logits = model(batch["image"].to(device)).float()  # [B, classes]
-    return focal_loss(logits, batch["label"].to(device), use_softmax=cfg.focal == "softmax")
+cfg, device, adapter_cfg = run.cfg, run.device, run.adapter_config()
+train_set, val_set, test_set, info = supervised_data(run, "cls")
+# Focal loss: MONAI's FocalLoss(to_onehot_y=True), sigmoid (its default) or softmax.
+focal = partial(focal_loss, use_softmax=cfg.focal == "softmax")
+loss_step = supervised_step(focal, "label", device)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -93,21 +80,15 @@ def evaluate(model, dataset) -> tuple[float, dict]:
 
 
 # ----------------------------------------------------------------------------- run each seed
-per_seed, cache = [], {}
-for seed in cfg.seeds:  # --eval-only: the checkpoint's own seed
-    model = make_task_model(cfg, "cls", adapter_cfg, cache, device, seed,
-                            num_classes=3 if cfg.keep_normal else 2)
-    if run.main:
-        print(f"seed {seed}: {format_count(model)}")
-    if cfg.eval_only:
-        load_task_state(model, run.ckpt)
-    else:
-        loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, seed, run.rank, run.world)
-        loop.train(model, loader, loss_step, partial(evaluate, dataset=val_set), seed=seed,
-                   out_dir=run.out / f"seed{seed}", settings=settings, log=run.log,
-                   extra=run.checkpoint_extra(seed, adapter_config=asdict(adapter_cfg),
-                                              version=clip_us.__version__),
-                   is_main=run.main, resume=cfg.resume)
+per_seed = []
+for seed in cfg.seeds:  # --eval-only: the checkpoint's own seed, its weights loaded
+    model = run.task_model(seed, "cls", adapter_cfg,
+                           num_classes=3 if cfg.keep_normal else 2)
+    if not cfg.eval_only:
+        loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, seed, run.rank,
+                                   run.world)
+        loop.train(model, loader, loss_step, partial(evaluate, dataset=val_set),
+                   **run.train_args(seed, adapter_cfg, "acc"))
     rows = predict(model, test_set)
     _, report = score(rows)
     run.log(seed=seed, test=report)
@@ -121,15 +102,8 @@ for seed in cfg.seeds:  # --eval-only: the checkpoint's own seed
 
 # ----------------------------------------------------------------------------- results
 if run.main:
-    results = {
-        "script": "train_cls.py", "task": "cls", "dataset": cfg.dataset, "row": run.row,
-        "backbone": cfg.backbone, "adapter": cfg.adapter, "init": cfg.init or None,
-        "seeds": cfg.seeds, "metrics": summarize_seeds(per_seed, CLS_METRICS),
-        "confusion_matrix": [r.get("confusion_matrix") for r in per_seed],
-        "units": {k: "fraction" for k in CLS_METRICS}, "n_test": len(test_set), "n_dropped": 0,
-        "config": asdict(cfg), "version": clip_us.__version__,
-    }
-    tables.write_results(run.out, results)
-    save_loss_curves(run, "focal loss", "acc")
-    print(f"results: {run.out / 'results.json'}")
-    print(tables.row_csv(results))
+    units = {k: "fraction" for k in CLS_METRICS}
+    run.finish(run.results("cls", summarize_seeds(per_seed, CLS_METRICS), units, len(test_set),
+                           info, n_dropped=0,
+                           confusion_matrix=[r.get("confusion_matrix") for r in per_seed]),
+               "focal loss", "acc")

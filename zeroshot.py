@@ -2,19 +2,14 @@
 
 Per class, a set of prompts is encoded and L2-normalised; an image's logit for a class is
 100·cos(image, prompt) averaged over that class's prompts; softmax, then P(malignant) > 0.5
-(DESIGN.md, Zero-shot). Prompts: `paper` (seed 003 §4.3, LN and BUSI), `echocare`
-("An ultrasound image of {organ} with {label} findings."), `ensemble` (ten paraphrases per class)
-or a JSON file {class: [prompts]}.
-
-    python zeroshot.py                                  # phantom data, OpenAI ViT-B/16 weights
-    python zeroshot.py --dataset busi --data-root data/BUSI --adapter mona --init ft.pt
-    python zeroshot.py --weights none --arch tiny       # random weights (says so loudly)
+(the official code's zero-shot evaluation, which scores every image of the data set: `--split
+all`). Prompts: `paper` (seed 003 §4.3, LN and BUSI), `echocare` ("An ultrasound image of {organ}
+with {label} findings."), `ensemble` (ten paraphrases per class) or a JSON file {class: [prompts]}.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,56 +20,34 @@ from tqdm import tqdm
 import clip_us
 from clip_us import metrics, prompts, tables, viz
 from clip_us.adapters import AdapterConfig
-from clip_us.config import parse_config
+from clip_us.config import ZeroShotConfig, parse_config, report_errors
 from clip_us.data import DataConfig, build_datasets
 from clip_us.distributed import setup_distributed
 from clip_us.fileio import write_json
-from clip_us.runs import default_out_dir, row_name, summarize_seeds
+from clip_us.protocol import class_logits
+from clip_us.runs import CROP, default_out_dir, row_name, summarize_seeds
 from clip_us.taskmodel import adapt, build_clip
 from clip_us.tokenizer import tokenize
 
 ZS_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
+EXAMPLES = """examples:
+  python zeroshot.py --arch tiny --weights none --phantom-n 40   # seconds, random weights
+  python zeroshot.py --dataset busi --data-root data/BUSI        # Table 3, CLIP (vanilla)
+  python zeroshot.py --dataset busi --data-root data/BUSI --adapter mona --init runs/ft/mona/best.pt
+"""
 
-
-@dataclass
-class Config:
-    dataset: str = "phantom"
-    data_root: str = ""
-    nextgen_name: str = ""
-    split: str = field(default="test", metadata={"choices": ["test", "all"]})
-    phantom_n: int = 200
-    phantom_size: int = 256
-    image_size: int = 224
-    clip_norm: bool = True
-    skip_bad: bool = False
-    workers: int = 2
-    arch: str = "ViT-B/16"
-    weights: str = field(default="ViT-B/16", metadata={"help": "name, path, or none"})
-    adapter: str = field(default="none", metadata={"choices": ["none", "lora", "mona"]})
-    init: str = ""
-    prompts: str = field(default="auto", metadata={"help": "auto, paper, echocare, ensemble or "
-                                                   "a JSON file; auto = paper where it has one"})
-    prompt_set: str = field(default="", metadata={"help": "whose prompts: busi, ln1, tn3k, ... "
-                                                   "(default: --nextgen-name or --dataset)"})
-    organ: str = ""
-    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16"]})
-    batch_size: int = 32
-    threshold: float = 0.5
-    device: str = "auto"
-    out_dir: str = ""
-
-
-cfg = parse_config(Config, description=__doc__.splitlines()[0])
+cfg = parse_config(ZeroShotConfig, description=__doc__.splitlines()[0], epilog=EXAMPLES)
+report_errors(cfg.debug)
 _, _, device = setup_distributed(cfg.device)
 row = row_name("clip", cfg.adapter, bool(cfg.init))
 out = Path(cfg.out_dir or default_out_dir("zeroshot", cfg.dataset, row))
-print(json.dumps(dataclasses.asdict(cfg), indent=2))
-out.mkdir(parents=True, exist_ok=True)
-write_json(out / "config.json", dataclasses.asdict(cfg))
+print(f"zeroshot.py: {row} on {cfg.dataset} ({cfg.split} images), {device}; output {out} "
+      f"(config.json has every setting)")
 
 # ----------------------------------------------------------------------------- model and prompts
 adapter_cfg = AdapterConfig(kind=cfg.adapter)
-model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None).eval()
+model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None,
+              cfg.clip_norm).eval()
 # bf16 casts the weights (fast on CPUs with AVX512-BF16); CPU autocast is slower than fp32.
 dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 if dtype == torch.bfloat16 and device.type == "cpu" and \
@@ -90,7 +63,7 @@ source = cfg.prompts
 if source == "auto":
     source = "paper" if prompt_key == "busi" or prompt_key.startswith("ln") else "echocare"
 class_prompts = prompts.get_prompts(source, prompt_key, organ=cfg.organ or None)
-print(json.dumps(class_prompts, indent=2))
+print("prompts:", json.dumps(class_prompts, indent=2))
 
 
 @torch.inference_mode()
@@ -108,18 +81,23 @@ def encode_prompts(class_prompts: dict) -> torch.Tensor:
 text = encode_prompts(class_prompts)
 
 # ----------------------------------------------------------------------------- images
+# --split all (the official evaluation) scores every image, so no split is needed or saved.
+every = cfg.split == "all"
 data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
                       size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
-                      nextgen_name=cfg.nextgen_name or None, split_path=str(out / "split.json"),
+                      nextgen_name=cfg.nextgen_name or None, crop=CROP[cfg.crop],
+                      split_path=None if every else str(out / "split.json"),
+                      split_file=cfg.split_file or None, require_split=not every,
                       train_aug=False, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
 train_set, val_set, test_set, info = build_datasets(data_cfg)
-dataset = test_set if cfg.split == "test" else torch.utils.data.ConcatDataset(
-    [train_set, val_set, test_set])
+write_json(out / "config.json", dataclasses.asdict(cfg))  # once the data passed their checks
+dataset = torch.utils.data.ConcatDataset([train_set, val_set, test_set]) if every else test_set
+print(f"data: {len(dataset)} images scored ({cfg.split})")
 rows = []
 with torch.inference_mode():
     for batch in tqdm(DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers), "zero-shot"):
         img = F.normalize(model.encode_image(batch["image"].to(device, dtype)).float(), dim=-1)
-        logits = (100 * torch.einsum("bd,cpd->bcp", img, text)).mean(-1)  # [B, C]
+        logits = class_logits(img, text, 100)  # [B, C]: 100·cos averaged over prompts, as evaluate.py
         probs = logits.softmax(-1)[:, 1].cpu().tolist()
         rows += [{"path": p, "prob": q, "label": int(y)}
                  for p, q, y in zip(batch["path"], probs, batch["label"])]
@@ -136,7 +114,8 @@ results = {
     "metrics": summarize_seeds([report], ZS_METRICS),
     "confusion_matrix": report["confusion_matrix"], "prompts": class_prompts,
     "units": {k: "fraction" for k in ZS_METRICS}, "n_test": len(rows), "n_dropped": 0,
-    "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
+    "data": info.get("health", {}), "config": dataclasses.asdict(cfg),
+    "version": clip_us.__version__,
 }
 if cfg.weights == "none":
     results["warning"] = "random weights: these numbers say nothing about CLIP"

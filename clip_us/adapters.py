@@ -46,6 +46,7 @@ class AdapterConfig:
     scaling: str = "rslora"                 # rslora: alpha/sqrt(r) (official); standard: alpha/r
     targets: tuple = ("q", "k", "v", "o")   # LoRA targets; "mlp" adds c_fc and c_proj
     lora_dropout: float = 0.1
+    lora_shared_dropout: bool = False       # one dropout draw for q, k, v (faster; not official)
     bottleneck: int = 64                    # Mona down-projection width
     placement: str = "after_block"          # Mona: after_block (official code) | attn_and_mlp
     mona_dropout: float = 0.1
@@ -68,6 +69,15 @@ def is_adapter_key(name: str) -> bool:
     return any(a in name for a in ADAPTER_KEYS) and not name.startswith(HEAD)
 
 
+def adapter_trains(kind: str, setting: str = "auto") -> bool:
+    """Whether `--adapter kind` trains in the supervised stage under `--adapter-train setting`.
+    "auto" is the official code's rule: it trains every parameter whose name contains "mona",
+    so Mona trains and LoRA keeps its initial (or --init) weights."""
+    if setting not in ("auto", "yes", "no"):
+        raise ValueError(f"--adapter-train must be auto, yes or no, got {setting!r}")
+    return kind == "mona" if setting == "auto" else setting == "yes"
+
+
 def freeze_backbone(model: nn.Module, train_adapters: bool = True) -> nn.Module:
     """The official code's rule: every backbone parameter whose name has no adapter key is frozen.
 
@@ -86,7 +96,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, freeze: bool = True) -> 
     visual = getattr(model, "visual", model)
     if cfg.kind == "lora":
         add_lora(visual, r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
-                 targets=cfg.targets, scaling=cfg.scaling)
+                 targets=cfg.targets, scaling=cfg.scaling,
+                 shared_dropout=cfg.lora_shared_dropout)
     elif cfg.kind == "mona":
         add_mona(visual, bottleneck=cfg.bottleneck, placement=cfg.placement,
                  dropout=cfg.mona_dropout)
@@ -103,7 +114,8 @@ def adapter_config_of(model: nn.Module) -> AdapterConfig:
     if lora:
         return AdapterConfig(kind="lora", r=lora["r"], alpha=lora["alpha"],
                              scaling=lora["scaling"], targets=lora["targets"],
-                             lora_dropout=lora["dropout"])
+                             lora_dropout=lora["dropout"],
+                             lora_shared_dropout=lora["shared_dropout"])
     if mona:
         return AdapterConfig(kind="mona", bottleneck=mona["bottleneck"],
                              placement=mona["placement"], mona_dropout=mona["dropout"])

@@ -1,15 +1,28 @@
 """Script configuration: dataclasses with their defaults, and the command line generated from them.
 
 Each field of a config dataclass becomes `--field-name`, typed by its default, with the field's
-`help` metadata (and its default) on `--help`. `SupervisedConfig` holds the defaults shared by
-train_seg.py and train_cls.py: seed 003 §4.2 as its official code (jinggqu/NextGen-UIA) runs it.
+`help` metadata and its default on `--help` (a test checks that every option has help).
+- `SupervisedConfig`: train_seg.py (and the base of `ClsConfig`, train_cls.py). The defaults are
+  seed 003 §4.2 as its official code (jinggqu/NextGen-UIA) runs it; where ours differed, the old
+  behaviour stays behind a flag (docs/reproducing.md lists them).
+- `ZeroShotConfig`: zeroshot.py.
 The resolved config is saved as `config.json` and inside every checkpoint and results file.
+
+Errors: a user's mistake (a missing folder, a bad file, a wrong flag combination) raises an
+exception whose message says what to do. `report_errors` makes a script print that message alone
+and exit with status 2; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help; the description and epilog keep their line breaks."""
 
 
 # Counts and sizes that cannot work below these values: refused when the command line is parsed.
@@ -47,7 +60,8 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
 
 
 def build_parser(cls, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is not False:
             _add_option(parser, f)
@@ -59,56 +73,186 @@ def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
     return cls(**vars(build_parser(cls, description, epilog).parse_args(argv)))
 
 
+def given_fields(cls, argv=None) -> set:
+    """The fields of `cls` that the command line sets (whatever their value)."""
+    parser = build_parser(cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # only what the command line names stays
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return set(vars(known))
+
+
+def missing_help(cls) -> list[str]:
+    """Options of `cls` without a help text (a test keeps this empty)."""
+    return [f.name for f in dataclasses.fields(cls)
+            if f.metadata.get("cli") is not False and not f.metadata.get("help")]
+
+
+# ----------------------------------------------------------------------------- errors
+# Exceptions that carry a message for the user (what to fix), not a bug in clip_us.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError,
+               FloatingPointError, RuntimeError, OSError)
+
+
+def fail(message: str):
+    """A usage or data error: the message, no traceback, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _message(err: BaseException) -> str:
+    # KeyError's str() is the repr of its argument; the message is the argument itself.
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def report_errors(debug: bool = False):
+    """From here on, an uncaught user error prints `error: <message>` alone and exits with
+    status 2 (other exceptions, bugs, keep their traceback). `debug=True` changes nothing."""
+    if debug:
+        return
+
+    def hook(kind, err, tb):
+        if not issubclass(kind, USER_ERRORS):
+            return sys.__excepthook__(kind, err, tb)
+        print(f"error: {_message(err)}\n(--debug shows where it happened)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # an excepthook cannot choose the exit status otherwise
+    sys.excepthook = hook
+
+
+# ----------------------------------------------------------------------------- the scripts' configs
+def opt(default, help: str, **metadata):
+    """A config field with its help text (and `choices=[...]` when given)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class SupervisedConfig:
-    """Defaults shared by train_seg.py and train_cls.py: seed 003 §4.2 and its official code."""
-    dataset: str = field(default="phantom", metadata={"help": "busi, tn3k, ddti, prostate, "
-                                                      "folder, nextgen, phantom"})
-    data_root: str = field(default="", metadata={"help": "dataset folder ('' = default)"})
-    nextgen_name: str = field(default="", metadata={"help": "<DS> for the nextgen layout"})
-    phantom_n: int = field(default=200, metadata={"help": "phantom: number of images"})
-    phantom_size: int = field(default=256, metadata={"help": "phantom: image side in pixels"})
-    keep_normal: bool = field(default=False, metadata={"help": "BUSI normal images as class 2"})
-    image_size: int = 224
-    clip_norm: bool = field(default=True, metadata={"help": "CLIP mean/std; --no-clip-norm "
-                                                    "feeds [0,1] pixels as the official code"})
-    skip_bad: bool = False
-    workers: int = 2
-    arch: str = field(default="ViT-B/16", metadata={"help": "ViT-B/16, tiny, ..."})
-    backbone: str = "clip"
-    weights: str = field(default="ViT-B/16", metadata={"help": "name, path, or none"})
-    adapter: str = field(default="mona", metadata={"choices": ["none", "lora", "mona"]})
-    adapter_train: str = field(default="yes", metadata={"choices": ["yes", "no"]})
-    init: str = field(default="", metadata={"help": "checkpoint with adapter weights (ft. rows)"})
-    layers: list = field(default_factory=lambda: [3, 6, 9])
-    reduce_dim: int = 512
-    fuse: str = field(default="sum", metadata={"choices": ["sum", "concat"]})
-    seeds: list = field(default_factory=lambda: [1, 2, 3])
-    epochs: int = 200
-    eval_every: int = 10
-    patience: int = 15
-    batch_size: int = 32
-    lr: float = 1e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.01
-    decay: str = field(default="matrices", metadata={"choices": ["all", "matrices"]})
-    grad_clip: float = 1.0
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (no-op on CPU)"})
-    device: str = "auto"
-    out_dir: str = ""
-    resume: bool = False
-    eval_only: bool = False
-    checkpoint: str = field(default="", metadata={"help": "with --eval-only"})
-    n_figures: int = 8
+    """train_seg.py (and the base of ClsConfig): seed 003 §4.2 as its official code runs it."""
+    # data
+    dataset: str = opt("phantom", "data set layout: busi, tn3k, ddti, prostate, folder, nextgen "
+                       "or phantom (synthetic, no download)")
+    data_root: str = opt("", "the data set's folder (needed for every layout but phantom)")
+    nextgen_name: str = opt("", "<DS> of the NextGen-UIA layout, e.g. BUSI or LN-1 ('' = the "
+                            "only one there)")
+    split_file: str = opt("", "a split JSON (train/val/test lists) to use as it is ('' = a "
+                          "seeded 8:1:1 split, saved as split.json in the run folder)")
+    crop: str = opt("auto", "crop to the imaging region: auto = every layout but nextgen and "
+                    "prostate (their images come cropped)", choices=["auto", "yes", "no"])
+    mask_threshold: float = opt(0.5, "a mask pixel is lesion when >= this fraction of the "
+                                "mask's maximum (0: any value above 0)")
+    phantom_n: int = opt(200, "phantom: number of images (--eval-only: the checkpoint's "
+                         "unless given)")
+    phantom_size: int = opt(256, "phantom: image side in pixels (--eval-only: the "
+                            "checkpoint's unless given)")
+    keep_normal: bool = opt(False, "keep BUSI's normal images, as class 2")
+    image_size: int = opt(224, "model input side in pixels (images and masks are resized to it)")
+    clip_norm: bool = opt(True, "normalise with CLIP's mean/std; --no-clip-norm feeds [0, 1] "
+                          "pixels, as the official code does")
+    skip_bad: bool = opt(False, "skip unreadable or inconsistent files (counted) instead of "
+                         "stopping at the first")
+    workers: int = opt(2, "DataLoader worker processes")
+    # model
+    arch: str = opt("ViT-B/16", "CLIP architecture: ViT-B/16, ViT-B/32, ViT-L/14, or tiny "
+                    "(12 blocks at width 64, for tests and demos)")
+    backbone: str = opt("clip", "the vision backbone (the row of the table)", choices=["clip"])
+    weights: str = opt("ViT-B/16", "CLIP weights: a published name, a file or folder, or none "
+                       "(random weights, announced)")
+    adapter: str = opt("mona", "adapter in the vision tower", choices=["none", "lora", "mona"])
+    adapter_train: str = opt("auto", "train the adapter: auto = the official code's rule (Mona "
+                             "trains, LoRA stays at its initial or --init weights)",
+                             choices=["auto", "yes", "no"])
+    init: str = opt("", "checkpoint whose adapter (and fine-tuned backbone) to start from: the "
+                    "ft. rows (train_contrastive.py's best.pt)")
+    layers: list = opt([3, 6, 9], "vision blocks (0-based) the head reads")
+    reduce_dim: int = opt(512, "feature reducer width")
+    fuse: str = opt("sum", "how the reduced blocks are fused: sum (official code) or concat "
+                    "(the paper's text)", choices=["sum", "concat"])
+    # training
+    seeds: list = opt([1, 2, 3], "one run per seed; the table reports their mean")
+    epochs: int = opt(200, "maximum number of epochs")
+    eval_every: int = opt(10, "validate every N epochs (and after the last)")
+    patience: int = opt(15, "stop after N validations without improvement")
+    batch_size: int = opt(32, "images per batch (per process under torchrun)")
+    lr: float = opt(1e-4, "AdamW learning rate (cosine schedule per step down to 1e-8)")
+    betas: list = opt([0.9, 0.95], "AdamW betas")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    decay: str = opt("all", "which parameters decay: all trainable ones (official code) or "
+                     "matrices (none on norms, biases, embeddings)", choices=["all", "matrices"])
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off, as the official code)")
+    amp: bool = opt(True, "bf16 autocast on CUDA (no effect on the CPU)")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    # output
+    out_dir: str = opt("", "run folder ('' = runs/<script>/<dataset>-<row>-<time>)")
+    resume: bool = opt(False, "continue a killed run from <out-dir>/seed<N>/last.pt")
+    eval_only: bool = opt(False, "evaluate --checkpoint on the whole data set (e.g. LN-2) "
+                          "without training")
+    checkpoint: str = opt("", "with --eval-only: a seed<N>/best.pt")
+    n_figures: int = opt(8, "test cases drawn in the overlay figure")
+    debug: bool = opt(False, "show the traceback of an error")
 
 
+@dataclass
+class ClsConfig(SupervisedConfig):
+    """train_cls.py: the supervised options plus the classification head and loss."""
+    cls_head: str = opt("mlp", "mlp (official code) or pool (the paper's text)",
+                        choices=["mlp", "pool"])
+    focal: str = opt("sigmoid", "MONAI FocalLoss variant: sigmoid (its default) or softmax",
+                     choices=["sigmoid", "softmax"])
+    threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
+
+
+@dataclass
+class ZeroShotConfig:
+    """zeroshot.py: CLIP with prompts, no training."""
+    dataset: str = opt("phantom", "data set layout: busi, tn3k, ddti, prostate, folder, nextgen "
+                       "or phantom (synthetic, no download)")
+    data_root: str = opt("", "the data set's folder (needed for every layout but phantom)")
+    nextgen_name: str = opt("", "<DS> of the NextGen-UIA layout; also picks the LN prompt")
+    split: str = opt("all", "images scored: all (every image, as the official evaluation) or "
+                     "test (the 8:1:1 split's test part)", choices=["all", "test"])
+    split_file: str = opt("", "with --split test: a split JSON to use as it is")
+    crop: str = opt("auto", "crop to the imaging region: auto = every layout but nextgen and "
+                    "prostate", choices=["auto", "yes", "no"])
+    phantom_n: int = opt(200, "phantom: number of images")
+    phantom_size: int = opt(256, "phantom: image side in pixels")
+    image_size: int = opt(224, "model input side in pixels")
+    clip_norm: bool = opt(True, "normalise with CLIP's mean/std; --no-clip-norm feeds [0, 1] "
+                          "pixels")
+    skip_bad: bool = opt(False, "skip unreadable files (counted) instead of stopping")
+    workers: int = opt(2, "DataLoader worker processes")
+    arch: str = opt("ViT-B/16", "CLIP architecture (tiny: tests and demos)")
+    weights: str = opt("ViT-B/16", "CLIP weights: a published name, a file or folder, or none")
+    adapter: str = opt("none", "adapter in the vision tower", choices=["none", "lora", "mona"])
+    init: str = opt("", "checkpoint with the adapter (and fine-tuned backbone) weights: the ft. "
+                    "rows")
+    prompts: str = opt("auto", "auto (the paper's where it has one, else echocare), paper, "
+                       "echocare, ensemble, or a JSON file {class: [prompts]}")
+    prompt_set: str = opt("", "whose prompts: busi, ln1, tn3k, ... (default: --nextgen-name "
+                          "or --dataset)")
+    organ: str = opt("", "organ named in the echocare/ensemble prompts ('' = the data set's)")
+    precision: str = opt("fp32", "fp32, or bf16 (weights cast; only fast with native bf16)",
+                         choices=["fp32", "bf16"])
+    batch_size: int = opt(32, "images per batch")
+    threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    out_dir: str = opt("", "run folder ('' = runs/zeroshot/<dataset>-<row>-<time>)")
+    debug: bool = opt(False, "show the traceback of an error")
+
+
+# ----------------------------------------------------------------------------- --eval-only
 # What --eval-only takes from the command line; everything else comes from the checkpoint.
-EVAL_ONLY_FROM_CLI = ("dataset", "data_root", "nextgen_name", "out_dir", "eval_only", "checkpoint",
-                      "device", "workers", "skip_bad", "batch_size", "amp", "n_figures",
-                      "phantom_n", "phantom_size")
+EVAL_ONLY_FROM_CLI = ("dataset", "data_root", "nextgen_name", "split_file", "crop",
+                      "mask_threshold", "out_dir", "eval_only", "checkpoint", "device", "workers",
+                      "skip_bad", "batch_size", "amp", "n_figures", "debug")
+# ... and these only when given (else the checkpoint's: its phantom is the one it was tested on).
+EVAL_ONLY_IF_GIVEN = ("phantom_n", "phantom_size")
 
 
-def eval_only_config(cfg, ckpt: dict):
+def eval_only_config(cfg, ckpt: dict, given: set = frozenset()):
     """For --eval-only: the checkpoint's config decides the model, the CLI decides the data.
     The seed is the checkpoint's own; its --init file is not needed again (the checkpoint holds
     the adapter weights)."""
@@ -116,6 +260,7 @@ def eval_only_config(cfg, ckpt: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     saved = cls(**{k: v for k, v in ckpt["config"].items() if k in names})
     keep = {k: getattr(cfg, k) for k in EVAL_ONLY_FROM_CLI}
+    keep.update({k: getattr(cfg, k) for k in EVAL_ONLY_IF_GIVEN if k in given})
     seed = ckpt.get("seed", ckpt["config"].get("seed_now", saved.seeds[0]))  # older files: seed_now
     keep.update(init="", seeds=[seed])
     return dataclasses.replace(saved, **keep)

@@ -11,17 +11,22 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import __version__, loop
+from .adapters import AdapterConfig, adapter_trains, format_count, load_task_state
+from .backbones import row_label
 from .checkpoint import load_checkpoint
-from .config import eval_only_config
+from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets
 from .distributed import barrier, setup_distributed
 from .fileio import write_json
+from .tables import row_csv, write_results
+from .taskmodel import make_task_model
 from .viz import save_training_curves
 
 
@@ -45,16 +50,25 @@ def read_jsonl(path) -> list[dict]:
         if path.exists() else []
 
 
-def row_name(backbone: str, adapter: str, finetuned: bool) -> str:
-    """The paper's row label, e.g. "CLIP (Mona, ft.)"."""
-    if backbone != "clip":
-        return backbone
+def row_name(backbone: str, adapter: str, finetuned: bool, trained: bool | None = None) -> str:
+    """The table row a run fills, e.g. "CLIP (Mona, ft.)".
+
+    `trained`: whether the adapter trained in the supervised stage (None: no such stage, as in
+    zero-shot). The paper's rows follow the official code's rule (adapters.adapter_trains): Mona
+    trains, LoRA does not; a run that differs gets its own row, "CLIP (LoRA, trained)" or
+    "CLIP (Mona, frozen)", so it never fills the paper's row.
+    """
+    if backbone != "clip":  # "BiomedCLIP", "BiomedCLIP (Mona)", "ResNet18", "unet", ...
+        return row_label(backbone, adapter)
     name = {"none": "vanilla", "lora": "LoRA", "mona": "Mona"}[adapter]
+    if trained is not None and adapter != "none" and trained != adapter_trains(adapter):
+        name += ", trained" if trained else ", frozen"
     return f"CLIP ({name}{', ft.' if finetuned else ''})"
 
 
 def default_out_dir(script: str, dataset: str, row: str) -> Path:
-    slug = row.replace("CLIP (", "clip-").replace(", ", "-").replace(")", "").replace(".", "")
+    slug = row.replace("CLIP (", "clip-").replace(" (", "-").replace(", ", "-").replace(")", "") \
+        .replace(".", "")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / script / f"{dataset}-{slug.lower().replace(' ', '-')}-{stamp}"
 
@@ -89,6 +103,7 @@ class Run:
     out: Path
     log: object
     ckpt: dict | None = None  # the --eval-only checkpoint
+    weights_cache: dict = field(default_factory=dict)  # backbone weights, shared by the seeds
 
     @property
     def main(self) -> bool:
@@ -104,6 +119,50 @@ class Run:
         """What every checkpoint of this run holds beside the tensors."""
         return {"config": dataclasses.asdict(self.cfg), "seed": seed, "script": self.script,
                 **more}
+
+    def adapter_config(self) -> AdapterConfig:
+        """The adapter the command line asks for (settings other than the kind: the paper's)."""
+        return AdapterConfig(kind=self.cfg.adapter)
+
+    def task_model(self, seed: int, task: str, adapter_cfg, **kw):
+        """The seed's model (taskmodel.make_task_model), its parameter count on the console, and
+        with --eval-only the checkpoint's weights loaded. Weights are read once per run."""
+        model = make_task_model(self.cfg, task, adapter_cfg, self.weights_cache, self.device,
+                                seed, **kw)
+        if self.main:
+            print(f"seed {seed}: parameters {format_count(model)}")
+        if self.ckpt is not None:
+            load_task_state(model, self.ckpt)
+        return model
+
+    def train_args(self, seed: int, adapter_cfg, metric: str) -> dict:
+        """loop.train's keywords for one seed: the recipe from the config (loop.Settings),
+        checkpoints in seed<N>/, rank 0 writes; `metric` names the validation score."""
+        extra = self.checkpoint_extra(seed, adapter_config=dataclasses.asdict(adapter_cfg),
+                                      version=__version__)
+        return dict(seed=seed, out_dir=self.out / f"seed{seed}", extra=extra, log=self.log,
+                    settings=loop.Settings.of(self.cfg, metric=metric), is_main=self.main,
+                    resume=self.cfg.resume)
+
+    def results(self, task: str, metrics: dict, units: dict, n_test: int, info: dict,
+                **more) -> dict:
+        """results.json's fields (schema: docs/outputs.md) for this run."""
+        cfg = self.cfg
+        out = {"script": f"{self.script}.py", "task": task, "dataset": cfg.dataset,
+               "row": self.row, "backbone": cfg.backbone, "adapter": cfg.adapter,
+               "init": cfg.init or None, "seeds": cfg.seeds, "metrics": metrics, "units": units,
+               "n_test": n_test, **more, "data": info.get("health", {}),
+               "config": dataclasses.asdict(cfg), "version": __version__}
+        if getattr(cfg, "eval_only", False):
+            out["trained_on"] = self.ckpt["config"].get("dataset")
+        return out
+
+    def finish(self, results: dict, loss_name: str, metric: str):
+        """results.json, row.csv and the training curves; the table row on the console."""
+        write_results(self.out, results)
+        save_loss_curves(self, loss_name, metric)
+        print(f"results: {self.out / 'results.json'}")
+        print(row_csv(results))
 
 
 TASK_OF_SCRIPT = {"train_seg": "segmentation", "train_cls": "classification"}
@@ -124,18 +183,26 @@ def eval_checkpoint(cfg, script: str) -> dict:
 
 
 def start_run(cfg, script: str) -> Run:
-    """Join DDP, resolve --eval-only, print the resolved config. Nothing is written here:
+    """Join DDP, resolve --eval-only, print what runs. Nothing is written here:
     config.json follows once the data are checked (Run.save_config, from supervised_data)."""
+    report_errors(cfg.debug)
     ckpt = eval_checkpoint(cfg, script) if cfg.eval_only else None
     if ckpt is not None:
-        cfg = eval_only_config(cfg, ckpt)
+        cfg = eval_only_config(cfg, ckpt, given_fields(type(cfg)))
     rank, world, device = setup_distributed(cfg.device)
-    row = row_name(cfg.backbone, cfg.adapter, bool(cfg.init))
+    row = row_name(cfg.backbone, cfg.adapter, bool(cfg.init),
+                   adapter_trains(cfg.adapter, cfg.adapter_train))
     out = Path(cfg.out_dir or default_out_dir(script, cfg.dataset, row))
     if rank == 0:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        what = f"evaluating {cfg.checkpoint}" if cfg.eval_only else \
+            f"seeds {' '.join(map(str, cfg.seeds))}, up to {cfg.epochs} epochs"
+        print(f"{script}.py: {row} on {cfg.dataset}, {what}, {world} process(es) on {device}; "
+              f"output {out} (config.json has every setting)")
     log = JsonlLogger(out / "log.jsonl", enabled=rank == 0).log
     return Run(cfg, script, rank, world, device, row, out, log, ckpt)
+
+
+CROP = {"auto": None, "yes": True, "no": False}  # --crop -> DataConfig.crop
 
 
 def supervised_data(run: Run, task: str):
@@ -145,7 +212,8 @@ def supervised_data(run: Run, task: str):
     data_cfg = DataConfig(
         dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
         clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
-        split_path=str(run.out / "split.json"), train_aug=not cfg.eval_only,
+        split_path=str(run.out / "split.json"), split_file=cfg.split_file or None,
+        crop=CROP[cfg.crop], mask_threshold=cfg.mask_threshold, train_aug=not cfg.eval_only,
         require_split=not cfg.eval_only,   # --eval-only tests every image: no minimum size
         keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
     # Rank 0 writes the phantom and split.json; the other ranks then read them.
@@ -157,9 +225,20 @@ def supervised_data(run: Run, task: str):
         barrier()
     if cfg.eval_only:
         test = torch.utils.data.ConcatDataset([train, val, test])
-    if run.main:
-        print(f"data: {len(train)} train / {len(val)} val / {len(test)} test ({info})")
+    if run.main and cfg.eval_only:
+        print(f"data: {len(test)} images, every one evaluated (--eval-only)")
+    elif run.main:
+        print(f"data: {len(train)} train / {len(val)} val / {len(test)} test images")
     return train, val, test, info
+
+
+def supervised_step(loss_fn, target: str, device):
+    """loop.train's `loss_step` for the data sets here: loss_fn(logits, batch[target]), where
+    target is "mask" (seg) or "label" (cls); logits in fp32 even under bf16 autocast."""
+    def loss_step(batch, model):
+        logits = model(batch["image"].to(device)).float()  # [B, classes(, H, W)]
+        return loss_fn(logits, batch[target].to(device))
+    return loss_step
 
 
 def save_loss_curves(run: Run, loss_name: str, metric: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import AdapterConfig, apply_adapter, freeze_backbone, load_adapter
+from .adapters import AdapterConfig, adapter_trains, apply_adapter, freeze_backbone, load_adapter
 from .heads import build_task_model
 from .model import build_model
 from .weights import load_state_dict
@@ -48,11 +48,13 @@ def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
     return build_model(sd, config=config)
 
 
-def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None):
-    """Apply adapters to `model` (a CLIP) and load `--init` adapter weights when given."""
+def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None,
+          clip_norm: bool | None = None):
+    """Apply adapters to `model` (a CLIP) and load `--init` adapter weights when given (and
+    its fine-tuned backbone, if it has one); warns when --init's normalisation differs."""
     apply_adapter(model, adapter_cfg)
     if init:
-        load_adapter(model, init)
+        load_adapter(model, init, clip_norm)
     return model
 
 
@@ -75,9 +77,10 @@ def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, dev
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"--backbone {cfg.backbone!r} cannot be built; choose from {BACKBONES}")
     torch.manual_seed(seed)
-    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None)
+    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None,
+                 cfg.clip_norm)
     model = build_task_model(clip.visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
                              num_classes=num_classes, cls_head=getattr(cfg, "cls_head", "mlp"))
-    freeze_backbone(model, train_adapters=cfg.adapter_train == "yes")
+    freeze_backbone(model, train_adapters=adapter_trains(cfg.adapter, cfg.adapter_train))
     freeze_blocks_after(model.visual, max(cfg.layers))
     return model.to(device)
