@@ -222,6 +222,20 @@ if new_split:
     print(f"split saved to {out / 'split.json'}")
 
 
+def unused_flags(weights) -> dict:
+    """{flag: why} for flags given that nothing in this run uses (said, not silently ignored)."""
+    defaults, why = Config(), "applies to --weights models only; checkpoints use their own"
+    out = {f"--{k.replace('_', '-')}": why for k in ("image_size", "clip_norm", "arch")
+           if not weights and getattr(cfg, k) != getattr(defaults, k)}
+    if cfg.organ and all(p.organ for p in es.pairs):
+        out["--organ"] = "fills rows without an organ value, and every row of the manifest has one"
+    return out
+
+
+for flag, why in unused_flags(weights).items():
+    print(f"warning: {flag} is not used: it {why}")
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
@@ -394,7 +408,8 @@ buf = io.StringIO()
 rows = [list(csv.reader(io.StringIO(tables.row_csv(r)))) for r in all_results]
 csv.writer(buf, lineterminator="\n").writerows([rows[0][0]] + [r[1] for r in rows])
 write_text(out / "table.csv", buf.getvalue())
-note = f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}; bars: 95% bootstrap CI"
+note = f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}" + \
+    ("; whiskers: 95% bootstrap CI" if cfg.bootstrap else "; no CIs (--bootstrap 0)")
 
 
 def bars(keys):

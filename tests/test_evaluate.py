@@ -253,6 +253,7 @@ def test_contrastive_checkpoint_split_reused_and_overlap_refused(tmp_path, manif
     _, stdout, _ = run(["--manifest", manifest, "--checkpoint", train / "best.pt", "--name", "ft", "--out-dir", out]
                        + SMALL, env, capsys)
     assert "checkpoint split" in stdout
+    assert "warning: --image-size is not used" in stdout and "warning: --arch is not used" in stdout  # SMALL's
     res = json.loads((out / "ft" / "results.json").read_text())
     assert res["n_test"] == len(split["test"]) and res["overlap"] == 0 and "checkpoint split" in res["split"]["how"]
     assert res["split"]["train"] == len(split["train"]) and res["split"]["val"] == len(split["val"])
