@@ -416,13 +416,26 @@ def pick_column(columns: list, given: str | None, candidates, what: str, flag: s
     return name
 
 
-def rebase(value: str, src: Path, dst: Path) -> str:
+def rebase(value: str, src: Path, dst: Path, must_exist: bool = True) -> str:
     """A manifest path relative to folder `src`, made relative to folder `dst` (paths in a
-    manifest are relative to the manifest). Absolute or unfound paths are kept."""
-    if not value or os.path.isabs(value) or src.resolve() == dst.resolve():
+    manifest are relative to the manifest). Absolute paths and URLs are kept, and with
+    `must_exist` so are paths not found under `src` (a metadata CSV may name them otherwise)."""
+    if not value or os.path.isabs(value) or "://" in value or src.resolve() == dst.resolve():
         return value
     full = src / value
-    return Path(os.path.relpath(full, dst)).as_posix() if full.exists() else value
+    if must_exist and not full.exists():
+        return value
+    return Path(os.path.relpath(full.resolve(), dst.resolve())).as_posix()
+
+
+def rebase_images(columns: list, rows: list, src, out) -> None:
+    """Point the image column of rows read from manifest `src` at the same files from `out`'s
+    folder (in place): a manifest's paths are relative to it, so a copy written elsewhere
+    moves them. The images need not be on this machine (refine may run beside the LLM)."""
+    lower = {c.lower(): c for c in columns}
+    icol = next((lower[c] for c in IMAGE_COLS if c in lower), None)
+    for row in rows if icol else ():
+        row[icol] = rebase(row.get(icol) or "", Path(src).parent, Path(out).parent, False)
 
 
 # ----------------------------------------------------------------------------- template sources
@@ -584,6 +597,7 @@ def fit_manifest(src, out, caption_col: str | None = None,
     caption goes to `original_caption`. Returns {rows, changed}."""
     columns, rows = read_rows(src)
     ccol = pick_column(columns, caption_col, CAPTION_COLS, "caption", "--caption-col")
+    rebase_images(columns, rows, src, out)
     changed = 0
     for row in rows:
         old = row.get(ccol) or ""
@@ -775,6 +789,7 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
     finally:
         cache.close()
     counts = apply_replies(rows, keys, replies, ccol, rcfg)
+    rebase_images(columns, rows, src, out)
     write_rows(out, list(dict.fromkeys([*columns, "original_caption", "refine_status"])), rows)
     failed = [i for i, k in enumerate(keys) if k is not None and k not in replies]
     return {"rows": len(rows), "requests": len(bodies), "cached": cached,

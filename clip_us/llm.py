@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import random
 import threading
 import time
@@ -220,7 +221,8 @@ class ReplyCache:
     def put(self, key: str, reply: str) -> None:
         line = json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n"
         with self.lock:
-            if self.file is None:
+            if self.file is None:   # the output's folder may not exist yet
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
                 self.file = open(self.path, "a", encoding="utf-8")
                 # a torn last line from a killed run: start on a fresh line
                 if self.file.tell() and not _ends_with_newline(self.path):

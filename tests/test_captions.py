@@ -370,6 +370,9 @@ def test_fit_command_counts_changes(tmp_path, capsys):
     assert rows[0]["Caption"] == fit_to_context(CLINICAL)
     assert rows[0]["original_caption"] == CLINICAL
     assert rows[1]["Caption"] == "Short caption." and rows[1]["filename"] == "b.png"
+    # written elsewhere, the image paths still name the same files (relative to the manifest)
+    captions.main(["fit", str(src), "--out", str(tmp_path / "sub" / "o.csv")])
+    assert read_csv(tmp_path / "sub" / "o.csv")[1]["filename"] == "../b.png"
     # a .json name is JSONL both ways (as train_contrastive's reader takes it), not CSV
     captions.main(["fit", str(src), "--out", str(tmp_path / "o.json")])
     captions.main(["fit", str(tmp_path / "o.json"), "--out", str(tmp_path / "again.csv")])
@@ -642,6 +645,8 @@ def test_describe_mode_settings_and_seeded_pick(tmp_path, serve):
     refine(src, tmp_path / "b.csv", server.url, mode="describe", seed=1)
     refine(src, tmp_path / "c.csv", server.url, mode="describe", seed=2)
     assert [r["caption"] for r in read_csv(tmp_path / "b.csv")] == picks
+    refine(src, tmp_path / "out" / "b.csv", server.url, mode="describe", seed=1)
+    assert read_csv(tmp_path / "out" / "b.csv")[0]["image"] == "../im0.png"   # same file
     assert [r["caption"] for r in read_csv(tmp_path / "c.csv")] != picks
     translate = captions.RefineConfig().params
     assert translate["repetition_penalty"] is None          # not sent unless asked
