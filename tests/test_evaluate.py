@@ -323,6 +323,17 @@ def identity_heads(log_t=np.log(0.07)):
     return evalmodels.ModuleHeads(torch.nn.Identity(), torch.nn.Identity(), torch.tensor(log_t))
 
 
+def test_class_logits_is_scale_times_cosine_averaged_over_prompts():
+    """The scoring zeroshot.py and evaluate.py share (zeroshot.py: scale 100)."""
+    from clip_us.protocol import class_logits
+    img, text = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(2, 4, 8), dim=-1)
+    ref = torch.tensor([[np.mean([100 * float(img[b] @ text[c, p]) for p in range(4)]) for c in range(2)]
+                        for b in range(3)])
+    torch.testing.assert_close(class_logits(img, text, 100), ref.float(), atol=1e-4, rtol=1e-5)
+    per_image = text.unsqueeze(0).expand(3, -1, -1, -1)  # [C, P, D] -> [B, C, P, D]
+    torch.testing.assert_close(class_logits(img, per_image, 100), class_logits(img, text, 100))
+
+
 def test_zeroshot_uses_each_images_own_organ_prompts():
     prompts = F.normalize(torch.randn(2, 3, 16), dim=-1)  # [organs, classes, D]
     organ = torch.tensor([0, 1, 1, 0])
