@@ -158,15 +158,31 @@ class SupervisedConfig:
     # model
     arch: str = opt("ViT-B/16", "CLIP architecture: ViT-B/16, ViT-B/32, ViT-L/14, or tiny "
                     "(12 blocks at width 64, for tests and demos)")
-    backbone: str = opt("clip", "the vision backbone (the row of the table)", choices=["clip"])
-    weights: str = opt("ViT-B/16", "CLIP weights: a published name, a file or folder, or none "
-                       "(random weights, announced)")
+    backbone: str = opt("clip", "the vision backbone (the row of the table; docs/backbones.md)",
+                        choices=["clip", "metaclip", "biomedclip", "unimedclip", "dinov2",
+                                 "resnet18", "unet", "clipseg"])
+    weights: str = opt("ViT-B/16", "backbone weights: for clip a published name; a file or "
+                       "folder; none (random weights, announced). Other backbones: ViT-B/16 = "
+                       "their own published file in the clip_us cache")
     adapter: str = opt("mona", "adapter in the vision tower", choices=["none", "lora", "mona"])
     adapter_train: str = opt("auto", "train the adapter: auto = the official code's rule (Mona "
                              "trains, LoRA stays at its initial or --init weights)",
                              choices=["auto", "yes", "no"])
     init: str = opt("", "checkpoint whose adapter (and fine-tuned backbone) to start from: the "
                     "ft. rows (train_contrastive.py's best.pt)")
+    lora_shared_dropout: bool = opt(False, "--adapter lora: one dropout draw shared by q, k and v "
+                                    "(faster; the official code draws one per target)")
+    # The rows with heads of their own (--backbone unet | clipseg | dinov2, clip_us/rowmodels.py).
+    head: str = field(default="official", metadata={
+        "choices": ["official", "proposed"],
+        "help": "--backbone dinov2: the official code's DINOv2 heads, or the feature-reducing heads"})
+    dinov2_official: bool = field(default=False, metadata={
+        "help": "DINOv2 as the official code built it: no layer-scale, its gammas ignored"})
+    clipseg_weights: str = field(default="default", metadata={
+        "help": "CLIPSeg decoder: a Hugging Face CIDAS/clipseg-rd64-refined folder, default (the "
+                "cache's) or none (random)"})
+    prompt: str = field(default="", metadata={
+        "help": "CLIPSeg prompt ('' = the data set's benign/malignant description)"})
     layers: list = opt([3, 6, 9], "vision blocks (0-based) the head reads")
     reduce_dim: int = opt(512, "feature reducer width")
     fuse: str = opt("sum", "how the reduced blocks are fused: sum (official code) or concat "
@@ -198,8 +214,10 @@ class SupervisedConfig:
 @dataclass
 class ClsConfig(SupervisedConfig):
     """train_cls.py: the supervised options plus the classification head and loss."""
-    cls_head: str = opt("mlp", "mlp (official code) or pool (the paper's text)",
-                        choices=["mlp", "pool"])
+    cls_head: str = opt("auto", "auto (the backbone's official head: mlp for clip, linear for "
+                        "metaclip/biomedclip/unimedclip), mlp (official code), pool (the paper's "
+                        "text) or linear (avg pool, Dropout(0.5), Linear)",
+                        choices=["auto", "mlp", "pool", "linear"])
     focal: str = opt("sigmoid", "MONAI FocalLoss variant: sigmoid (its default) or softmax",
                      choices=["sigmoid", "softmax"])
     threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")

@@ -122,7 +122,11 @@ class Run:
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter the command line asks for (settings other than the kind: the paper's)."""
-        return AdapterConfig(kind=self.cfg.adapter)
+        shared = getattr(self.cfg, "lora_shared_dropout", False)
+        if shared and self.cfg.adapter != "lora":
+            raise ValueError(f"--lora-shared-dropout is for --adapter lora, not --adapter "
+                             f"{self.cfg.adapter}")
+        return AdapterConfig(kind=self.cfg.adapter, lora_shared_dropout=shared)
 
     def task_model(self, seed: int, task: str, adapter_cfg, **kw):
         """The seed's model (taskmodel.make_task_model), its parameter count on the console, and

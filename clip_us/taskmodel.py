@@ -6,15 +6,19 @@ heads.py. `--backbone` names the backbone; `clip` is the one built here.
 """
 from __future__ import annotations
 
+import copy
+from functools import partial
+
 import torch
 from torch import nn
 
+from . import backbones, rowmodels
 from .adapters import AdapterConfig, adapter_trains, apply_adapter, freeze_backbone, load_adapter
 from .heads import build_task_model
 from .model import build_model
 from .weights import load_state_dict
 
-BACKBONES = ("clip",)
+BACKBONES = tuple(backbones.BACKBONES)  # clip and the baselines of backbones.py
 
 
 def load_clip_state(weights: str, arch: str, quick_gelu=None):
@@ -70,17 +74,74 @@ def freeze_blocks_after(visual: nn.Module, deepest: int):
             p.requires_grad_(False)
 
 
+def _backbone_weights(cfg) -> str:
+    """--weights' default names CLIP's ViT-B/16; for another backbone it means its own file."""
+    return "default" if cfg.weights == "ViT-B/16" else cfg.weights
+
+
+def build_tower(cfg, cache: dict | None = None) -> nn.Module:
+    """A --backbone other than CLIP (backbones.py), held as `.visual` like CLIP's tower, so its
+    adapter keys read `visual.*` as CLIP's do. The loaded tower is cached between seeds."""
+    key = ("tower", cfg.backbone, cfg.weights, cfg.arch, getattr(cfg, "dinov2_official", False))
+    if cache is None or key not in cache:
+        arch = cfg.arch if cfg.arch == "tiny" else None  # the baselines are ViT-B
+        tower = backbones.build(cfg.backbone, _backbone_weights(cfg), arch,
+                                official=getattr(cfg, "dinov2_official", False))
+        if cache is None:
+            cache = {}
+        cache[key] = tower
+    holder = nn.Module()
+    holder.visual = copy.deepcopy(cache[key])
+    return holder
+
+
+def cls_head_of(cfg) -> str:
+    """--cls-head auto: the backbone's official head (backbones.BackboneSpec.cls_head): the MLP
+    for CLIP, Dropout(0.5) + Linear for MetaCLIP, BiomedCLIP and UniMedCLIP."""
+    kind = getattr(cfg, "cls_head", "auto")
+    if kind != "auto":
+        return kind
+    kind = backbones.spec(cfg.backbone).cls_head
+    return kind if kind in ("mlp", "pool", "linear") else "mlp"  # dinov2 --head proposed
+
+
+def build_resnet18(cfg, task: str, num_classes: int) -> nn.Module:
+    """Table 3's reference row: torchvision's ResNet18, fc -> Linear(512, classes), every
+    parameter trained (so its checkpoints hold model_state_dict)."""
+    if task != "cls":
+        raise ValueError("--backbone resnet18 is Table 3's classification reference: run it "
+                         "with train_cls.py")
+    if cfg.adapter != "none" or cfg.init:
+        raise ValueError("--backbone resnet18 trains every weight, without adapters, as the "
+                         "paper's row: pass --adapter none and no --init")
+    arch = getattr(cfg, "arch", None)
+    if arch not in (None, "ViT-B/16", "tiny"):
+        raise ValueError(f"--arch {arch} names a CLIP ViT; --backbone resnet18 has one size")
+    resnet = backbones.build("resnet18", _backbone_weights(cfg), num_classes=num_classes)
+    return backbones.ResNetClassifier(resnet, backbones.input_norm("resnet18", cfg.clip_norm))
+
+
 def make_task_model(cfg, task: str, adapter_cfg: AdapterConfig, cache: dict, device, seed: int,
                     num_classes: int = 2):
     """CLIP (+ adapters, + --init) -> vision tower + head, with the official freezing rule
     (adapters.freeze_backbone): the head trains, the adapters unless `--adapter-train no`."""
-    if cfg.backbone not in BACKBONES:
-        raise ValueError(f"--backbone {cfg.backbone!r} cannot be built; choose from {BACKBONES}")
+    rowmodels.check_flags(cfg)
     torch.manual_seed(seed)
-    clip = adapt(build_clip(cfg.weights, cfg.arch, cache=cache), adapter_cfg, cfg.init or None,
-                 cfg.clip_norm)
-    model = build_task_model(clip.visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
-                             num_classes=num_classes, cls_head=getattr(cfg, "cls_head", "mlp"))
+    if rowmodels.owns(cfg):  # U-Net, CLIPSeg, DINOv2 with its official heads
+        clip_fn = partial(build_clip, cfg.weights, cfg.arch, cache=cache)
+        tower_fn = lambda: build_tower(cfg, cache).visual  # noqa: E731
+        return rowmodels.build_row_model(cfg, task, clip_fn, tower_fn, num_classes).to(device)
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"--backbone {cfg.backbone!r} cannot be built; choose from "
+                         f"{BACKBONES + rowmodels.SEG_ONLY}")
+    if cfg.backbone == "resnet18":
+        return build_resnet18(cfg, task, num_classes).to(device)
+    holder = build_clip(cfg.weights, cfg.arch, cache=cache) if cfg.backbone == "clip" else \
+        build_tower(cfg, cache)
+    visual = adapt(holder, adapter_cfg, cfg.init or None, cfg.clip_norm).visual
+    model = build_task_model(visual, task, tuple(cfg.layers), cfg.reduce_dim, cfg.fuse,
+                             num_classes=num_classes, cls_head=cls_head_of(cfg),
+                             norm=backbones.input_norm(cfg.backbone, cfg.clip_norm))
     freeze_backbone(model, train_adapters=adapter_trains(cfg.adapter, cfg.adapter_train))
     freeze_blocks_after(model.visual, max(cfg.layers))
     return model.to(device)

@@ -27,7 +27,7 @@ def test_help_shows_defaults_and_examples_and_no_task_flag():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "(default: 200)" in proc.stdout and "examples:" in proc.stdout
-    assert "--task" not in proc.stdout and "--backbone {clip}" in proc.stdout
+    assert "--task" not in proc.stdout and "--backbone {clip,metaclip," in proc.stdout
 
 
 def test_lora_rows_differ_by_adapter_train():
