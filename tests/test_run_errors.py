@@ -98,3 +98,54 @@ def test_bad_numeric_flags_refused_at_parse_time(flag, value, capsys):
     assert e.value.code == 2
     assert f"argument {flag}: must be at least" in capsys.readouterr().err
     assert parse_config(SupervisedConfig, ["--epochs", "1", "--batch-size", "2"]).batch_size == 2
+
+
+def test_results_json_counts_every_drop_and_a_stale_split_stops_the_next_run(tmp_path):
+    """End to end, as a user runs it: the data block of results.json holds the counts, the
+    console says them, and a second run in the same folder on other data stops (exit 2) before
+    it overwrites anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+    from test_data_integrity import lesion_set
+
+    root = lesion_set(tmp_path / "data", n=26, size=48)
+    rows = (root / "labels.csv").read_text().splitlines()
+    rows[1:3] = [r.split(",")[0] + ",normal" for r in rows[1:3]]          # 2 normal images
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    soft = root / "masks" / "case05.png"                                    # 1 blurred mask
+    Image.fromarray(ndimage.gaussian_filter(np.asarray(Image.open(soft)) * 1.0, 1.5)
+                    .astype(np.uint8)).save(soft)
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(root / "masks" / "case06.png")  # empty
+    Image.open(root / "images" / "case07.png").convert("RGB").save(root / "images" / "case07.jpg")
+    out = tmp_path / "run"
+    args = ["--arch", "tiny", "--weights", "none", "--image-size", "32", "--workers", "0",
+            "--seeds", "1", "--epochs", "1", "--eval-every", "1", "--batch-size", "8",
+            "--reduce-dim", "16", "--n-figures", "1", "--dataset", "folder", "--skip-bad",
+            "--out-dir", str(out)]
+    root_dir = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CLIP_US_CACHE": str(tmp_path / "cache")}
+
+    def train_seg(data_root):
+        return subprocess.run([sys.executable, str(root_dir / "train_seg.py"), *args,
+                               "--data-root", str(data_root)], cwd=root_dir, env=env,
+                              capture_output=True, text=True, timeout=600)
+    proc = train_seg(root)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())["data"]
+    assert data["images_found"] == 27 and data["images_used"] == 23
+    assert data["left_out_normal"] == 2 and data["duplicates"] == 2 and data["skipped_bad"] == 0
+    assert data["masks_repaired"] == 1 and data["mask_threshold"] == 0.5 and data["empty_masks"] == 1
+    console = proc.stdout + proc.stderr
+    for said in ("left out 2 normal", "2 duplicate", "1 mask(s) are not binary", "empty mask"):
+        assert said in console, said
+    config = (out / "config.json").read_text()
+    other = lesion_set(tmp_path / "other", n=24, seed=5)
+    proc = train_seg(other)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "made for other data" in proc.stdout + proc.stderr and "--split-file" in proc.stdout + proc.stderr
+    assert (out / "config.json").read_text() == config, "the failed run left config.json alone"
