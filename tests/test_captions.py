@@ -824,7 +824,7 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
         if "organ: kidney" in text:
             return 503, b"down", 0
         if "organ: liver" in text:                               # first try past --timeout
-            return 200, chat_reply("1. A liver caption."), 1.0 if attempt == 0 else 0
+            return 200, chat_reply(three("A liver caption.")), 1.0 if attempt == 0 else 0
         # breast rows: held until 3 are in flight (counted here, not by the server, which
         # still counts a timed-out liver request the client has given up on)
         with server.lock:
@@ -836,7 +836,10 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
         time.sleep(0.1)               # long enough for a 4th to arrive if one were sent
         with server.lock:
             held["now"] -= 1
-        return 200, chat_reply("1. " + LONG_REPLY), 0
+        return 200, chat_reply(three(LONG_REPLY)), 0
+
+    def three(caption):
+        return "\n".join(f"{i}. {caption}" for i in (1, 2, 3))
 
     held = {"now": 0, "max": 0}
 
