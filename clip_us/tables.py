@@ -528,7 +528,10 @@ def render_echocare(chosen):
              f"{p[3]:.3f}", f"{p[4]:.3f}", "117"] for name, p in PAPER_ECHOCARE.items()]
     for (task, ds, row), res in sorted(chosen.items()):
         if task == "align":
-            rows.append([row, f"ours ({DATASETS.get(ds, ds)})"] +
+            # the paper's rows are 3-class: say so when ours were not (--classes)
+            n_cls = len(res.get("classes") or [])
+            where = DATASETS.get(ds, ds) + (f", {n_cls} classes" if n_cls and n_cls != 3 else "")
+            rows.append([row, f"ours ({where})"] +
                         [_fmt_ci(res, k) for k in ECHOCARE_KEYS] + [str(res.get("n_test", MISSING))])
     return lines + _md_table(ECHOCARE_HEADER, rows)
 

@@ -232,6 +232,9 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     assert set(res["fewshot"]["e2e_acc"]["0.3"]) == {"mean", "std", "per_seed"}
     assert res["details"]["probe"]["C"] in (0.01, 0.1, 1.0, 10.0) and res["details"]["e2e"]["lr"] == 5e-6
     assert res["split"]["test"] == res["n_test"] > 0 and res["config"]["e2e_epochs"] == 1
+    from clip_us import tables
+    md = tables.render(*tables.collect(out))
+    assert "| tiny random | ours (captions-seed0-tiers0.2-0.3-0.5) |" in md  # 3 classes, as the paper's rows
     table = list(csv.reader((out / "table.csv").open()))
     assert table[0][:5] == ["dataset", "row", "paired", "cross", "gap"] and [r[1] for r in table[1:]] == ["echo", "tiny random"]
     assert (out / "tiny-random" / "row.csv").is_file() and (out / "tiny-random" / "features.pt").is_file()
@@ -310,6 +313,15 @@ def test_arch_without_published_weights_asks_for_weights_none(tmp_path, manifest
     code, _, stderr = run(["--manifest", manifest, "--arch", "tiny", "--out-dir", tmp_path / "x"], env, capsys,
                           check=False)
     assert code == 2 and "add --weights none" in stderr and not (tmp_path / "x").exists()
+
+
+def test_echocare_table_says_when_our_row_is_not_3_class():
+    from clip_us import tables
+    res = {"task": "align", "dataset": "busi", "row": "x", "metrics": {}, "n_test": 5}
+    two = tables.render_echocare({("align", "busi", "x"): {**res, "classes": ["benign", "malignant"]}})
+    three = tables.render_echocare({("align", "busi", "x"): {**res, "classes": ["benign", "malignant", "normal"]}})
+    assert any("| ours (BUSI, 2 classes) |" in line for line in two)  # the paper's rows are 3-class
+    assert any("| ours (BUSI) |" in line for line in three)
 
 
 def test_help_says_every_label_is_a_class(env, capsys):
