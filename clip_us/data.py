@@ -114,28 +114,28 @@ class Tally:
         self.found, self.skipped, self.duplicates, self.normal = set(), set(), set(), set()
         self.bad_rows = self.missing_entries = self.duplicate_rows = 0
 
-    def _fault(self, msg: str) -> None:
+    def fault(self, msg: str) -> None:
         if not self.skip:
             raise DataError(msg + ". Fix or remove the file, or pass skip_bad=True (--skip-bad) "
                                   "to skip bad files.")
         self.messages.append(msg)
 
-    def image(self, path, what: str) -> None:
-        """An image that cannot be used."""
-        self._fault(f"{path}: {what}")
+    def image(self, path, msg: str) -> None:
+        """An image that cannot be used; `msg` names it."""
+        self.fault(msg)
         self.skipped.add(Path(path))
 
     def images(self, paths, msg: str) -> None:
         """Many images with one fault (e.g. no masks folder), said once."""
-        self._fault(f"{msg} ({len(paths)} images)")
+        self.fault(f"{msg} ({len(paths)} images)")
         self.skipped.update(Path(p) for p in paths)
 
     def row(self, where, what: str) -> None:
-        self._fault(f"{where}: {what}")
+        self.fault(f"{where}: {what}")
         self.bad_rows += 1
 
     def entry(self, where, what: str) -> None:
-        self._fault(f"{where}: {what}")
+        self.fault(f"{where}: {what}")
         self.missing_entries += 1
 
 
@@ -244,7 +244,7 @@ def take_images(files: list[Path], tally: Tally) -> list[Path]:
     for f in files:
         groups.setdefault(nfc(f.stem), []).append(f)
     for same in (g for g in groups.values() if len(g) > 1):
-        tally._fault(f"{' and '.join(map(str, same))} share the stem {same[0].stem!r}: the same "
+        tally.fault(f"{' and '.join(map(str, same))} share the stem {same[0].stem!r}: the same "
                      f"picture saved twice would pair with one mask and could land in two "
                      f"splits; keep one of them")
         tally.duplicates.update(same)
@@ -888,11 +888,13 @@ def health(tally: Tally, stats: dict, sets: dict, n_items: int, cfg: DataConfig)
 
 def health_lines(h: dict, tally: Tally, stats: dict, cfg: DataConfig) -> list[str]:
     """One console line per kind of image dropped or repaired."""
-    out, eg = [], f", e.g. {tally.messages[0]}" if tally.messages else ""
+    out = []
     if tally.messages:
-        out.append(f"skipped {h['skipped_bad']} bad image(s), {h['duplicates']} duplicate(s), "
-                   f"{h['bad_label_rows']} bad label row(s) and {h['missing_split_entries']} "
-                   f"split entries naming missing files (--skip-bad){eg}")
+        parts = [f"{h[k]} {what}" for k, what in (
+            ("skipped_bad", "bad image(s)"), ("duplicates", "duplicate(s) sharing a stem"),
+            ("bad_label_rows", "bad labels.csv row(s)"),
+            ("missing_split_entries", "split entries naming missing files")) if h[k]]
+        out.append(f"skipped {', '.join(parts)} (--skip-bad), e.g. {tally.messages[0]}")
     if h["left_out_normal"]:
         out.append(f"left out {h['left_out_normal']} normal image(s); keep_normal "
                    f"(--keep-normal) uses them as class 2")

@@ -275,6 +275,9 @@ def test_skip_bad_names_the_real_fault(tmp_path):
     """A labelled image without a mask is 'no mask', not 'not among the images', and counts once."""
     root = lesion_set(tmp_path / "d", n=21)
     (root / "masks" / "case07.png").unlink()
+    with pytest.raises(DataError, match="no mask") as e:
+        build_datasets(cfg(root))
+    assert str(e.value).count("images/case07.png") == 1, "the file is named once"
     with pytest.warns(UserWarning, match=r"skipped 1 bad image\(s\).*case07\.png: no mask"):
         sets = build_datasets(cfg(root, skip_bad=True))
     h = sets[3]["health"]
