@@ -113,10 +113,12 @@ def option_type(f: dataclasses.Field, default):
 
 def parse_config(argv=None) -> Config:
     """The CLI from Config: list fields marked "repeat" accumulate (--checkpoint a --checkpoint b)."""
-    # epilog: the class rule and the examples, with their line breaks
+    # epilog: the class rule and the examples, with their line breaks; every flag shows its default
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[2:4]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=Formatter)
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, helptext = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")

@@ -328,6 +328,12 @@ def test_help_says_every_label_is_a_class(env, capsys):
     code, stdout, _ = run(["--help"], env, capsys, check=False)
     assert code == 0 and "every label present in the manifest is a class" in " ".join(stdout.split())
     assert "binary" in stdout and "--allow-overlap" in stdout and "--e2e-epochs" in stdout
+    flat = " ".join(stdout.split())  # the protocol's defaults, as the issue gives them
+    for default in ("fractions of each class's training images (default: [0.01, 0.05, 0.1])",
+                    "(default: [42, 43, 44, 45, 46])", "(default: [0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3])",
+                    "batch order per seed (default: [42, 43, 44])", "epochs (default: 8)", "batch (default: 16)",
+                    "no CIs) (default: 1000)", "0 = 1e-5 for trained models, 5e-6 for vanilla"):
+        assert default in flat, default
 
 
 # ----------------------------------------------------------------------------- protocol pieces
