@@ -406,13 +406,15 @@ def write_rows(path, columns: list, rows: list) -> None:
     write_text(path, text)
 
 
-def pick_column(columns: list, given: str | None, candidates, what: str, flag: str) -> str:
-    """`given`, else the first candidate present (case-insensitive)."""
+def pick_column(path, columns: list, given: str | None, candidates, what: str,
+                flag: str) -> str:
+    """`given`, else the first candidate present (case-insensitive), among the columns of the
+    file at `path` (named in the error)."""
     lower = {c.lower(): c for c in columns}
     name = lower.get((given or "").lower()) if given else \
         next((lower[c] for c in candidates if c in lower), None)
     if name is None:
-        raise CaptionError(f"no {what} column among {columns}; name it with {flag}")
+        raise CaptionError(f"{path}: no {what} column among {columns}; name it with {flag}")
     return name
 
 
@@ -534,7 +536,7 @@ def csv_records(path, out_dir: Path, image_col: str | None = None,
     kept as `original_caption`."""
     path = Path(path)
     columns, rows = read_rows(path)
-    icol = pick_column(columns, image_col, IMAGE_COLS, "image", "--image-col")
+    icol = pick_column(path, columns, image_col, IMAGE_COLS, "image", "--image-col")
     if organ is None and "organ" not in record_fields(dict.fromkeys(columns, "x")):
         raise CaptionError(f"{path}: no organ column; pass --organ (e.g. --organ thyroid)")
     records = []
@@ -596,7 +598,7 @@ def fit_manifest(src, out, caption_col: str | None = None,
     """Run fit_to_context over a manifest's captions; every row and column is kept, the old
     caption goes to `original_caption`. Returns {rows, changed}."""
     columns, rows = read_rows(src)
-    ccol = pick_column(columns, caption_col, CAPTION_COLS, "caption", "--caption-col")
+    ccol = pick_column(src, columns, caption_col, CAPTION_COLS, "caption", "--caption-col")
     rebase_images(columns, rows, src, out)
     changed = 0
     for row in rows:
@@ -776,7 +778,7 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
     Answers go to an append-only cache as they arrive. Returns a summary."""
     t0 = time.perf_counter()
     columns, rows = read_rows(src)
-    ccol = pick_column(columns, rcfg.caption_col, CAPTION_COLS, "caption", "--caption-col")
+    ccol = pick_column(src, columns, rcfg.caption_col, CAPTION_COLS, "caption", "--caption-col")
     keys, bodies = plan_requests(rows, ccol, chat.model, rcfg)
     if rcfg.mode == "describe" and rows and not bodies:
         raise CaptionError(f"{src}: no row has metadata columns besides the image and caption; "

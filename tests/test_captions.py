@@ -791,6 +791,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     write_manifest(ok, ["a caption"])
     fit = ["fit", str(ok), "--out", str(tmp_path / "o.csv")]
     assert "at least 3" in cli_error(capsys, fit + ["--context-length", "2"])
+    assert "m.csv: no caption column" in cli_error(capsys, fit + ["--caption-col", "nope"])
     assert "unrecognized" in cli_error(capsys, fit + ["--context", "20"])   # no abbreviations
     refine = ["refine", str(ok), "--out", str(tmp_path / "r.csv"), "--model", "m"]
     url = ["--endpoint", "http://127.0.0.1:9/v1"]
