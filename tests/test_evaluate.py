@@ -427,3 +427,20 @@ def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
     # the test figures are the best epoch's heads': the same run stopped at that epoch
     short = protocol.e2e_run(heads, train, val, test, prompts, lr=3e-2, seed=0, epochs=rep["best_epoch"])
     assert {k: short[k] for k in ("acc", "f1", "auroc")} == {k: rep[k] for k in ("acc", "f1", "auroc")}
+
+
+def test_e2e_recipe_adamw_decay_clipping_and_batch(monkeypatch):
+    """The authors' recipe: AdamW (weight decay 1e-4), gradient clipping 1.0, batch 16, the lr given."""
+    from clip_us import protocol
+    seen = {"opt": [], "clip": [], "batch": []}
+    adamw, clip_fn, logits = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, protocol.organ_logits
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: seen["opt"].append(kw) or adamw(params, **kw))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: seen["clip"].append(max_norm) or clip_fn(params, max_norm))
+    monkeypatch.setattr(protocol, "organ_logits",
+                        lambda h, x, *a: seen["batch"].append(len(x)) or logits(h, x, *a))
+    prompts = F.normalize(torch.randn(1, 2, 8), dim=-1)
+    part = (torch.randn(40, 8), torch.arange(40) % 2, torch.zeros(40, dtype=torch.long))
+    protocol.e2e_run(identity_heads(), part, part, part, prompts, lr=5e-6, seed=0, epochs=1)
+    assert seen["opt"] == [{"lr": 5e-6, "weight_decay": 1e-4}] and set(seen["clip"]) == {1.0}
+    assert seen["batch"][:3] == [16, 16, 8]  # then the validation and test passes, whole
