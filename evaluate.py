@@ -239,16 +239,19 @@ for flag, why in unused_flags(weights).items():
 
 
 def slug(name: str) -> str:
+    """A model's folder name: its row name in lower case, runs of other characters as '-'."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
 def metric(value) -> dict:
+    """A single-run metric in the project's {mean, std, per_seed} form."""
     return protocol.summary([value])
 
 
 # ----------------------------------------------------------------------------- the protocol, per model
 prompts = {o: [ECHOCARE_TEMPLATE.format(organ=o, label=c) for c in es.classes] for o in organs}
-test_pairs = [p for p in es.pairs if p.key in set(split["test"])]
+test_keys = set(split["test"])
+test_pairs = [p for p in es.pairs if p.key in test_keys]  # one per caption of a test image
 test_organ = np.array([es.organ[k] for k in split["test"]])
 pair_organ = np.array([es.organ[p.key] for p in test_pairs])
 # organ -> its rows of the test pairs / test images, for the per-organ results (an unknown organ
