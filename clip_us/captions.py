@@ -544,8 +544,9 @@ def csv_records(path, out_dir: Path, image_col: str | None = None,
         rec = {k: v for k, v in row.items() if k != icol}
         if "caption" in rec:
             rec["original_caption"] = rec.pop("caption")
-        records.append({"image": rebase(row[icol], path.parent, out_dir),
-                        **({"organ": organ} if organ else {}), **rec})
+        # --organ is the organ of every row, as for a folder: it overrides an organ column
+        records.append({"image": rebase(row[icol], path.parent, out_dir), **rec,
+                        **({"organ": organ} if organ else {})})
     rest = [c for c in columns if c not in (icol, "caption")]
     extra = ["organ"] * (organ is not None and "organ" not in rest) + rest
     return extra, records, [row[icol] for row in rows]
@@ -568,6 +569,21 @@ def add_captions(records: list, keys: list, seed: int = 0, tier_weights=TIER_WEI
 MANIFEST_COLUMNS = ("image", "caption", "organ", "label", "dataset", "tier")
 
 
+def check_source_flags(data: Path, dataset, image_col, nextgen_name, skip_bad) -> None:
+    """Refuse the flags that do nothing for this kind of source (a folder or a CSV), rather
+    than ignore them."""
+    if data.is_dir():
+        wrong = ["--image-col"] * bool(image_col)
+        if nextgen_name and (dataset or detect_layout(data)) not in ("nextgen", "prostate"):
+            wrong.append("--nextgen-name")
+    else:
+        wrong = [f for f, v in (("--dataset", dataset), ("--nextgen-name", nextgen_name),
+                                ("--skip-bad", skip_bad)) if v]
+    if wrong:
+        kind = "a data set folder" if data.is_dir() else "a metadata file"
+        raise CaptionError(f"{data}: {kind} does not use {', '.join(wrong)}; leave it out")
+
+
 def template_manifest(data, out, dataset: str | None = None, organ: str | None = None,
                       dataset_name: str | None = None, seed: int = 0, tier_weights=TIER_WEIGHTS,
                       image_col: str | None = None, nextgen_name: str | None = None,
@@ -576,6 +592,7 @@ def template_manifest(data, out, dataset: str | None = None, organ: str | None =
     Returns a summary (rows, rows per tier, output path)."""
     data, out = Path(data), Path(out)
     out_dir = out.resolve().parent
+    check_source_flags(data, dataset, image_col, nextgen_name, skip_bad)
     if data.is_dir():
         extra, (records, keys) = [], folder_records(data, out_dir, dataset, organ, nextgen_name,
                                                     skip_bad)

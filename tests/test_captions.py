@@ -354,6 +354,14 @@ def test_template_command_on_metadata_csv(tmp_path):
     assert row["image"] == "raw/img/a.png" and row["scan"] == "x" and row["tier"] == "3"
     full = [render(t, record_fields(row)) for t in TEMPLATES[3]]
     assert token_count(row["caption"]) <= 12 and any(f.startswith(row["caption"]) for f in full)
+    # --organ is every row's organ, over an organ column
+    captions.main(["template", str(src), "--out", str(short), "--image-col", "picture",
+                   "--organ", "breast"])
+    assert read_csv(short)[0]["organ"] == "breast" and "breast" in read_csv(short)[0]["caption"]
+    with pytest.raises(captions.CaptionError, match="does not use --dataset, --skip-bad"):
+        captions.template_manifest(src, out, dataset="busi", skip_bad=True)
+    with pytest.raises(captions.CaptionError, match="does not use --image-col"):
+        captions.template_manifest(tmp_path / "raw", out, image_col="x")
     with pytest.raises(captions.CaptionError, match="--organ"):
         src.write_text("image,label\nimg/a.png,benign\n")
         captions.template_manifest(src, out)
