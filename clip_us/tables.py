@@ -364,7 +364,9 @@ def _fmt_count(res):
     if res is None:
         return [MISSING, MISSING]
     dropped = res.get("n_dropped") or 0
-    dropped = max(dropped.values(), default=0) if isinstance(dropped, dict) else dropped
+    # {metric: count} or, as the scripts write it, {metric: [count per seed]}
+    counts = dropped.values() if isinstance(dropped, dict) else [dropped]
+    dropped = max((max(c, default=0) if isinstance(c, list) else c for c in counts), default=0)
     n = f"{res.get('n_test', MISSING)}" + (f" ({dropped} dropped)" if dropped else "")
     return [str(len(res.get("seeds") or [])), n]
 

@@ -166,6 +166,14 @@ def test_distances_state_each_runs_mask_size(tmp_path):
     assert "224×224 masks" not in text and "each run's own masks" in text
 
 
+def test_dropped_counts_per_seed_lists(tmp_path):
+    _write(tmp_path, "a", {**_seg(), "n_dropped": {"dice": [0, 0, 0], "hd95": [1, 3, 2]}})
+    _write(tmp_path, "b", {**_seg("ln2"), "n_dropped": {"dice": [0], "hd95": [0]}})
+    text = tables.render(*tables.collect(tmp_path))
+    assert _row_cells(text, "### LN-1", "CLIP (Mona)")[11] == "20 (3 dropped)"
+    assert _row_cells(text, "### LN-2", "CLIP (Mona)")[11] == "20"
+
+
 def test_contrastive_results_are_listed_not_tabled(tmp_path):
     _write(tmp_path, "a", _seg())
     _write(tmp_path, "c", {"task": "contrastive", "dataset": "phantom", "row": "CLIP (Mona) contrastive",
