@@ -401,9 +401,13 @@ def build(name: str, weights: str | None = "default", arch: str | None = None,
 
 
 # ----------------------------------------------------------------------------- for the scripts
+OWN_HEAD_ROWS = {"unet": "UNet", "clipseg": "CLIPSeg"}
+
+
 def row_label(name: str, adapter: str = "none") -> str:
     """The table row of `--backbone name --adapter adapter`, e.g. "BiomedCLIP (Mona)"."""
-    base = BACKBONES[name].row if name in BACKBONES else name
+    # The rows with heads of their own (rowmodels.py) are not vision towers, so not in BACKBONES.
+    base = BACKBONES[name].row if name in BACKBONES else OWN_HEAD_ROWS.get(name, name)
     return base if adapter == "none" else f"{base} ({ {'lora': 'LoRA', 'mona': 'Mona'}[adapter]})"
 
 
