@@ -270,6 +270,20 @@ EVAL_ONLY_FROM_CLI = ("dataset", "data_root", "nextgen_name", "split_file", "cro
 EVAL_ONLY_IF_GIVEN = ("phantom_n", "phantom_size")
 
 
+def init_for_eval(init: str, ckpt: dict) -> str:
+    """The --init a checkpoint was trained on top of, when evaluating it needs that file again.
+    A task checkpoint holds its adapters and head, but not a vision tower that --init fine-tuned
+    (train_contrastive.py --train image|full) and the task run kept frozen: dropping the file
+    would silently evaluate OpenAI's tower instead."""
+    if not init or "model_state_dict" in ckpt:
+        return ""
+    if os.path.exists(init):
+        return init
+    print(f"warning: this checkpoint was trained on top of --init {init}, which is gone; if that "
+          f"file held a fine-tuned vision tower, this evaluation uses the original weights")
+    return ""
+
+
 def eval_only_config(cfg, ckpt: dict, given: set = frozenset()):
     """For --eval-only: the checkpoint's config decides the model, the CLI decides the data.
     The seed is the checkpoint's own; its --init file is not needed again (the checkpoint holds
@@ -280,5 +294,5 @@ def eval_only_config(cfg, ckpt: dict, given: set = frozenset()):
     keep = {k: getattr(cfg, k) for k in EVAL_ONLY_FROM_CLI}
     keep.update({k: getattr(cfg, k) for k in EVAL_ONLY_IF_GIVEN if k in given})
     seed = ckpt.get("seed", ckpt["config"].get("seed_now", saved.seeds[0]))  # older files: seed_now
-    keep.update(init="", seeds=[seed])
+    keep.update(init=init_for_eval(saved.init, ckpt), seeds=[seed])
     return dataclasses.replace(saved, **keep)

@@ -71,3 +71,16 @@ def test_missing_data_root_is_one_message_exit_2_and_no_run_folder(tmp_path):
     debug = subprocess.run(args + ["--debug"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_eval_only_keeps_an_init_that_the_checkpoint_does_not_hold(tmp_path, capsys):
+    """--eval-only must rebuild the backbone a run trained on: a --init file (a fine-tuned tower
+    from train_contrastive.py) stays when the task checkpoint has no model_state_dict."""
+    from clip_us.config import init_for_eval
+    init = tmp_path / "ft.pt"
+    init.write_bytes(b"x")
+    assert init_for_eval(str(init), {"adapter_state_dict": {}}) == str(init)
+    assert init_for_eval(str(init), {"model_state_dict": {}}) == ""  # the checkpoint has it
+    assert init_for_eval("", {}) == ""
+    assert init_for_eval(str(tmp_path / "gone.pt"), {}) == ""
+    assert "gone.pt" in capsys.readouterr().out
