@@ -21,10 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .labels import CLASSES, parse_label
-from .manifest import SPLITS, read_manifest
+from .manifest import SPLITS, read_manifest, stratified_split
 
 FRACTIONS = (0.70, 0.15, 0.15)
 
@@ -91,22 +89,6 @@ def load_eval_set(path, organ: str = "", classes=(), **manifest_kw) -> EvalSet:
     return EvalSet(pairs, keys, label, organs, {k: first[k].dataset for k in keys}, class_list, report)
 
 
-def stratified_split(keys, strata: dict, seed: int, fractions=FRACTIONS) -> dict:
-    """Per stratum (dataset, label), a seeded shuffle cut into train/val/test: val and test get
-    round(n·f) of each stratum, train the rest."""
-    rng = np.random.default_rng(seed)
-    out = {s: [] for s in SPLITS}
-    for stratum in sorted(set(strata.values())):
-        group = [k for k in keys if strata[k] == stratum]
-        group = [group[i] for i in rng.permutation(len(group))]
-        n_val, n_test = (int(round(len(group) * f)) for f in fractions[1:])
-        n_train = len(group) - n_val - n_test
-        out["train"] += group[:n_train]
-        out["val"] += group[n_train:n_train + n_val]
-        out["test"] += group[n_train + n_val:]
-    return out
-
-
 def read_split(path) -> dict:
     try:
         saved = json.loads(Path(path).read_text())
@@ -160,7 +142,7 @@ def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict
     if saved is not None and saved.is_file():
         return _reuse(saved, keys, seed), f"reused {saved}", None
     strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
-    parts = stratified_split(keys, strata, seed)
+    parts = stratified_split(keys, strata, FRACTIONS, seed)
     how = f"70/15/15 stratified by dataset then label, seed {seed}"
     return parts, how, {"how": how, "seed": seed, **parts}
 

@@ -312,9 +312,9 @@ def _official_shuffle(keys: list[str], fractions, seed: int) -> dict:
     return {"train": order[:cut], "val": order[cut:], "test": []}
 
 
-def _stratified(keys: list[str], strata: dict, fractions, seed: int) -> dict:
-    """Per `dataset`, a seeded shuffle cut into train/val/test; val and test get
-    round(n * f) of each data set, train the rest."""
+def stratified_split(keys: list[str], strata: dict, fractions, seed: int) -> dict:
+    """Per stratum (here the `dataset`; evaluate.py uses (dataset, label)), a seeded shuffle cut
+    into train/val/test; val and test get round(n * f) of each stratum, train the rest."""
     rng = np.random.default_rng(seed)
     out = {s: [] for s in SPLITS}
     for name in sorted(set(strata.values())):
@@ -351,7 +351,7 @@ def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> d
             out, how = _official_shuffle(keys, fractions, seed), f"seeded shuffle {spec}"
         else:
             strata = {p.key: p.dataset for p in rest}
-            out, how = _stratified(keys, strata, fractions, seed), f"{spec} stratified by dataset"
+            out, how = stratified_split(keys, strata, fractions, seed), f"{spec} stratified by dataset"
     return {**out, "held_out": held, "how": how + (f", held out {sorted(hold)}" if hold else "")}
 
 
