@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fileio import cache_dir
-from .weights import read_checkpoint
+from .weights import read_checkpoint, state_dict_problems
 
 
 # ----------------------------------------------------------------------------- model
@@ -386,15 +386,9 @@ def bert_state_dict(raw: dict, path: str) -> dict:
 
 
 def check_bert_state_dict(sd: dict, model: BertModel, path: str) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    bad = [f"missing {k}" for k in expected if k not in sd]
-    bad += [f"unexpected {k}" for k in sd if k not in expected]
-    bad += [f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(s)}"
-            for k, s in expected.items() if k in sd and sd[k].shape != s]
-    if bad:
-        more = f" ... and {len(bad) - 12} more" if len(bad) > 12 else ""
-        raise ValueError(f"{path}: not a BERT checkpoint matching its config.json "
-                         f"({len(bad)} problems): {', '.join(bad[:12])}{more}")
+    problems = state_dict_problems(sd, model)
+    if problems:
+        raise ValueError(f"{path}: not a BERT checkpoint matching its config.json {problems}")
 
 
 def load_bert(folder: str | None = None, download_root: str | None = None):

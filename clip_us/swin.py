@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fileio import cache_dir
-from .weights import read_checkpoint
+from .weights import read_checkpoint, state_dict_problems
 
 
 @dataclass
@@ -364,15 +364,10 @@ def _check_family(sd: dict, path: str) -> None:
 
 def check_swin_state_dict(sd: dict, model: SwinTransformer, path: str) -> None:
     """Missing, unexpected and wrongly shaped keys, listed in one error."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    bad = [f"missing {k}" for k in expected if k not in sd]
-    bad += [f"unexpected {k}" for k in sd if k not in expected]
-    bad += [f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(s)}"
-            for k, s in expected.items() if k in sd and sd[k].shape != s]
-    if bad:
-        more = f" ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+    problems = state_dict_problems(sd, model)
+    if problems:
         raise ValueError(f"{path}: not an EchoCare Swin checkpoint of this configuration "
-                         f"({len(bad)} problems): {', '.join(bad[:12])}{more}")
+                         f"{problems}")
 
 
 def config_from_state_dict(sd: dict, path: str = "state dict") -> SwinConfig:

@@ -325,6 +325,17 @@ def _listing(items: list, n: int = 12) -> str:
     return ", ".join(map(str, items[:n])) + more
 
 
+def state_dict_problems(sd: dict, model) -> str:
+    """Missing, unexpected and wrongly shaped keys of `sd` against `model`, listed for one error
+    ("" when it fits): the loaders of other families (Swin, BERT) say all that is wrong at once."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    bad = [f"missing {k}" for k in expected if k not in sd]
+    bad += [f"unexpected {k}" for k in sd if k not in expected]
+    bad += [f"{k}: shape {tuple(sd[k].shape)}, expected {tuple(s)}"
+            for k, s in expected.items() if k in sd and sd[k].shape != s]
+    return f"({len(bad)} problems): {_listing(bad)}" if bad else ""
+
+
 def unwrap(obj, path: str) -> dict:
     """open_clip/MetaCLIP checkpoints {"state_dict": {"module.<key>": ...}} -> a flat state dict."""
     if isinstance(obj, dict):
