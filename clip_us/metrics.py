@@ -370,6 +370,18 @@ def _ranks(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
     return np.count_nonzero((sim >= best) & ~match, axis=1)
 
 
+def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int, rank) -> dict:
+    """{"i2t", "t2i"}: each row's rank by `rank(sim, match)`, where columns with the row's group
+    id match. [chunk, N] similarity blocks keep memory O(chunk·N)."""
+    ranks = {"i2t": [], "t2i": []}
+    for start in range(0, len(a), chunk):
+        rows = slice(start, start + chunk)
+        match = g[rows, None] == g[None, :]  # [chunk, N]
+        ranks["i2t"].append(rank(a[rows] @ b.T, match))
+        ranks["t2i"].append(rank(b[rows] @ a.T, match))
+    return {d: np.concatenate(r) for d, r in ranks.items()}
+
+
 def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10), groups=None, chunk: int = 1024) -> dict:
     """Recall@K for image→text and text→image on paired rows (row i of img goes with row i of txt).
 
@@ -383,13 +395,8 @@ def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10), groups=None, chun
     g = np.arange(len(a)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     if len(g) != len(a):
         raise ValueError(f"retrieval_recall: {len(g)} group ids for {len(a)} pairs.")
-    ranks = {"i2t": [], "t2i": []}
-    for start in range(0, len(a), chunk):  # [chunk, N] similarity blocks keep memory O(chunk·N)
-        rows = slice(start, start + chunk)
-        match = g[rows, None] == g[None, :]
-        ranks["i2t"].append(_ranks(a[rows] @ b.T, match))
-        ranks["t2i"].append(_ranks(b[rows] @ a.T, match))
-    return {f"{d}_R@{k}": float(np.mean(np.concatenate(r) < k)) for d, r in ranks.items() for k in ks}
+    ranks = _chunked_ranks(a, b, g, chunk, _ranks)
+    return {f"{d}_R@{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
 
 
 def alignment_scores(img, txt) -> dict:
@@ -434,13 +441,7 @@ def retrieval_ranked(img, txt, ks: Sequence[int] = (1, 5, 10), captions=None, ch
     g = np.arange(len(a)) if captions is None else np.unique(np.asarray(captions), return_inverse=True)[1]
     if len(g) != len(a):
         raise ValueError(f"retrieval_ranked: {len(g)} captions for {len(a)} pairs.")
-    ranks = {"i2t": [], "t2i": []}
-    for start in range(0, len(a), chunk):  # [chunk, N] similarity blocks keep memory O(chunk·N)
-        rows = slice(start, start + chunk)
-        match = g.reshape(-1)[rows, None] == g.reshape(-1)[None, :]  # [chunk, N]
-        ranks["i2t"].append(_stable_ranks(a[rows] @ b.T, match))
-        ranks["t2i"].append(_stable_ranks(b[rows] @ a.T, match))
-    return _retrieval_report({d: np.concatenate(r) for d, r in ranks.items()}, ks)
+    return _retrieval_report(_chunked_ranks(a, b, g.reshape(-1), chunk, _stable_ranks), ks)
 
 
 def _class_vector(labels, name: str = "labels") -> np.ndarray:
