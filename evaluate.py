@@ -31,6 +31,7 @@ import torch
 import clip_us
 from clip_us import evaldata, evalmodels, evalplots, protocol, tables
 from clip_us.fileio import write_json, write_text
+from clip_us.precision import resolve_precision
 from clip_us.prompts import ECHOCARE_TEMPLATE
 from clip_us.weights import available_models
 
@@ -80,6 +81,9 @@ class Config:
     batch_size: int = field(default=32, metadata={"min": 1, "help": "images per batch when embedding"})
     workers: int = field(default=2, metadata={"min": 0, "help": "image-loading processes"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1"})
+    precision: str = field(default="fp32", metadata={
+        "choices": ["fp32", "bf16"], "help": "encoders: fp32, or bf16 (autocast on CUDA and on "
+        "CPUs with native bf16; elsewhere fp32, with a message)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default runs/evaluate/"
                                                "<manifest>-<time>); its split.json and features are reused"})
 
@@ -129,7 +133,8 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(flag, default=default, nargs="+", type=option_type(f, default),
                                 action=action, help=helptext)
         else:
-            parser.add_argument(flag, default=default, type=option_type(f, default), help=helptext)
+            parser.add_argument(flag, default=default, type=option_type(f, default),
+                                choices=f.metadata.get("choices"), help=helptext)
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -156,6 +161,7 @@ def resolve_device(name: str) -> torch.device:
 
 cfg = parse_config()
 device = resolve_device(cfg.device)  # one process: no DDP here
+precision = resolve_precision(cfg.precision, device)  # bf16 -> fp32 on CPUs without native bf16
 torch.manual_seed(cfg.seed)
 
 # ----------------------------------------------------------------------------- data and split
@@ -196,9 +202,10 @@ try:
     if len(cfg.name) > len(cfg.checkpoint) + len(weights):  # before any model loads
         raise ValueError(f"--name: {len(cfg.name)} names for {len(cfg.checkpoint) + len(weights)} models")
     names = list(cfg.name)
-    models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "") for p in cfg.checkpoint]
+    models = [evalmodels.from_checkpoint(p, device, names.pop(0) if names else "", precision)
+              for p in cfg.checkpoint]
     models += [evalmodels.from_weights(w, cfg.arch, cfg.image_size, device, names.pop(0) if names else "",
-                                       cfg.clip_norm) for w in weights]
+                                       cfg.clip_norm, precision) for w in weights]
     if len({m.name for m in models}) < len(models):
         raise ValueError(f"--name: give each model its own name (rows: {[m.name for m in models]})")
     ckpt_split = next((m.split_path for m in models if m.split_path), None)
@@ -394,7 +401,7 @@ for model in models:
         "data": {**{k: v for k, v in es.report.items() if k != "bad_rows"},
                  "bad_rows": len(es.report.get("bad_rows", []))},  # what the manifest reading left out
         "machine": f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}",
-        "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
+        "precision": precision, "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
     }
     if model.source.get("weights") == "none":
         results["warning"] = "random weights: these numbers say nothing about CLIP"

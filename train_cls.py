@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch.utils.data import DataLoader
 
 from clip_us import loop, metrics, viz
@@ -41,7 +40,6 @@ loss_step = supervised_step(focal, "label", device)
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def predict(model, dataset) -> list[dict]:
     """Class probabilities per image of this rank's shard, gathered over ranks."""
     model.eval()
@@ -49,7 +47,7 @@ def predict(model, dataset) -> list[dict]:
     loader = DataLoader(shard(dataset, run.rank, run.world), batch_size=cfg.batch_size,
                         num_workers=cfg.workers)
     for batch in loader:
-        with loop.autocast(device, cfg.amp):
+        with run.inference(model):  # --precision
             logits = model(batch["image"].to(device)).float()
         # Softmax over classes gives P(malignant), thresholded at 0.5, as the official code does.
         probs = logits.softmax(-1).cpu()

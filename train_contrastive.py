@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from clip_us.contrastive import (TRAIN_MODES, CaptionDataset, ContrastiveCLIP, s
 from clip_us.distributed import barrier, gather_list, setup_distributed, shard
 from clip_us.fileio import write_json
 from clip_us.losses import clip_loss
+from clip_us.precision import resolve_precision
 from clip_us.runs import JsonlLogger, fmt, read_jsonl, summarize_seeds
 from clip_us.taskmodel import build_clip
 from clip_us.transform import CLIP_MEAN, CLIP_STD
@@ -116,7 +116,11 @@ class Config:
     patience: int = field(default=10, metadata={"help": "epochs without a lower val loss"})
     max_skips: int = field(default=5, metadata={"help": "non-finite batches in a row that stop "
                                                 "the run (single ones are skipped, counted)"})
-    amp: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (no-op on CPU)"})
+    amp: bool = field(default=True, metadata={"help": "training steps: bf16 autocast on CUDA "
+                                              "(no-op on CPU)"})
+    precision: str = field(default="fp32", metadata={
+        "choices": ["fp32", "bf16"], "help": "validation passes: fp32, or bf16 (autocast on CUDA "
+        "and on CPUs with native bf16; elsewhere fp32, with a message)"})
     workers: int = 2
     device: str = "auto"
     out_dir: str = ""
@@ -171,6 +175,7 @@ cfg = resolve(parse_config(Config, description=__doc__.splitlines()[0]), given)
 temperature = cfg.temperature or (0.07 if cfg.train == "adapter" else 0.0)  # 0.0 = learnable
 rank, world, device = setup_distributed(cfg.device)
 is_main = rank == 0
+precision = resolve_precision(cfg.precision, device, verbose=is_main)  # what validation runs in
 name = {"none": "", "lora": "LoRA", "mona": "Mona"}[cfg.adapter]
 row = f"CLIP ({name or cfg.train}, ft.)" if cfg.model == "clip" else "EchoCare-CLIP"
 dataset_name = Path(cfg.manifest).stem if cfg.manifest else "phantom"
@@ -287,7 +292,7 @@ def evaluate(model) -> tuple[float, dict]:
     # The validation loss over batches of the global training batch, so 2 ranks x B equal 1 x 2B.
     metrics = validate(model, val_loader, captions, cfg.batch_size * world, device,
                        gather=gather_list if world > 1 else None,
-                       autocast=partial(loop.autocast, device, cfg.amp))
+                       precision=precision)
     return metrics["loss"], metrics
 
 
@@ -325,6 +330,7 @@ if is_main:
         "n_train": len(train_set), "n_val": len(val_set), "split": split["how"],
         "data": {k: report[k] for k in ("format", "rows", "kept", "dropped", "mostly_non_ascii")},
         "parameters": {"trainable": trainable, "total": total}, "seconds": round(seconds, 1),
+        "precision": precision,
         "normalisation": norm, "checkpoint": str(out / "best.pt"),
         "config": dataclasses.asdict(cfg), "version": clip_us.__version__,
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Subset
 
 from clip_us import loop, metrics, viz
@@ -39,14 +38,13 @@ loss_step = supervised_step(dice_ce_loss, "mask", device)
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def predict(model, dataset, sharded=True):
     """Yield (path, image tensor, gt mask, predicted mask) for this rank's shard (or all)."""
     model.eval()
     part = shard(dataset, run.rank, run.world) if sharded else dataset
     loader = DataLoader(part, batch_size=cfg.batch_size, num_workers=cfg.workers)
     for batch in loader:
-        with loop.autocast(device, cfg.amp):
+        with run.inference(model):  # --precision, per batch: nothing stays switched between yields
             pred = model(batch["image"].to(device)).argmax(1).cpu().numpy()
         for i in range(len(pred)):
             yield batch["path"][i], batch["image"][i], batch["mask"][i].numpy() > 0, pred[i] > 0

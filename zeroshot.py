@@ -24,6 +24,7 @@ from clip_us.config import ZeroShotConfig, parse_config, report_errors
 from clip_us.data import DataConfig, build_datasets
 from clip_us.distributed import setup_distributed
 from clip_us.fileio import write_json
+from clip_us.precision import inference, resolve_precision
 from clip_us.protocol import class_logits
 from clip_us.runs import CROP, default_out_dir, row_name, summarize_seeds
 from clip_us.taskmodel import adapt, build_clip
@@ -48,13 +49,8 @@ print(f"zeroshot.py: {row} on {cfg.dataset} ({cfg.split} images), {device}; outp
 adapter_cfg = AdapterConfig(kind=cfg.adapter)
 model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None,
               cfg.clip_norm).eval()
-# bf16 casts the weights (fast on CPUs with AVX512-BF16); CPU autocast is slower than fp32.
-dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-if dtype == torch.bfloat16 and device.type == "cpu" and \
-        not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-    print(f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-          f"matrix multiply; --precision bf16 is emulated and far slower than fp32 here")
-model = model.to(device=device, dtype=dtype)
+model = model.to(device)
+precision = resolve_precision(cfg.precision, device)  # bf16 -> fp32 on CPUs without native bf16
 # Which data set's prompts: LN data usually come through the nextgen or folder layouts, so the
 # release's <DS> name (e.g. LN-1) decides when given. The phantom stands in for BUSI.
 prompt_key = (cfg.prompt_set or cfg.nextgen_name or cfg.dataset).lower().replace("-", "")
@@ -66,7 +62,6 @@ class_prompts = prompts.get_prompts(source, prompt_key, organ=cfg.organ or None)
 print("prompts:", json.dumps(class_prompts, indent=2))
 
 
-@torch.inference_mode()
 def encode_prompts(class_prompts: dict) -> torch.Tensor:
     """[classes, prompts, D] L2-normalised text embeddings (prompt counts may differ: padded
     classes would distort the mean, so every class must have the same number)."""
@@ -74,7 +69,8 @@ def encode_prompts(class_prompts: dict) -> torch.Tensor:
     if len(counts) != 1:
         raise ValueError(f"every class needs the same number of prompts, got {counts}")
     texts = [t for c in class_prompts for t in class_prompts[c]]
-    emb = F.normalize(model.encode_text(tokenize(texts).to(device)).float(), dim=-1)
+    with inference(model, precision, device):
+        emb = F.normalize(model.encode_text(tokenize(texts).to(device)).float(), dim=-1)
     return emb.view(len(class_prompts), counts.pop(), -1)  # [C * P, D] -> [C, P, D]
 
 
@@ -94,9 +90,9 @@ write_json(out / "config.json", dataclasses.asdict(cfg))  # once the data passed
 dataset = torch.utils.data.ConcatDataset([train_set, val_set, test_set]) if every else test_set
 print(f"data: {len(dataset)} images scored ({cfg.split})")
 rows = []
-with torch.inference_mode():
+with inference(model, precision, device):  # folded QuickGELU, --precision (clip_us/precision.py)
     for batch in tqdm(DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers), "zero-shot"):
-        img = F.normalize(model.encode_image(batch["image"].to(device, dtype)).float(), dim=-1)
+        img = F.normalize(model.encode_image(batch["image"].to(device)).float(), dim=-1)
         logits = class_logits(img, text, 100)  # [B, C]: 100·cos averaged over prompts, as evaluate.py
         probs = logits.softmax(-1)[:, 1].cpu().tolist()
         rows += [{"path": p, "prob": q, "label": int(y)}
@@ -114,6 +110,7 @@ results = {
     "metrics": summarize_seeds([report], ZS_METRICS),
     "confusion_matrix": report["confusion_matrix"], "prompts": class_prompts,
     "units": {k: "fraction" for k in ZS_METRICS}, "n_test": len(rows), "n_dropped": 0,
+    "precision": precision,
     "data": info.get("health", {}), "config": dataclasses.asdict(cfg),
     "version": clip_us.__version__,
 }

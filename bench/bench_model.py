@@ -1,6 +1,7 @@
 """ViT-B/16 throughput on this CPU: clip_us against open_clip, same random weights, one process.
 
     flock /tmp/clip_us_bench.lock python bench/bench_model.py [--repeats 5] [--batch 8]
+    python bench/bench_model.py --device cuda --batch 256 --peak-tflops 989   # H100 SXM bf16
 
 encode_image (batch 8, 224 x 224) and encode_text (batch 8, 77 tokens) under inference_mode, in
 fp32 and with the weights cast to bf16 (`model.to(torch.bfloat16)`, inputs cast too), plus
@@ -10,6 +11,8 @@ Issue 15's goals are printed at the end: bf16 encode_image and encode_text >= 1.
 bf16 (measurable only on a CPU with native bf16, which the first line reports). Runs alternate
 between the implementations and the median of `--repeats` is reported, with each one's share of
 the machine's GEMM rate, measured here with a large torch.mm (35.2 GFLOP per image: 2 x MACs).
+On CUDA the bf16 variants always run ("bf16-autocast" is torch.autocast("cuda")); --peak-tflops
+adds the share of the GPU's nominal bf16 peak.
 """
 from __future__ import annotations
 
@@ -32,15 +35,22 @@ IMAGE_GFLOP = 35.2  # ViT-B/16 at 224: 2 x multiply-accumulates, attention inclu
 TEXT_GFLOP = 6.0    # text tower at 77 tokens, width 512, 12 blocks (2 x MACs)
 
 
-def gemm_rate(dtype, n=2048, reps=5) -> float:
+def timed(fn, device) -> float:
+    """Seconds of one call (CUDA: synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def gemm_rate(dtype, n=2048, reps=5, device=torch.device("cpu")) -> float:
     """GFLOP/s of a large square torch.mm in `dtype`: the machine's practical peak."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
+    times = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
@@ -76,7 +86,7 @@ def variants(ours, peer, images, text, bf16: bool, stack: contextlib.ExitStack):
 
     def autocast(fn):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
                 return fn()
         return run
     return dict(runs, **{
@@ -90,19 +100,17 @@ def variants(ours, peer, images, text, bf16: bool, stack: contextlib.ExitStack):
     })
 
 
-def time_all(runs: dict, repeats: int, slow_repeats: int) -> dict:
+def time_all(runs: dict, repeats: int, slow_repeats: int, device) -> dict:
     """Median seconds per call; one call of every variant per round, so load changes hit all."""
     times = {k: [] for k in runs}
     with torch.inference_mode():
-        for fn in runs.values():  # warm-up (oneDNN primitive creation, allocator)
+        for fn in runs.values():  # warm-up (oneDNN primitive creation, allocator, cuBLAS)
             fn()
         for r in range(repeats):
             for name, fn in runs.items():
-                if "autocast" in name and r >= slow_repeats:
+                if "autocast" in name and r >= slow_repeats and device.type == "cpu":
                     continue
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(timed(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -121,30 +129,37 @@ def main():
     ap.add_argument("--slow-repeats", type=int, default=2, help="repeats for bf16 autocast")
     ap.add_argument("--force-bf16", action="store_true",
                     help="run the bf16 variants even when this CPU has no fast bf16 GEMM")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the device's nominal bf16 peak, to print the share of it reached")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else capability()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{capability()}", flush=True)
-    rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16, n=512, reps=3)}
+          f"{where}", flush=True)
+    n16 = 8192 if device.type == "cuda" else 512  # emulated CPU bf16 would take minutes at 2048
+    rates = {"fp32": gemm_rate(torch.float32, device=device),
+             "bf16": gemm_rate(torch.bfloat16, n=n16, reps=3, device=device)}
     print(f"GEMM: fp32 {rates['fp32']:.1f} GFLOP/s (2048^3), bf16 {rates['bf16']:.1f} GFLOP/s "
-          f"(512^3)", flush=True)
-    bf16 = args.force_bf16 or rates["bf16"] > rates["fp32"]
+          f"({n16}^3)", flush=True)
+    bf16 = args.force_bf16 or device.type == "cuda" or rates["bf16"] > rates["fp32"]
     if not bf16:  # emulated bf16 (no AVX512-BF16/AMX): one batch would take many minutes
         print(f"bf16 skipped: this CPU's bf16 GEMM is {rates['fp32'] / rates['bf16']:.0f}x slower "
               f"than fp32 (no native bf16); --force-bf16 runs it anyway", flush=True)
-    ours, peer = models()
-    images = torch.randn(args.batch, 3, 224, 224)
-    text = torch.randint(1, 49000, (args.batch, 77))
+    ours, peer = (m.to(device) for m in models())
+    images = torch.randn(args.batch, 3, 224, 224, device=device)
+    text = torch.randint(1, 49000, (args.batch, 77), device=device)
     text[:, 20] = 49407  # end-of-text (largest id) in every row
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         runs = variants(ours, peer, images, text, bf16, stack)
         cos = cosines(runs)
-        med = time_all(runs, args.repeats, args.slow_repeats)
-    report(med, cos, rates, args.batch)
+        med = time_all(runs, args.repeats, args.slow_repeats, device)
+    report(med, cos, rates, args.batch, args.peak_tflops)
     goals(med)
-    print(f"GEMM after: fp32 {gemm_rate(torch.float32):.1f} GFLOP/s")
+    print(f"GEMM after: fp32 {gemm_rate(torch.float32, device=device):.1f} GFLOP/s")
 
 
-def report(med, cos, rates, batch):
+def report(med, cos, rates, batch, peak_tflops=0.0):
     print(f"\n{'variant':32s} {'items/s':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s} {'min cos':>8s}")
     for name, sec in med.items():
         per = batch / sec
@@ -164,6 +179,10 @@ def report(med, cos, rates, batch):
     if "image bf16 clip_us" in med:
         r = med["image bf16-autocast open_clip"] / med["image bf16 clip_us"]
         print(f"image: clip_us bf16 / open_clip bf16-autocast = {r:.2f}x")
+    if peak_tflops and "image bf16 clip_us folded" in med:
+        tflops = batch / med["image bf16 clip_us folded"] * IMAGE_GFLOP / 1e3
+        print(f"image bf16 clip_us folded: {tflops:.0f} TFLOP/s = {tflops / peak_tflops:.0%} of "
+              f"the nominal {peak_tflops:.0f} TFLOP/s bf16 peak")
 
 
 def goals(med):

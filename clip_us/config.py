@@ -199,7 +199,10 @@ class SupervisedConfig:
     decay: str = opt("all", "which parameters decay: all trainable ones (official code) or "
                      "matrices (none on norms, biases, embeddings)", choices=["all", "matrices"])
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off, as the official code)")
-    amp: bool = opt(True, "bf16 autocast on CUDA (no effect on the CPU)")
+    amp: bool = opt(True, "training steps: bf16 autocast on CUDA (no effect on the CPU)")
+    precision: str = opt("fp32", "validation and test passes: fp32, or bf16 (autocast on CUDA "
+                         "and on CPUs with native bf16; elsewhere fp32, with a message)",
+                         choices=["fp32", "bf16"])
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     # output
     out_dir: str = opt("", "run folder ('' = runs/<script>/<dataset>-<row>-<time>)")
@@ -252,8 +255,8 @@ class ZeroShotConfig:
     prompt_set: str = opt("", "whose prompts: busi, ln1, tn3k, ... (default: --nextgen-name "
                           "or --dataset)")
     organ: str = opt("", "organ named in the echocare/ensemble prompts ('' = the data set's)")
-    precision: str = opt("fp32", "fp32, or bf16 (weights cast; only fast with native bf16)",
-                         choices=["fp32", "bf16"])
+    precision: str = opt("fp32", "fp32, or bf16 (autocast on CUDA and on CPUs with native bf16; "
+                         "elsewhere fp32, with a message)", choices=["fp32", "bf16"])
     batch_size: int = opt(32, "images per batch")
     threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
     device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
@@ -265,7 +268,7 @@ class ZeroShotConfig:
 # What --eval-only takes from the command line; everything else comes from the checkpoint.
 EVAL_ONLY_FROM_CLI = ("dataset", "data_root", "nextgen_name", "split_file", "crop",
                       "mask_threshold", "out_dir", "eval_only", "checkpoint", "device", "workers",
-                      "skip_bad", "batch_size", "amp", "n_figures", "debug")
+                      "skip_bad", "batch_size", "amp", "precision", "n_figures", "debug")
 # ... and these only when given (else the checkpoint's: its phantom is the one it was tested on).
 EVAL_ONLY_IF_GIVEN = ("phantom_n", "phantom_size")
 

@@ -26,6 +26,7 @@ from . import metrics
 from .losses import clip_loss
 from .lora import mark_only_trainable
 from .model import CLIP
+from .precision import inference
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
 
@@ -138,17 +139,19 @@ class ContrastiveCLIP(CLIP):
 
 
 # ----------------------------------------------------------------------------- validation
-@torch.no_grad()
-def embed(model, loader, device, autocast) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """(indices, image embeddings [N, D], text embeddings [N, D]) of one loader, in fp32."""
+def embed(model, loader, device, precision: str = "fp32") -> tuple[list, torch.Tensor,
+                                                                    torch.Tensor]:
+    """(indices, image embeddings [N, D], text embeddings [N, D]) of one loader, returned in fp32;
+    computed under `precision` (an already resolved --precision: clip_us/precision.py)."""
     model.eval()
     idx, imgs, txts = [], [], []
     for batch in loader:
-        with autocast():
+        with inference(model, precision, device):
             img, txt, _ = model(batch["image"].to(device), batch["text"].to(device))
         idx += batch["index"].tolist()
-        imgs.append(img.float().cpu())
-        txts.append(txt.float().cpu())
+        # normalised again in fp32: under bf16 a unit vector's norm is only within ~1e-2 of 1
+        imgs.append(F.normalize(img.float(), dim=-1).cpu())
+        txts.append(F.normalize(txt.float(), dim=-1).cpu())
     cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, 0))  # noqa: E731
     return idx, cat(imgs), cat(txts)
 
@@ -162,15 +165,13 @@ def batch_losses(img: torch.Tensor, txt: torch.Tensor, scale: float, batch_size:
 
 
 def validate(model, loader, captions: list[str], batch_size: int, device,
-             gather=None, autocast=None) -> dict:
+             gather=None, precision: str = "fp32") -> dict:
     """Loss, duplicate-aware retrieval both ways and alignment on the whole validation set.
 
     `loader` yields this rank's shard; `gather` (engine.gather_list under DDP) collects every
     rank's rows, which are put back in data set order, so every rank returns the same numbers.
     """
-    import contextlib
-    autocast = autocast or contextlib.nullcontext
-    idx, img, txt = embed(model, loader, device, autocast)
+    idx, img, txt = embed(model, loader, device, precision)
     if gather is not None:
         rows = gather([(i, a, b) for i, a, b in zip(idx, img, txt)])
         rows.sort(key=lambda r: r[0])

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
 from .checkpoint import load_checkpoint
 from .fileio import atomic_path
+from .precision import autocast, inference
 from .taskmodel import build_clip
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
@@ -125,19 +126,19 @@ def _identity_projections(model):
 
 
 def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity: dict, device,
-               source: dict | None = None) -> EvalModel:
-    """Wrap a CLIP (clip_us.model.CLIP, adapters allowed) as an EvalModel."""
+               source: dict | None = None, precision: str = "fp32") -> EvalModel:
+    """Wrap a CLIP (clip_us.model.CLIP, adapters allowed) as an EvalModel; its encoders run
+    under `precision` (resolved --precision), which is part of the feature cache's identity."""
     model = model.eval().to(device)
+    identity = {**identity, "precision": precision}
 
-    @torch.inference_mode()
     def image_features(x):
-        with _identity_projections(model):
+        with inference(model, precision, device), _identity_projections(model):
             return model.encode_image(x.to(device)).float().cpu()
 
-    @torch.inference_mode()
     def text_features(texts):
         tokens = tokenize(list(texts), context_length=model.context_length, truncate=True).to(device)
-        with _identity_projections(model):
+        with inference(model, precision, device), _identity_projections(model):
             return model.encode_text(tokens).float().cpu()
 
     heads = CLIPHeads(model.visual.proj.cpu(), model.text_projection.cpu(), model.logit_scale.cpu())
@@ -146,7 +147,7 @@ def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity:
 
 
 def from_weights(weights: str, arch: str, image_size: int, device, name: str = "",
-                 clip_norm: bool = True) -> EvalModel:
+                 clip_norm: bool = True, precision: str = "fp32") -> EvalModel:
     """Vanilla CLIP from a weights name or file, or random weights (``none``) of ``arch``."""
     model = build_clip(weights, arch)
     ident = {"weights": _file_identity(weights) if os.path.isfile(weights) else weights,
@@ -154,7 +155,7 @@ def from_weights(weights: str, arch: str, image_size: int, device, name: str = "
     mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
     row = name or ("CLIP (random weights)" if weights == "none" else f"CLIP {weights} (vanilla)")
     return clip_model(model, row, "clip", True, Preprocess(image_size, mean, std), ident, device,
-                      {"weights": weights, "arch": arch})
+                      {"weights": weights, "arch": arch}, precision)
 
 
 def find_split(checkpoint) -> Path | None:
@@ -175,7 +176,7 @@ def trained_keys(split_path) -> set:
     return set(saved.get("train", [])) | set(saved.get("val", []))
 
 
-def _contrastive(ckpt: dict, path: str, device, name: str) -> EvalModel:
+def _contrastive(ckpt: dict, path: str, device, name: str, precision: str) -> EvalModel:
     """A train_contrastive.py checkpoint: CLIP from its config's --weights/--arch, its adapter,
     then every trained tensor it holds (model_state_dict when backbone weights trained)."""
     cfg = ckpt.get("config") or {}
@@ -200,14 +201,16 @@ def _contrastive(ckpt: dict, path: str, device, name: str) -> EvalModel:
     row = name or ckpt.get("row") or f"CLIP ({kind}, ft.)"  # seed 003's "CLIP (Mona, ft.)" style
     ev = clip_model(model, row, "contrastive", False, Preprocess(size, mean, std),
                     {"checkpoint": _file_identity(path)}, device,
-                    {"checkpoint": str(path), "adapter": adapter.kind, "train": cfg.get("train")})
+                    {"checkpoint": str(path), "adapter": adapter.kind, "train": cfg.get("train")},
+                    precision)
     fixed = float(ckpt.get("temperature") or cfg.get("temperature") or 0)  # None/0: learnt
     if fixed > 0:  # trained with a fixed τ (0.07 with --train adapter): start the heads from it
         ev.heads.logit_scale.data.fill_(math.log(1.0 / fixed))
     return ev
 
 
-def from_dual_encoder(model, name: str, preprocess, identity: dict, device, source=None) -> EvalModel:
+def from_dual_encoder(model, name: str, preprocess, identity: dict, device, source=None,
+                      precision: str = "fp32") -> EvalModel:
     """A dual encoder with ``encode_image(pixels)`` and ``encode_text(list of str)``.
 
     Its heads train in end-to-end few-shot when it also has ``image_features``/``text_features``
@@ -216,17 +219,18 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
     identities and only the temperature (starting at 0.07) trains; the results say so.
     """
     model = model.eval().to(device)
+    identity = {**identity, "precision": precision}
     split = all(hasattr(model, a) for a in ("image_features", "text_features", "image_head", "text_head"))
     enc_i = model.image_features if split else model.encode_image
     enc_t = model.text_features if split else model.encode_text
 
-    @torch.inference_mode()
     def image_features(x):
-        return enc_i(x.to(device)).float().cpu()
+        with torch.inference_mode(), autocast(precision, device):
+            return enc_i(x.to(device)).float().cpu()
 
-    @torch.inference_mode()
     def text_features(texts):
-        return enc_t(list(texts)).float().cpu()
+        with torch.inference_mode(), autocast(precision, device):
+            return enc_t(list(texts)).float().cpu()
 
     log_t = getattr(model, "log_temperature", torch.tensor(0.07).log())
     heads = ModuleHeads(model.image_head, model.text_head, log_t) if split else \
@@ -246,7 +250,7 @@ class FromPath:
         return self.transform(self.reader(path))
 
 
-def _echocare(path: str, device, name: str) -> EvalModel:
+def _echocare(path: str, device, name: str, precision: str) -> EvalModel:
     """An EchoCare-CLIP dual-encoder checkpoint through clip_us.echocare.load."""
     # imported here: the Swin and BERT towers are only needed for EchoCare-CLIP checkpoints
     from . import echocare
@@ -257,16 +261,17 @@ def _echocare(path: str, device, name: str) -> EvalModel:
     preprocess = FromPath(model.eval_transform(), read_rgb)
     row = name or f"EchoCare-CLIP ({model.text_family} text, {model.train_mode})"
     ev = from_dual_encoder(model, row, preprocess, {"checkpoint": _file_identity(path)}, device,
-                           {"checkpoint": str(path)})
+                           {"checkpoint": str(path)}, precision)
     ev.kind = "echocare"
     return ev
 
 
-def from_checkpoint(path: str, device, name: str = "") -> EvalModel:
-    """A train_contrastive.py checkpoint, CLIP-based or EchoCare-CLIP, with its run's split."""
+def from_checkpoint(path: str, device, name: str = "", precision: str = "fp32") -> EvalModel:
+    """A train_contrastive.py checkpoint, CLIP-based or EchoCare-CLIP, with its run's split;
+    its encoders run under `precision` (an already resolved --precision)."""
     ckpt = load_checkpoint(path)
-    model = _echocare(path, device, name) if ckpt.get("model") == "echocare" else \
-        _contrastive(ckpt, path, device, name)
+    model = _echocare(path, device, name, precision) if ckpt.get("model") == "echocare" else \
+        _contrastive(ckpt, path, device, name, precision)
     split = find_split(path)
     model.split_path, model.trained_on = (str(split) if split else None), trained_keys(split)
     return model

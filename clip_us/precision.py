@@ -49,15 +49,16 @@ def capability() -> str:
             f"{'yes' if native_bf16() else 'no'}")
 
 
-def resolve_precision(precision: str, device) -> str:
-    """The precision that will actually run: bf16 falls back to fp32, with a message, on a CPU
-    without native bf16."""
+def resolve_precision(precision: str, device, verbose: bool = True) -> str:
+    """The precision that will actually run: bf16 falls back to fp32, with a message (unless
+    `verbose` is False: e.g. on DDP ranks other than 0), on a CPU without native bf16."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "bf16" and device.type == "cpu" and not native_bf16():
-        print(f"clip_us: --precision bf16 ignored: this CPU ({capability()}) has no native bf16, "
-              f"where emulated bf16 runs 65-85x slower than fp32; using fp32")
+        if verbose:
+            print(f"clip_us: --precision bf16 ignored: this CPU ({capability()}) has no "
+                  f"native bf16, where emulated bf16 runs 65-85x slower than fp32; using fp32")
         return "fp32"
     return precision
 

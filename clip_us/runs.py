@@ -24,6 +24,7 @@ from .checkpoint import load_checkpoint
 from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets
 from .distributed import barrier, setup_distributed
+from .precision import inference, resolve_precision
 from .fileio import write_json
 from .tables import row_csv, write_results
 from .taskmodel import make_task_model
@@ -103,6 +104,7 @@ class Run:
     out: Path
     log: object
     ckpt: dict | None = None  # the --eval-only checkpoint
+    precision: str = "fp32"   # what --precision resolved to here (precision.resolve_precision)
     weights_cache: dict = field(default_factory=dict)  # backbone weights, shared by the seeds
 
     @property
@@ -139,6 +141,11 @@ class Run:
             load_task_state(model, self.ckpt)
         return model
 
+    def inference(self, model):
+        """The context of a validation or test pass: inference mode, folded QuickGELU and the
+        resolved --precision (clip_us/precision.py)."""
+        return inference(model, self.precision, self.device)
+
     def train_args(self, seed: int, adapter_cfg, metric: str) -> dict:
         """loop.train's keywords for one seed: the recipe from the config (loop.Settings),
         checkpoints in seed<N>/, rank 0 writes; `metric` names the validation score."""
@@ -155,7 +162,8 @@ class Run:
         out = {"script": f"{self.script}.py", "task": task, "dataset": cfg.dataset,
                "row": self.row, "backbone": cfg.backbone, "adapter": cfg.adapter,
                "init": cfg.init or None, "seeds": cfg.seeds, "metrics": metrics, "units": units,
-               "n_test": n_test, **more, "data": info.get("health", {}),
+               "n_test": n_test, "precision": self.precision, **more,
+               "data": info.get("health", {}),
                "config": dataclasses.asdict(cfg), "version": __version__}
         if getattr(cfg, "eval_only", False):
             out["trained_on"] = self.ckpt["config"].get("dataset")
@@ -203,7 +211,8 @@ def start_run(cfg, script: str) -> Run:
         print(f"{script}.py: {row} on {cfg.dataset}, {what}, {world} process(es) on {device}; "
               f"output {out} (config.json has every setting)")
     log = JsonlLogger(out / "log.jsonl", enabled=rank == 0).log
-    return Run(cfg, script, rank, world, device, row, out, log, ckpt)
+    precision = resolve_precision(cfg.precision, device, verbose=rank == 0)
+    return Run(cfg, script, rank, world, device, row, out, log, ckpt, precision)
 
 
 CROP = {"auto": None, "yes": True, "no": False}  # --crop -> DataConfig.crop

@@ -5,10 +5,6 @@ random weights) with --eval-only on their checkpoints."""
 from __future__ import annotations
 
 import json
-import os
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,6 @@ from clip_us.config import ClsConfig, SupervisedConfig
 from clip_us.model import QuickGELU
 from clip_us.taskmodel import make_task_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--phantom-n", "24",
          "--phantom-size", "128", "--workers", "0", "--seeds", "1", "--batch-size", "8",
          "--eval-every", "1", "--epochs", "1", "--reduce-dim", "32", "--n-figures", "1"]
@@ -92,56 +87,45 @@ def test_renormalize_maps_clip_to_imagenet():
 
 
 # ----------------------------------------------------------------------------- the scripts
-def run(script, args, cache):
-    """`python SCRIPT ARGS` in this process (runpy), as tests/test_rowmodels.py does."""
-    old_argv, old_env = sys.argv, dict(os.environ)
-    sys.argv = [str(ROOT / script), *map(str, args)]
-    os.environ["CLIP_US_CACHE"] = str(cache)
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old_argv
-        os.environ.clear()
-        os.environ.update(old_env)
-
-
-def test_train_seg_biomedclip_mona_then_eval_only(tmp_path):
+def test_train_seg_biomedclip_mona_then_eval_only(tmp_path, run_script):
     out, ev = tmp_path / "train", tmp_path / "eval"
-    run("train_seg.py", SMALL + ["--backbone", "biomedclip", "--adapter", "mona", "--out-dir", out],
-        tmp_path)
+    cache = {"CLIP_US_CACHE": tmp_path}
+    run_script("train_seg.py", SMALL + ["--backbone", "biomedclip", "--adapter", "mona",
+                                        "--out-dir", out], cache)
     res = json.loads((out / "results.json").read_text())
     assert res["row"] == "BiomedCLIP (Mona)" and res["backbone"] == "biomedclip"
     ckpt = torch.load(out / "seed1" / "best.pt", weights_only=True)
     assert any(".mona2." in k for k in ckpt["adapter_state_dict"])
     assert "model_state_dict" not in ckpt  # the backbone is frozen
-    run("train_seg.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt", "--phantom-n",
-                         "24", "--phantom-size", "128", "--workers", "0", "--out-dir", ev],
-        tmp_path)
+    run_script("train_seg.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt",
+                                "--phantom-n", "24", "--phantom-size", "128", "--workers", "0",
+                                "--out-dir", ev], cache)
     again = json.loads((ev / "results.json").read_text())
     assert again["row"].startswith("BiomedCLIP (Mona)") and again["config"]["eval_only"]
 
 
-def test_train_cls_resnet18_then_eval_only(tmp_path):
+def test_train_cls_resnet18_then_eval_only(tmp_path, run_script):
     out, ev = tmp_path / "train", tmp_path / "eval"
-    run("train_cls.py", SMALL + ["--backbone", "resnet18", "--adapter", "none", "--out-dir", out],
-        tmp_path)
+    cache = {"CLIP_US_CACHE": tmp_path}
+    run_script("train_cls.py", SMALL + ["--backbone", "resnet18", "--adapter", "none",
+                                        "--out-dir", out], cache)
     res = json.loads((out / "results.json").read_text())
     assert res["row"] == "ResNet18" and "acc" in res["metrics"]
     ckpt = torch.load(out / "seed1" / "best.pt", weights_only=True)
     assert "visual.layer4.1.conv2.weight" in ckpt["model_state_dict"]  # torchvision's names
     assert set(ckpt["head_state_dict"]) == {"weight", "bias"}
-    run("train_cls.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt", "--phantom-n",
-                         "24", "--phantom-size", "128", "--workers", "0", "--out-dir", ev],
-        tmp_path)
+    run_script("train_cls.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt",
+                                "--phantom-n", "24", "--phantom-size", "128", "--workers", "0",
+                                "--out-dir", ev], cache)
     again = json.loads((ev / "results.json").read_text())
     assert again["row"].startswith("ResNet18") and "acc" in again["metrics"]
 
 
 @pytest.mark.parametrize("backbone", ["metaclip", "unimedclip", "dinov2"])
-def test_train_cls_runs(backbone, tmp_path):
+def test_train_cls_runs(backbone, tmp_path, run_script):
     extra = ["--head", "proposed", "--image-size", "56"] if backbone == "dinov2" else []
-    run("train_cls.py", SMALL + ["--backbone", backbone, "--adapter", "none", "--out-dir",
-                                 tmp_path / "out"] + extra, tmp_path)
+    run_script("train_cls.py", SMALL + ["--backbone", backbone, "--adapter", "none", "--out-dir",
+                                        tmp_path / "out"] + extra, {"CLIP_US_CACHE": tmp_path})
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["backbone"] == backbone and res["row"] == backbones.spec(backbone).row
     ckpt = torch.load(tmp_path / "out" / "seed1" / "best.pt", weights_only=True)

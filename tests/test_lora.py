@@ -146,6 +146,45 @@ def test_shared_dropout_one_mask_for_q_k_v(images):
         assert same == [equal, equal]
 
 
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.0371])
+def test_keep_mask_is_bernoulli(p):
+    """keep_mask's elements are independent draws, False with probability p: the drop rate is
+    within 5 standard errors of p, and neighbours are uncorrelated (a bit pattern shared
+    between the bytes of one 64-bit word would correlate them)."""
+    from clip_us.lora import keep_mask
+    torch.manual_seed(0)
+    n = 2_000_000
+    drop = (~keep_mask((n,), p)).double()
+    assert abs(drop.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    for lag in (1, 2, 7, 8):
+        corr = torch.corrcoef(torch.stack([drop[:-lag], drop[lag:]]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), (lag, corr)
+    assert keep_mask((3, 5, 7), p).shape == (3, 5, 7)
+
+
+def test_dropout_linear_is_dropout_then_linear():
+    """On the CPU in training, dropout_linear(x, A) = linear(x * mask / (1 - p), A) for the mask
+    keep_mask draws, gradients included; in eval it is linear(x, A)."""
+    from clip_us.lora import dropout_linear, keep_mask
+    x = torch.randn(4, 9, 32, requires_grad=True)
+    A = torch.randn(8, 32, requires_grad=True)
+    drop = torch.nn.Dropout(0.3)
+    torch.manual_seed(5)
+    out = dropout_linear(x, A, drop)
+    out.backward(torch.ones_like(out))
+    grads = x.grad.clone(), A.grad.clone()
+    torch.manual_seed(5)
+    mask = keep_mask(x.shape, 0.3)
+    x.grad = A.grad = None
+    ref = torch.nn.functional.linear(x * mask / 0.7, A)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads, (x.grad, A.grad))
+    assert 0.5 < mask.float().mean() < 0.9
+    drop.eval()
+    torch.testing.assert_close(dropout_linear(x, A, drop), torch.nn.functional.linear(x, A))
+
+
 def test_only_adapters_get_gradients(images):
     model = tiny()
     apply_adapter(model, AdapterConfig(kind="lora"))  # freezes everything but LoRA

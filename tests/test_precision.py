@@ -2,6 +2,8 @@
 where bf16 runs, and the inference context (same numbers as a plain pass, weights untouched)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -53,3 +55,69 @@ def test_inference_context_matches_plain_pass(monkeypatch):
         assert used == "fp32" and torch.is_inference_mode_enabled()
         out = model.encode_image(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the scripts
+TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--workers", "0"]
+PHANTOM = ["--phantom-n", "24", "--phantom-size", "128"]
+SUPERVISED = TINY + PHANTOM + ["--seeds", "1", "--batch-size", "8", "--epochs", "1",
+                               "--reduce-dim", "32", "--n-figures", "1"]
+SCRIPTS = {  # script: (arguments, where its results.json is, under --out-dir)
+    "train_seg.py": (SUPERVISED + ["--adapter", "lora"], "results.json"),
+    "train_cls.py": (SUPERVISED + ["--adapter", "mona"], "results.json"),
+    "train_contrastive.py": (TINY + PHANTOM + ["--train", "heads", "--epochs", "1",
+                                               "--batch-size", "8"], "results.json"),
+    "zeroshot.py": (TINY + PHANTOM, "results.json"),
+    "evaluate.py": (["--weights", "none", "--arch", "tiny", "--image-size", "64", "--workers",
+                     "0", "--probe-fractions", "0.3", "--probe-seeds", "42", "--e2e-fractions",
+                     "0.3", "--e2e-seeds", "42", "--e2e-epochs", "1", "--bootstrap", "0"],
+                    "clip-random-weights/results.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def caption_manifest(tmp_path_factory):
+    from clip_us import phantom
+    cfg = phantom.PhantomConfig(n=30, size=96, organs=("breast", "thyroid"), p_normal=0.0)
+    return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
+
+
+def inference_dtypes(run):
+    """{(module class, output dtype)} of every forward that ran with gradients off (the
+    validation, test and inference passes) while run() ran."""
+    seen = set()
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            seen.add((type(module).__name__, output.dtype))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_precision_flag_reaches_every_inference_pass(script, tmp_path, monkeypatch, capsys,
+                                                     run_script, caption_manifest):
+    """--precision bf16 runs the script's inference passes in bf16 where the CPU has it (native
+    bf16 forced on here, so bf16 is emulated, slowly but correctly), with QuickGELU folded into
+    one SiLU; without native bf16 the script says so and runs fp32; results.json records what
+    ran."""
+    args, results = SCRIPTS[script]
+    if script == "evaluate.py":
+        args = args + ["--manifest", caption_manifest]
+    env = {"CLIP_US_CACHE": tmp_path / "cache"}
+    ran = {}
+    for native in (True, False):
+        monkeypatch.setattr(precision, "native_bf16", lambda: native)
+        out = tmp_path / f"native-{native}"
+        ran[native] = inference_dtypes(lambda: run_script(
+            script, args + ["--precision", "bf16", "--out-dir", out], env))
+        used = json.loads((out / results).read_text())["precision"]
+        assert used == ("bf16" if native else "fp32")
+        assert ("--precision bf16 ignored" in capsys.readouterr().out) == (not native)
+    assert ("Linear", torch.bfloat16) in ran[True]
+    assert not any(dtype == torch.bfloat16 for _, dtype in ran[False])
+    assert ("SiLU", torch.float32) in ran[False]  # QuickGELU folded (model.folded_quick_gelu)

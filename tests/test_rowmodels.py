@@ -2,16 +2,12 @@
 names, each row trains, the flags of these rows are refused where they would do nothing, and the
 scripts run them end to end on the phantom (train, --eval-only; train_cls.py for DINOv2)."""
 import json
-import os
-import runpy
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from clip_us import adapters, clipseg, rowmodels
+from clip_us import adapters, clipseg
 from clip_us.adapters import AdapterConfig
 from clip_us.backbones import IMAGENET_MEAN, IMAGENET_STD
 from clip_us.config import SupervisedConfig
@@ -21,7 +17,6 @@ from clip_us.taskmodel import make_task_model
 from clip_us.transform import CLIP_MEAN, CLIP_STD
 from clip_us.unet import UNet
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
@@ -119,42 +114,29 @@ SMALL = ["--arch", "tiny", "--weights", "none", "--adapter", "none", "--phantom-
          "--eval-every", "1", "--epochs", "1", "--n-figures", "2"]
 
 
-def run(script, args, env):
-    """`python SCRIPT ARGS` in this process (runpy): the runs share one import of torch."""
-    old_argv, old_env = sys.argv, dict(os.environ)
-    sys.argv = [str(ROOT / script), *map(str, args)]
-    os.environ.update(env)
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = old_argv
-        os.environ.clear()
-        os.environ.update(old_env)
-
-
 @pytest.mark.parametrize("backbone,extra,row", [
     ("unet", ["--image-size", "64"], "UNet"),
     ("clipseg", ["--image-size", "64", "--clipseg-weights", "none"], "CLIPSeg"),
     ("dinov2", ["--image-size", "70", "--dinov2-official"], "DINOv2")])
-def test_train_seg_then_eval_only(backbone, extra, row, tmp_path):
+def test_train_seg_then_eval_only(backbone, extra, row, tmp_path, run_script):
     env = {"CLIP_US_CACHE": str(tmp_path / "cache")}
     out, ev = tmp_path / "train", tmp_path / "eval"
-    run("train_seg.py", SMALL + extra + ["--backbone", backbone, "--out-dir", out], env)
+    run_script("train_seg.py", SMALL + extra + ["--backbone", backbone, "--out-dir", out], env)
     res = json.loads((out / "results.json").read_text())
     assert res["backbone"] == backbone and res["row"] == row  # the table row, as the paper spells it
     assert res["config"]["image_size"] == int(extra[1])
     ckpt = torch.load(out / "seed1" / "best.pt", weights_only=True)
     assert ("model_state_dict" in ckpt) == (backbone == "unet")
-    run("train_seg.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt", "--phantom-n", "24",
+    run_script("train_seg.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt", "--phantom-n", "24",
                          "--phantom-size", "128", "--workers", "0", "--out-dir", ev], env)
     again = json.loads((ev / "results.json").read_text())
     assert again["backbone"] == backbone and again["config"]["eval_only"]
     assert 0 <= again["metrics"]["dice"]["mean"] <= 1
 
 
-def test_train_cls_dinov2(tmp_path):
+def test_train_cls_dinov2(tmp_path, run_script):
     out = tmp_path / "cls"
-    run("train_cls.py", SMALL + ["--backbone", "dinov2", "--image-size", "70", "--out-dir", out],
+    run_script("train_cls.py", SMALL + ["--backbone", "dinov2", "--image-size", "70", "--out-dir", out],
         {"CLIP_US_CACHE": str(tmp_path / "cache")})
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "cls" and res["backbone"] == "dinov2" and "acc" in res["metrics"]
