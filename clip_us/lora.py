@@ -11,7 +11,7 @@ dropout 0.1.
   checkpoints and torch's nn.MultiheadAttention. `LoRAAttention` adds each targeted delta to its
   slice of the packed projection instead of splitting the weight, so every key keeps its name.
   Each target has its own A, B and dropout draw, as the official code's separate q/k/v layers do;
-  on the CPU the draw comes from `keep_mask` (the same Bernoulli distribution, 2-3x faster than
+  on the CPU the draw comes from `keep_mask` (the same Bernoulli distribution, about 2x faster than
   nn.Dropout's bernoulli_).
   `shared_dropout=True` draws one mask for q, k and v instead (a third of the random numbers, one
   stacked A matmul; each target's marginal distribution is unchanged, but the three masks are
@@ -48,7 +48,7 @@ def lora_scaling(r: int, alpha: float, scaling: str) -> float:
 
 def keep_mask(shape, p: float, device="cpu") -> torch.Tensor:
     """A bool mask, each element independently False with probability p: dropout's Bernoulli
-    draw, 2-3x faster than bernoulli_ on the CPU.
+    draw, about 2x faster than bernoulli_ on the CPU.
 
     Each element gets 32 random bits u, cut two per int64 word of torch.randint (bernoulli_ and
     torch.rand spend a generator call per element), and is dropped when u < p * 2^32: a drop
