@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from clip_us.adapters import AdapterConfig, apply_adapter, format_count  # noqa: E402
 from clip_us.lora import add_lora, keep_mask, mark_only_trainable  # noqa: E402
 from clip_us.model import build_model  # noqa: E402
+from timing import seconds  # noqa: E402
 
 MODES = ("forward", "lora", "lora-shared", "mona", "full")
 
@@ -61,20 +62,6 @@ def build(mode: str, device: torch.device):
     if mode == "lora-shared":  # one dropout draw for q, k and v (--lora-shared-dropout)
         mark_only_trainable(add_lora(visual, shared_dropout=True), ("lora_",))
     return visual.to(device).train()
-
-
-def timed(fn, reps: int, warmup: int, device: torch.device) -> list[float]:
-    times = []
-    for i in range(warmup + reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def saved_activation_mb(visual, x, amp) -> float:
@@ -162,7 +149,7 @@ def interleaved_times(args) -> dict:
     for rep in range(args.warmup + args.reps):
         order = MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]  # rotated: a load trend
         for mode in order:                                           # falls on every mode alike
-            t = timed(fns[mode], 1, 0, device)[0]
+            t = seconds(fns[mode], device)
             if rep >= args.warmup:
                 times[mode].append(round(t, 3))
     return times

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip_us import backbones  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def _perturb(model):
@@ -68,19 +67,6 @@ def pairs(folder: str, dinov2_res: int):
     yield "resnet18", ours, rn, 224
 
 
-def time_pair(ours, peer, x, repeats: int) -> tuple[float, float]:
-    """Median seconds per batch for ours and the peer, alternating, after one warm-up each."""
-    times = {"ours": [], "peer": []}
-    with torch.inference_mode():
-        ours(x), peer(x)
-        for _ in range(repeats):
-            for name, fn in (("ours", ours), ("peer", peer)):
-                t = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t)
-    return statistics.median(times["ours"]), statistics.median(times["peer"])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -97,7 +83,9 @@ def main():
             with torch.inference_mode():  # same weights: the outputs must agree
                 a, b = ours(x), peer(x)
             err = ((a - b).abs().max() / b.abs().max()).item()
-            t_ours, t_peer = time_pair(ours, peer, x, args.repeats)
+            med = interleaved_medians({"ours": lambda: ours(x), "peer": lambda: peer(x)},
+                                      args.repeats)
+            t_ours, t_peer = med["ours"], med["peer"]
             print(f"{name:12s} {res:4d} {args.batch / t_ours:14.2f} {args.batch / t_peer:11.2f} "
                   f"{t_peer / t_ours:6.2f}x   (max rel. diff {err:.1e})", flush=True)
     print("\nratio = peer time / clip_us time (> 1: clip_us faster). unimedclip and clip are "

@@ -30,6 +30,7 @@ from clip_us import backbones  # noqa: E402
 from clip_us.clipseg import load_clipseg  # noqa: E402
 from clip_us.dinov2_heads import DINOv2SegHead, last_blocks  # noqa: E402
 from clip_us.unet import UNet  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def _perturb(model):
@@ -38,19 +39,6 @@ def _perturb(model):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model.eval()
-
-
-def time_pair(ours, peer, repeats: int) -> tuple[float, float]:
-    """Median seconds per call of ours and the peer, alternating, after one warm-up each."""
-    times = {"ours": [], "peer": []}
-    with torch.inference_mode():
-        ours(), peer()
-        for _ in range(repeats):
-            for name, fn in (("ours", ours), ("peer", peer)):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return statistics.median(times["ours"]), statistics.median(times["peer"])
 
 
 def clipseg_pair(folder: str, batch: int):
@@ -126,7 +114,8 @@ def main():
                 continue
             ours, peer = build(folder, batch)
             check_equal(ours, peer, name)
-            t_ours, t_peer = time_pair(ours, peer, args.repeats)
+            med = interleaved_medians({"ours": ours, "peer": peer}, args.repeats)
+            t_ours, t_peer = med["ours"], med["peer"]
             print(f"{name}: ours {batch / t_ours:.2f} img/s, peer {batch / t_peer:.2f} img/s, "
                   f"ours / peer = {t_peer / t_ours:.2f}x", flush=True)
             del ours, peer

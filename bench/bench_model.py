@@ -21,7 +21,6 @@ import contextlib
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,27 +29,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip_us.model import build_model, folded_quick_gelu  # noqa: E402
 from clip_us.precision import capability  # noqa: E402
+from timing import seconds  # noqa: E402
 
 IMAGE_GFLOP = 35.2  # ViT-B/16 at 224: 2 x multiply-accumulates, attention included
 TEXT_GFLOP = 6.0    # text tower at 77 tokens, width 512, 12 blocks (2 x MACs)
-
-
-def timed(fn, device) -> float:
-    """Seconds of one call (CUDA: synchronised before and after)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def gemm_rate(dtype, n=2048, reps=5, device=torch.device("cpu")) -> float:
     """GFLOP/s of a large square torch.mm in `dtype`: the machine's practical peak."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
-    times = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
+    times = [seconds(lambda: torch.mm(a, b), device) for _ in range(reps)]
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
@@ -110,7 +99,7 @@ def time_all(runs: dict, repeats: int, slow_repeats: int, device) -> dict:
             for name, fn in runs.items():
                 if "autocast" in name and r >= slow_repeats and device.type == "cpu":
                     continue
-                times[name].append(timed(fn, device))
+                times[name].append(seconds(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -933,7 +933,7 @@ def api_key(env_name: str | None) -> str | None:
     return key
 
 
-def run_refine(a) -> None:
+def run_refine(a) -> dict:
     key_env = a.api_key_env or "OPENAI_API_KEY"
     chat = llm.ChatConfig(a.endpoint, a.model, api_key=api_key(a.api_key_env),
                           timeout=a.timeout, retries=a.retries, backoff=a.backoff)
@@ -946,7 +946,9 @@ def run_refine(a) -> None:
     key_note = f"key from ${key_env}" if chat.api_key else "no API key"
     print(f"refine {a.manifest} -> {a.out}: {chat.url}, model {chat.model}, mode {rcfg.mode}, "
           f"{rcfg.params}, concurrency {rcfg.concurrency}, {key_note}")
-    print_refine_summary(refine_manifest(a.manifest, a.out, chat, rcfg))
+    summary = refine_manifest(a.manifest, a.out, chat, rcfg)
+    print_refine_summary(summary)
+    return summary
 
 
 def main(argv=None) -> None:
@@ -964,7 +966,12 @@ def main(argv=None) -> None:
             print(f"fitted {s['rows']} captions to {a.context_length} tokens: {s['changed']} "
                   f"changed; wrote {s['out']}")
         else:
-            run_refine(a)
+            s = run_refine(a)
+            if s["failed"]:  # written, but incomplete: a pipeline must not take it for done
+                print(f"error: {s['failed']} of {s['rows']} rows kept their original caption "
+                      f"(requests failed); rerun the same command to retry only those",
+                      file=sys.stderr)
+                sys.exit(1)
     except (CaptionError, DataError, llm.LLMError, OSError, csv.Error,
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)

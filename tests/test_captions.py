@@ -859,10 +859,13 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
                                                       for i in range(6)) +
                    "l.png,old l,liver,50\nk.png,old k,kidney,60\n")
     cache = tmp_path / "replies.jsonl"
-    captions.main(["refine", str(src), "--out", str(tmp_path / "o.csv"), "--endpoint", server.url,
-                   "--model", "m", "--mode", "describe", "--caption-col", "desc", "--top-p",
-                   "0.5", "--timeout", "0.5", "--retries", "1", "--backoff", "0", "--cache",
-                   str(cache), "--context-length", "20", "--concurrency", "3", "--no-progress"])
+    with pytest.raises(SystemExit) as failed:  # the kidney row failed: written, exit status 1
+        captions.main(["refine", str(src), "--out", str(tmp_path / "o.csv"), "--endpoint",
+                       server.url, "--model", "m", "--mode", "describe", "--caption-col", "desc",
+                       "--top-p", "0.5", "--timeout", "0.5", "--retries", "1", "--backoff", "0",
+                       "--cache", str(cache), "--context-length", "20", "--concurrency", "3",
+                       "--no-progress"])
+    assert failed.value.code == 1
     body = server.requests[0]
     assert body["messages"][0]["content"] == captions.DESCRIBE_INSTRUCTIONS
     assert body["top_p"] == 0.5 and "old" not in body["messages"][-1]["content"]
@@ -873,8 +876,9 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
     assert [r["refine_status"] for r in rows] == ["fitted"] * 6 + ["ok", "failed"]
     assert all(token_count(r["desc"]) <= 20 for r in rows) and rows[7]["desc"] == "old k"
     assert cache.is_file() and not (tmp_path / "o.csv.cache.jsonl").exists()
-    out = capsys.readouterr().out
-    assert "failed rows (0-based, header not counted): 7" in out and "HTTP 503" in out
+    printed = capsys.readouterr()
+    assert "failed rows (0-based, header not counted): 7" in printed.out and "HTTP 503" in printed.out
+    assert "1 of 8 rows kept their original caption" in printed.err
     defaults = captions.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint",
                                                    "http://h/v1", "--model", "m"])
     assert defaults.concurrency == 8 == captions.RefineConfig().concurrency
