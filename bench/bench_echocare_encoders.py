@@ -18,13 +18,16 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from clip_us import bert as B
-from clip_us import swin as S
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip_us import bert as B  # noqa: E402
+from clip_us import swin as S  # noqa: E402
 
 ORGANS = ["breast", "thyroid", "liver", "lung", "carotid artery"]
 FINDINGS = ["oval", "irregular", "spiculated", "hypoechoic", "heterogeneous", "microcalcifications",

@@ -10,8 +10,10 @@ Run from the repository root: ``flock /tmp/clip_us_bench.lock python -m bench.be
 """
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +21,8 @@ from medpy.metric import binary as medpy_binary
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from scipy.ndimage import gaussian_filter
 
-from clip_us import metrics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip_us import metrics  # noqa: E402
 
 SIZE = 224
 

@@ -10,14 +10,17 @@ The last column compares ours with scikit-learn run to tol 1e-10 (untimed): the 
 Run from the repository root: ``flock /tmp/clip_us_bench.lock python -m bench.bench_probe [--rounds 3] [--threads 1]``
 """
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from clip_us.probe import LogisticProbe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip_us.probe import LogisticProbe  # noqa: E402
 
 CASES = (("BUSI-like 546x256", 546, 256), ("BUSI-like 546x512", 546, 512), ("12000x256", 12000, 256))
 

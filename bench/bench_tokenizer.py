@@ -8,12 +8,15 @@ with a fresh tokenizer (cold cache) and again (warm cache). Checks the ids are i
 """
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from open_clip import tokenizer as peer_module
 
-from clip_us import tokenizer as ours_module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clip_us import tokenizer as ours_module  # noqa: E402
 
 ORGANS = ["breast", "thyroid", "lymph node", "liver"]
 FINDINGS = ["oval", "irregular", "spiculated", "hypoechoic", "heterogeneous", "microcalcifications",
