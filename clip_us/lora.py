@@ -53,10 +53,15 @@ def keep_mask(shape, p: float, device="cpu") -> torch.Tensor:
     Each element gets 32 random bits u, cut two per int64 word of torch.randint (bernoulli_ and
     torch.rand spend a generator call per element), and is dropped when u < p * 2^32: a drop
     probability within 2^-33 of p, finer than torch.rand's 2^-24 steps."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    cut = round(p * 2**32) - 2**31  # on the int32 scale of u below
+    if cut > 2**31 - 1:  # p within 2^-33 of 1: every element dropped (and no int32 overflow)
+        return torch.zeros(shape, dtype=torch.bool, device=device)
     n = math.prod(shape)
     words = torch.randint(-2**63, 2**63 - 1, (-(-n // 2),), dtype=torch.int64, device=device)
     u = words.view(torch.int32)[:n]  # uniform on [-2^31, 2^31): every bit pattern once
-    return (u >= round(p * 2**32) - 2**31).view(shape)
+    return (u >= cut).view(shape)
 
 
 def dropout_linear(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:

@@ -162,6 +162,16 @@ def test_keep_mask_is_bernoulli(p):
     assert keep_mask((3, 5, 7), p).shape == (3, 5, 7)
 
 
+def test_keep_mask_ends():
+    """p = 0 keeps everything, p = 1 (or within 2^-33 of it, past int32's range) drops
+    everything, and a p outside [0, 1] is refused."""
+    from clip_us.lora import keep_mask
+    assert keep_mask((1000,), 0.0).all()
+    assert not keep_mask((1000,), 1.0).any() and not keep_mask((1000,), 1 - 1e-11).any()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        keep_mask((10,), 1.5)
+
+
 def test_dropout_linear_is_dropout_then_linear():
     """On the CPU in training, dropout_linear(x, A) = linear(x * mask / (1 - p), A) for the mask
     keep_mask draws, gradients included; in eval it is linear(x, A)."""
