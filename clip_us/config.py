@@ -268,7 +268,7 @@ class ZeroShotConfig:
 # What --eval-only takes from the command line; everything else comes from the checkpoint.
 EVAL_ONLY_FROM_CLI = ("dataset", "data_root", "nextgen_name", "split_file", "crop",
                       "mask_threshold", "out_dir", "eval_only", "checkpoint", "device", "workers",
-                      "skip_bad", "batch_size", "amp", "precision", "n_figures", "debug")
+                      "skip_bad", "batch_size", "precision", "n_figures", "debug")
 # ... and these only when given (else the checkpoint's: its phantom is the one it was tested on).
 EVAL_ONLY_IF_GIVEN = ("phantom_n", "phantom_size")
 
@@ -287,6 +287,12 @@ def init_for_eval(init: str, ckpt: dict) -> str:
     return ""
 
 
+def _as_flag(name: str, value) -> str:
+    """How a setting is written on the command line: --amp / --no-amp, --lr 0.001."""
+    flag = name.replace("_", "-")
+    return f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool) else f"--{flag} {value}"
+
+
 def eval_only_config(cfg, ckpt: dict, given: set = frozenset()):
     """For --eval-only: the checkpoint's config decides the model, the CLI decides the data.
     The seed is the checkpoint's own; its --init file is not needed again (the checkpoint holds
@@ -296,6 +302,10 @@ def eval_only_config(cfg, ckpt: dict, given: set = frozenset()):
     saved = cls(**{k: v for k, v in ckpt["config"].items() if k in names})
     keep = {k: getattr(cfg, k) for k in EVAL_ONLY_FROM_CLI}
     keep.update({k: getattr(cfg, k) for k in EVAL_ONLY_IF_GIVEN if k in given})
+    for k in sorted(set(given) - set(keep)):
+        if getattr(cfg, k) != getattr(saved, k):  # said, not silently dropped
+            print(f"warning: {_as_flag(k, getattr(cfg, k))} is not used: --eval-only takes "
+                  f"{k} from the checkpoint ({getattr(saved, k)})")
     seed = ckpt.get("seed", ckpt["config"].get("seed_now", saved.seeds[0]))  # older files: seed_now
     keep.update(init=init_for_eval(saved.init, ckpt), seeds=[seed])
     return dataclasses.replace(saved, **keep)

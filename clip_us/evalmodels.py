@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
 from .checkpoint import load_checkpoint
 from .fileio import atomic_path
-from .precision import autocast, inference
+from .precision import autocast, inference, resolve_precision
 from .taskmodel import build_clip
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
@@ -128,8 +128,9 @@ def _identity_projections(model):
 def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity: dict, device,
                source: dict | None = None, precision: str = "fp32") -> EvalModel:
     """Wrap a CLIP (clip_us.model.CLIP, adapters allowed) as an EvalModel; its encoders run
-    under `precision` (resolved --precision), which is part of the feature cache's identity."""
+    under `precision` (--precision, resolved here once), part of the feature cache's identity."""
     model = model.eval().to(device)
+    precision = resolve_precision(precision, device)
     identity = {**identity, "precision": precision}
 
     def image_features(x):
@@ -219,6 +220,7 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
     identities and only the temperature (starting at 0.07) trains; the results say so.
     """
     model = model.eval().to(device)
+    precision = resolve_precision(precision, device)  # once: the encoders then run in it
     identity = {**identity, "precision": precision}
     split = all(hasattr(model, a) for a in ("image_features", "text_features", "image_head", "text_head"))
     enc_i = model.image_features if split else model.encode_image

@@ -60,7 +60,7 @@ def keep_mask(shape, p: float, device="cpu") -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.bool, device=device)
     n = math.prod(shape)
     words = torch.randint(-2**63, 2**63 - 1, (-(-n // 2),), dtype=torch.int64, device=device)
-    u = words.view(torch.int32)[:n]  # uniform on [-2^31, 2^31): every bit pattern once
+    u = words.view(torch.int32)[:n]  # uniform on [-2^31, 2^31) (to ~2^-64: randint's open end)
     return (u >= cut).view(shape)
 
 

@@ -2,7 +2,8 @@
 validation and test passes of the training scripts).
 
 - fp32: plain float32.
-- bf16 on CUDA: autocast to bfloat16; the weights stay float32 (never a trained fp16 copy).
+- bf16 on CUDA: autocast to bfloat16; the weights stay float32 (never a trained fp16 copy). A GPU
+  without native bf16 (pre-Ampere: V100, T4) falls back to fp32 with a message.
 - bf16 on a CPU with native bf16 (AVX512-BF16 or AMX on x86, Arm's BF16 extension): CPU autocast.
 - bf16 on a CPU without it (e.g. AVX2 only): PyTorch emulates bf16 there, and a ViT-B/16 forward
   was measured 65-85x slower than fp32; so the request is refused with a message and fp32 is used.
@@ -59,6 +60,12 @@ def resolve_precision(precision: str, device, verbose: bool = True) -> str:
         if verbose:
             print(f"clip_us: --precision bf16 ignored: this CPU ({capability()}) has no "
                   f"native bf16, where emulated bf16 runs 65-85x slower than fp32; using fp32")
+        return "fp32"
+    if precision == "bf16" and device.type == "cuda" and \
+            not torch.cuda.is_bf16_supported(including_emulation=False):
+        if verbose:  # pre-Ampere GPUs (V100, T4): no bf16 tensor cores
+            print(f"clip_us: --precision bf16 ignored: {torch.cuda.get_device_name(device)} has "
+                  f"no native bf16; using fp32")
         return "fp32"
     return precision
 

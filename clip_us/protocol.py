@@ -49,10 +49,13 @@ def alignment_and_retrieval(img: torch.Tensor, txt: torch.Tensor, captions) -> d
 def class_logits(img: torch.Tensor, text: torch.Tensor, scale) -> torch.Tensor:
     """[B, C] logits: scale · cos(image, class prompt), averaged over a class's prompts.
     img [B, D] and text [C, P, D] (or [B, C, P, D] per image) are L2-normalised. zeroshot.py's
-    scoring is the same with scale 100."""
-    if text.ndim == 3:
-        return (scale * torch.einsum("bd,cpd->bcp", img, text)).mean(-1)
-    return (scale * torch.einsum("bd,bcpd->bcp", img, text)).mean(-1)
+    scoring is the same with scale 100. Always fp32, also inside a bf16 autocast region: bf16
+    would keep about 3 significant digits of 100 * cos before the softmax."""
+    img, text = img.float(), text.float()
+    with torch.autocast(img.device.type, enabled=False):
+        if text.ndim == 3:
+            return (scale * torch.einsum("bd,cpd->bcp", img, text)).mean(-1)
+        return (scale * torch.einsum("bd,bcpd->bcp", img, text)).mean(-1)
 
 
 def classification_report(probs, labels) -> dict:

@@ -58,6 +58,20 @@ def test_eval_only_keeps_the_checkpoints_phantom_unless_given():
     assert (cfg.phantom_n, cfg.phantom_size) == (30, 96)
 
 
+def test_eval_only_says_which_given_flags_the_checkpoint_overrides(capsys):
+    saved = SupervisedConfig(arch="tiny", adapter="mona", seeds=[2])
+    ckpt = {"config": dataclasses.asdict(saved), "seed": 2}
+    argv = ["--eval-only", "--checkpoint", "x.pt", "--adapter", "lora", "--lr", "1e-4",
+            "--no-amp", "--precision", "bf16"]
+    cfg = eval_only_config(parse_config(SupervisedConfig, argv), ckpt,
+                           given_fields(SupervisedConfig, argv))
+    out = capsys.readouterr().out
+    assert cfg.adapter == "mona" and cfg.amp and cfg.precision == "bf16"
+    assert "--adapter lora is not used: --eval-only takes adapter from the checkpoint (mona)" in out
+    assert "--no-amp is not used" in out
+    assert "--lr" not in out and "--precision" not in out  # same value; taken from the CLI
+
+
 def test_missing_data_root_is_one_message_exit_2_and_no_run_folder(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "CLIP_US_CACHE": str(tmp_path / "cache")}

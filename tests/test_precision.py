@@ -21,6 +21,7 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
 
 def test_bf16_is_kept_where_it_runs(monkeypatch, capsys):
     monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert precision.resolve_precision("bf16", "cpu") == "bf16"
     assert precision.resolve_precision("bf16", torch.device("cuda")) == "bf16"  # autocast there
     assert capsys.readouterr().out == ""
@@ -29,6 +30,15 @@ def test_bf16_is_kept_where_it_runs(monkeypatch, capsys):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with precision.autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_falls_back_on_a_gpu_without_it(monkeypatch, capsys):
+    """A pre-Ampere GPU (V100, T4) has no bf16 tensor cores: fp32, with a message."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert precision.resolve_precision("bf16", "cuda") == "fp32"
+    assert "Tesla V100 has no native bf16; using fp32" in capsys.readouterr().out
 
 
 def test_bad_precision_is_refused():
@@ -60,12 +70,12 @@ def test_inference_context_matches_plain_pass(monkeypatch):
 # ----------------------------------------------------------------------------- the scripts
 TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--workers", "0"]
 PHANTOM = ["--phantom-n", "24", "--phantom-size", "128"]
-SUPERVISED = TINY + PHANTOM + ["--seeds", "1", "--batch-size", "8", "--epochs", "1",
-                               "--reduce-dim", "32", "--n-figures", "1"]
+SUPERVISED = TINY + PHANTOM + ["--seeds", "1", "--batch-size", "8", "--epochs", "2",
+                               "--eval-every", "1", "--reduce-dim", "32", "--n-figures", "1"]
 SCRIPTS = {  # script: (arguments, where its results.json is, under --out-dir)
     "train_seg.py": (SUPERVISED + ["--adapter", "lora"], "results.json"),
     "train_cls.py": (SUPERVISED + ["--adapter", "mona"], "results.json"),
-    "train_contrastive.py": (TINY + PHANTOM + ["--train", "heads", "--epochs", "1",
+    "train_contrastive.py": (TINY + PHANTOM + ["--train", "heads", "--epochs", "2",
                                                "--batch-size", "8"], "results.json"),
     "zeroshot.py": (TINY + PHANTOM, "results.json"),
     "evaluate.py": (["--weights", "none", "--arch", "tiny", "--image-size", "64", "--workers",
@@ -82,20 +92,33 @@ def caption_manifest(tmp_path_factory):
     return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
 
 
-def inference_dtypes(run):
-    """{(module class, output dtype)} of every forward that ran with gradients off (the
-    validation, test and inference passes) while run() ran."""
-    seen = set()
+def forward_events(run) -> list:
+    """[(gradients on, module class, output dtype)] of every module forward while run() ran, in
+    order: training steps run with gradients on; validation, test and inference passes off."""
+    seen = []
 
     def hook(module, args, output):
-        if not torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-            seen.add((type(module).__name__, output.dtype))
+        if isinstance(output, torch.Tensor):
+            seen.append((torch.is_grad_enabled(), type(module).__name__, output.dtype))
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         run()
     finally:
         handle.remove()
     return seen
+
+
+def test_feature_cache_is_keyed_on_the_precision_that_ran(monkeypatch, capsys):
+    """evaluate.py's cached features of a bf16 run are not reused for fp32, and a bf16 request
+    that fell back to fp32 shares fp32's cache (the key is what ran)."""
+    from clip_us import evalmodels
+    key = {}
+    for native, asked in ((True, "fp32"), (True, "bf16"), (False, "bf16")):
+        monkeypatch.setattr(precision, "native_bf16", lambda: native)
+        key[native, asked] = evalmodels.from_weights("none", "tiny", 64, "cpu",
+                                                     precision=asked).fingerprint()
+    assert key[True, "bf16"] != key[True, "fp32"] == key[False, "bf16"]
+    assert capsys.readouterr().out.count("--precision bf16 ignored") == 1
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -113,11 +136,17 @@ def test_precision_flag_reaches_every_inference_pass(script, tmp_path, monkeypat
     for native in (True, False):
         monkeypatch.setattr(precision, "native_bf16", lambda: native)
         out = tmp_path / f"native-{native}"
-        ran[native] = inference_dtypes(lambda: run_script(
+        ran[native] = forward_events(lambda: run_script(
             script, args + ["--precision", "bf16", "--out-dir", out], env))
         used = json.loads((out / results).read_text())["precision"]
         assert used == ("bf16" if native else "fp32")
         assert ("--precision bf16 ignored" in capsys.readouterr().out) == (not native)
-    assert ("Linear", torch.bfloat16) in ran[True]
-    assert not any(dtype == torch.bfloat16 for _, dtype in ran[False])
-    assert ("SiLU", torch.float32) in ran[False]  # QuickGELU folded (model.folded_quick_gelu)
+    assert (False, "Linear", torch.bfloat16) in ran[True]
+    assert not any(dtype == torch.bfloat16 for _, _, dtype in ran[False])
+    assert (False, "SiLU", torch.float32) in ran[False]  # QuickGELU folded (folded_quick_gelu)
+    steps = [i for i, (grad, _, _) in enumerate(ran[True]) if grad]
+    if steps:  # a training script: validation between its two epochs, and the final pass
+        bf16 = [i for i, (grad, _, dtype) in enumerate(ran[True])
+                if not grad and dtype == torch.bfloat16]
+        assert any(steps[0] < i < steps[-1] for i in bf16) and bf16[-1] > steps[-1]
+        assert not any(dtype == torch.bfloat16 for grad, _, dtype in ran[True] if grad)
