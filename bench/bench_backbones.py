@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clip_us import backbones  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from bench.timing import interleaved_medians  # noqa: E402
 
 
 def _perturb(model):

@@ -30,7 +30,7 @@ from clip_us import backbones  # noqa: E402
 from clip_us.clipseg import load_clipseg  # noqa: E402
 from clip_us.dinov2_heads import DINOv2SegHead, last_blocks  # noqa: E402
 from clip_us.unet import UNet  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from bench.timing import interleaved_medians  # noqa: E402
 
 
 def _perturb(model):
