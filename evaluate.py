@@ -15,7 +15,6 @@ zeroshot.py, whose binary benign/malignant default follows seed 003.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -30,6 +29,7 @@ import torch
 
 import clip_us
 from clip_us import evaldata, evalmodels, evalplots, protocol, tables
+from clip_us.config import parse_config
 from clip_us.fileio import write_json, write_text
 from clip_us.precision import resolve_precision
 from clip_us.prompts import ECHOCARE_TEMPLATE
@@ -88,54 +88,11 @@ class Config:
                                                "<manifest>-<time>); its split.json and features are reused"})
 
 
-def at_least(kind, low):
-    """argparse type: a `kind` number >= low (a bad count fails when the command line is read)."""
-    def parse(text):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
-
-
-def fraction(text):
-    """argparse type: a fraction of the training images, in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a fraction in (0, 1] (0.05 = 5 %), got {text}")
-    return value
-
-
-def option_type(f: dataclasses.Field, default):
-    """The argparse type of a Config field: its default's type, bounded by its metadata."""
-    kind = type(default[0]) if isinstance(default, list) and default else \
-        str if isinstance(default, list) else type(default)
-    if f.metadata.get("fraction"):
-        return fraction
-    return at_least(kind, f.metadata["min"]) if "min" in f.metadata else kind
-
-
-def parse_config(argv=None) -> Config:
-    """The CLI from Config: list fields marked "repeat" accumulate (--checkpoint a --checkpoint b)."""
-    # epilog: the class rule and the examples, with their line breaks; every flag shows its default
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="\n\n".join(__doc__.split("\n\n")[2:4]),
-                                     formatter_class=Formatter)
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag, helptext = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=helptext)
-        elif isinstance(default, list):
-            action = "extend" if f.metadata.get("repeat") else "store"
-            parser.add_argument(flag, default=default, nargs="+", type=option_type(f, default),
-                                action=action, help=helptext)
-        else:
-            parser.add_argument(flag, default=default, type=option_type(f, default),
-                                choices=f.metadata.get("choices"), help=helptext)
-    return Config(**vars(parser.parse_args(argv)))
+def parse_args(argv=None) -> Config:
+    """The command line from Config (clip_us.config: every field a flag; "repeat" fields add up,
+    --checkpoint a --checkpoint b). The epilog is the class rule and the examples."""
+    return parse_config(Config, argv, description=__doc__.split("\n\n")[0],
+                        epilog="\n\n".join(__doc__.split("\n\n")[2:4]))
 
 
 def fail(message):
@@ -159,7 +116,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-cfg = parse_config()
+cfg = parse_args()
 device = resolve_device(cfg.device)  # one process: no DDP here
 precision = resolve_precision(cfg.precision, device)  # bf16 -> fp32 on CPUs without native bf16
 torch.manual_seed(cfg.seed)

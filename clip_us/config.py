@@ -41,7 +41,29 @@ def _at_least(kind, low):
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1] (0.05 = 5 %)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1] (0.05 = 5 %), got {text}")
+    return value
+
+
+def _option_type(f: dataclasses.Field, default):
+    """A field's argparse type: its default's (a list's elements'), bounded below by its
+    metadata "min" or FLAG_MINIMUM, or a fraction with metadata "fraction"."""
+    many = isinstance(default, (list, tuple))
+    kind = (type(default[0]) if default else str) if many else \
+        (type(default) if default is not None else str)
+    if f.metadata.get("fraction"):
+        return _fraction
+    low = f.metadata.get("min", FLAG_MINIMUM.get(f.name))
+    return _at_least(kind, low) if low is not None and kind in (int, float) else kind
+
+
 def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
+    """--field-name from a field: bools as --x/--no-x; lists take several values, and with
+    metadata "repeat" each use of the flag adds to them (--checkpoint a --checkpoint b)."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     flag = "--" + f.name.replace("_", "-")
     helptext = f.metadata.get("help", "")
@@ -49,14 +71,12 @@ def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
         parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                             help=helptext)
     elif isinstance(default, (list, tuple)):
-        kind = type(default[0]) if default else str
-        parser.add_argument(flag, default=list(default), nargs="+", type=kind, help=helptext)
+        parser.add_argument(flag, default=list(default), nargs="+",
+                            type=_option_type(f, default), help=helptext,
+                            action="extend" if f.metadata.get("repeat") else "store")
     else:
-        kind = type(default) if default is not None else str
-        if f.name in FLAG_MINIMUM and kind in (int, float):
-            kind = _at_least(kind, FLAG_MINIMUM[f.name])
-        parser.add_argument(flag, default=default, type=kind, choices=f.metadata.get("choices"),
-                            help=helptext)
+        parser.add_argument(flag, default=default, type=_option_type(f, default),
+                            choices=f.metadata.get("choices"), help=helptext)
 
 
 def build_parser(cls, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
