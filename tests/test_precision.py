@@ -67,6 +67,31 @@ def test_inference_context_matches_plain_pass(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_bf16_pass_casts_the_weights_once_and_gives_them_back(monkeypatch):
+    """On a CPU with native bf16 (forced here; emulated, slow but exact in kind) the pass runs on
+    bf16 copies of the matrix weights, with a cosine >= 0.999 to fp32; afterwards the model
+    holds its own fp32 Parameter objects and an unchanged state_dict."""
+    from clip_us.lora import add_lora
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = add_lora(build_model(config="tiny")).eval()  # LoRA layers are cast as well
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model.encode_image(x)
+    block = model.visual.transformer.resblocks[0]
+    with precision.inference(model, "bf16", "cpu"):
+        dtypes = {block.attn.in_proj_weight.dtype, block.attn.out_proj.weight.dtype,
+                  block.mlp.c_fc.weight.dtype, model.visual.conv1.weight.dtype}
+        assert dtypes == {torch.bfloat16} and block.ln_1.weight.dtype == torch.float32
+        out = model.encode_image(x).float()
+    assert torch.nn.functional.cosine_similarity(out, ref).min() >= 0.999
+    assert [id(p) for p in model.parameters()] == params
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 # ----------------------------------------------------------------------------- the scripts
 TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--workers", "0"]
 PHANTOM = ["--phantom-n", "24", "--phantom-size", "128"]
