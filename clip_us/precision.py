@@ -64,9 +64,9 @@ def resolve_precision(precision: str, device, verbose: bool = True) -> str:
             print(f"clip_us: --precision bf16 ignored: this CPU ({capability()}) has no "
                   f"native bf16, where emulated bf16 runs 65-85x slower than fp32; using fp32")
         return "fp32"
-    if precision == "bf16" and device.type == "cuda" and \
-            not torch.cuda.is_bf16_supported(including_emulation=False):
-        if verbose:  # pre-Ampere GPUs (V100, T4): no bf16 tensor cores
+    if precision == "bf16" and device.type == "cuda" and not torch.version.hip and \
+            torch.cuda.get_device_capability(device)[0] < 8:
+        if verbose:  # pre-Ampere GPUs (V100 7.0, T4 7.5): no bf16 tensor cores
             print(f"clip_us: --precision bf16 ignored: {torch.cuda.get_device_name(device)} has "
                   f"no native bf16; using fp32")
         return "fp32"

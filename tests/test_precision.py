@@ -21,7 +21,7 @@ def test_bf16_falls_back_to_fp32_without_native_bf16(monkeypatch, capsys):
 
 def test_bf16_is_kept_where_it_runs(monkeypatch, capsys):
     monkeypatch.setattr(precision, "native_bf16", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert precision.resolve_precision("bf16", "cpu") == "bf16"
     assert precision.resolve_precision("bf16", torch.device("cuda")) == "bf16"  # autocast there
     assert capsys.readouterr().out == ""
@@ -34,8 +34,7 @@ def test_bf16_is_kept_where_it_runs(monkeypatch, capsys):
 
 def test_bf16_falls_back_on_a_gpu_without_it(monkeypatch, capsys):
     """A pre-Ampere GPU (V100, T4) has no bf16 tensor cores: fp32, with a message."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     assert precision.resolve_precision("bf16", "cuda") == "fp32"
     assert "Tesla V100 has no native bf16; using fp32" in capsys.readouterr().out
