@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help; the description and epilog keep their line breaks."""
+    """Each option's default after its help; the description and epilog keep their line breaks.
+    An empty default ('' or none) is not shown, nor one the help text already states."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in ("", None, []) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 # Counts and sizes that cannot work below these values: refused when the command line is parsed.

@@ -39,6 +39,17 @@ def test_lora_rows_differ_by_adapter_train():
     assert row_name("clip", "mona", False, False) == "CLIP (Mona, frozen)"
 
 
+@pytest.mark.parametrize("cls", [SupervisedConfig, ClsConfig, ZeroShotConfig])
+def test_help_shows_each_default_once_and_no_empty_one(cls):
+    """An empty default prints nothing ("(default: )" says nothing), and a help text that
+    states its default gets no second one from argparse."""
+    from clip_us.config import build_parser
+    text = build_parser(cls).format_help()
+    assert "(default: )" not in text and "(default: 32)" in text  # --batch-size's
+    for entry in text.split("\n  --")[1:]:
+        assert entry.count("(default") <= 1, entry
+
+
 def test_official_defaults():
     cfg = SupervisedConfig()
     assert (cfg.grad_clip, cfg.decay, cfg.adapter_train) == (0.0, "all", "auto")
