@@ -5,6 +5,7 @@ on CUDA); outside torchrun each helper is the single-process identity.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -16,6 +17,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _destroy_process_group():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def setup_distributed(device_flag: str = "auto") -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; a single process otherwise."""
     want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
@@ -25,6 +31,10 @@ def setup_distributed(device_flag: str = "auto") -> tuple[int, int, torch.device
     local = int(os.environ.get("LOCAL_RANK", 0))
     if not is_distributed():
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        # An orderly teardown when the script ends: left to interpreter shutdown, gloo's threads
+        # can outlive their process group and abort the rank ("terminate called without an
+        # active exception"), failing a run whose work was done.
+        atexit.register(_destroy_process_group)
     if want_cuda:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
