@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
 from .checkpoint import load_checkpoint
 from .fileio import atomic_path
-from .precision import autocast, inference, resolve_precision
+from .precision import inference, resolve_precision
 from .taskmodel import build_clip
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
@@ -227,11 +227,11 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
     enc_t = model.text_features if split else model.encode_text
 
     def image_features(x):
-        with torch.inference_mode(), autocast(precision, device):
+        with inference(model, precision, device):
             return enc_i(x.to(device)).float().cpu()
 
     def text_features(texts):
-        with torch.inference_mode(), autocast(precision, device):
+        with inference(model, precision, device):
             return enc_t(list(texts)).float().cpu()
 
     log_t = getattr(model, "log_temperature", torch.tensor(0.07).log())

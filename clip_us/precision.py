@@ -53,24 +53,29 @@ def capability() -> str:
             f"{'yes' if native_bf16() else 'no'}")
 
 
+def _no_native_bf16(device: torch.device) -> str | None:
+    """Why `device` has no native bf16 (a CPU without it; a pre-Ampere GPU, compute capability
+    below 8.0: V100, T4), or None when it has."""
+    if device.type == "cpu" and not native_bf16():
+        return (f"this CPU ({capability()}) has no native bf16, where emulated bf16 runs "
+                f"65-85x slower than fp32")
+    if device.type == "cuda" and not torch.version.hip and \
+            torch.cuda.get_device_capability(device)[0] < 8:
+        return f"{torch.cuda.get_device_name(device)} has no native bf16"
+    return None
+
+
 def resolve_precision(precision: str, device, verbose: bool = True) -> str:
     """The precision that will actually run: bf16 falls back to fp32, with a message (unless
-    `verbose` is False: e.g. on DDP ranks other than 0), on a CPU without native bf16."""
+    `verbose` is False: e.g. on DDP ranks other than 0), where the device has no native bf16."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "bf16" and device.type == "cpu" and not native_bf16():
-        if verbose:
-            print(f"clip_us: --precision bf16 ignored: this CPU ({capability()}) has no "
-                  f"native bf16, where emulated bf16 runs 65-85x slower than fp32; using fp32")
-        return "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.version.hip and \
-            torch.cuda.get_device_capability(device)[0] < 8:
-        if verbose:  # pre-Ampere GPUs (V100 7.0, T4 7.5): no bf16 tensor cores
-            print(f"clip_us: --precision bf16 ignored: {torch.cuda.get_device_name(device)} has "
-                  f"no native bf16; using fp32")
-        return "fp32"
-    return precision
+    why = _no_native_bf16(torch.device(device)) if precision == "bf16" else None
+    if why is None:
+        return precision
+    if verbose:
+        print(f"clip_us: --precision bf16 ignored: {why}; using fp32")
+    return "fp32"
 
 
 def autocast(precision: str, device):

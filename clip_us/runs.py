@@ -24,8 +24,8 @@ from .checkpoint import load_checkpoint
 from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets
 from .distributed import barrier, setup_distributed
-from .precision import inference, resolve_precision
 from .fileio import write_json
+from .precision import inference, resolve_precision
 from .tables import row_csv, write_results
 from .taskmodel import make_task_model
 from .viz import save_training_curves

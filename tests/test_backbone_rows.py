@@ -87,6 +87,12 @@ def test_renormalize_maps_clip_to_imagenet():
 
 
 # ----------------------------------------------------------------------------- the scripts
+def eval_only(run_script, script, out, ev, cache):
+    """`SCRIPT --eval-only` on the best checkpoint of the run in `out`, the phantom as its data."""
+    run_script(script, ["--eval-only", "--checkpoint", out / "seed1" / "best.pt", "--phantom-n",
+                        "24", "--phantom-size", "128", "--workers", "0", "--out-dir", ev], cache)
+
+
 def test_train_seg_biomedclip_mona_then_eval_only(tmp_path, run_script):
     out, ev = tmp_path / "train", tmp_path / "eval"
     cache = {"CLIP_US_CACHE": tmp_path}
@@ -97,9 +103,7 @@ def test_train_seg_biomedclip_mona_then_eval_only(tmp_path, run_script):
     ckpt = torch.load(out / "seed1" / "best.pt", weights_only=True)
     assert any(".mona2." in k for k in ckpt["adapter_state_dict"])
     assert "model_state_dict" not in ckpt  # the backbone is frozen
-    run_script("train_seg.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt",
-                                "--phantom-n", "24", "--phantom-size", "128", "--workers", "0",
-                                "--out-dir", ev], cache)
+    eval_only(run_script, "train_seg.py", out, ev, cache)
     again = json.loads((ev / "results.json").read_text())
     assert again["row"].startswith("BiomedCLIP (Mona)") and again["config"]["eval_only"]
 
@@ -114,9 +118,7 @@ def test_train_cls_resnet18_then_eval_only(tmp_path, run_script):
     ckpt = torch.load(out / "seed1" / "best.pt", weights_only=True)
     assert "visual.layer4.1.conv2.weight" in ckpt["model_state_dict"]  # torchvision's names
     assert set(ckpt["head_state_dict"]) == {"weight", "bias"}
-    run_script("train_cls.py", ["--eval-only", "--checkpoint", out / "seed1" / "best.pt",
-                                "--phantom-n", "24", "--phantom-size", "128", "--workers", "0",
-                                "--out-dir", ev], cache)
+    eval_only(run_script, "train_cls.py", out, ev, cache)
     again = json.loads((ev / "results.json").read_text())
     assert again["row"].startswith("ResNet18") and "acc" in again["metrics"]
 
