@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 import clip_us
-from clip_us import evaldata, evalmodels, evalplots, protocol, tables
+from clip_us.evaluation import data as evaldata, models as evalmodels, plots as evalplots, protocol
+from clip_us import tables
 from clip_us.config import parse_config
 from clip_us.fileio import write_json, write_text
 from clip_us.precision import resolve_precision
-from clip_us.prompts import ECHOCARE_TEMPLATE
+from clip_us.evaluation.prompts import ECHOCARE_TEMPLATE
 from clip_us.weights import available_models
 
 

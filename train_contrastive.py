@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import clip_us
-from clip_us import loop, manifest, phantom, tables
+from clip_us import loop, phantom, tables
+from clip_us.captions import manifest
 from clip_us.adapters import AdapterConfig, apply_adapter, count_parameters
 from clip_us.config import parse_config
 from clip_us.contrastive import (TRAIN_MODES, CaptionDataset, ContrastiveCLIP, set_trainable,

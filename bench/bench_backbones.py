@@ -7,7 +7,7 @@ Peers: open_clip's ViT-B-16-quickgelu (MetaCLIP, UniMedCLIP: the same architectu
 TimmModel with timm's vit_base_patch16_224 trunk (BiomedCLIP), timm's vit_base_patch14_dinov2
 (DINOv2; at --dinov2-res, 224 px by default to keep the run short, 518 px is the official size) and
 torchvision's resnet18. Each peer's weights are saved in the authors' file layout and loaded through
-clip_us.backbones.build, so the loader is exercised too. Both sides compute the pooled embedding
+clip_us.baselines.backbones.build, so the loader is exercised too. Both sides compute the pooled embedding
 (ours: tower(x), the full forward). Runs alternate between the two and the median is reported.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_us import backbones  # noqa: E402
+from clip_us.baselines import backbones  # noqa: E402
 from bench.timing import interleaved_medians  # noqa: E402
 
 

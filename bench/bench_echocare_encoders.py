@@ -1,12 +1,12 @@
 """Benchmark: EchoCare-CLIP's two encoders and the WordPiece tokenizer against their peers, same
 weights, same inputs, one process, alternating rounds so that shared-machine load hits both alike.
 
-- Swin image encoder (clip_us.swin) vs MONAI's SwinTransformer(spatial_dims=2, use_v2=True), the
+- Swin image encoder (clip_us.echocare.swin) vs MONAI's SwinTransformer(spatial_dims=2, use_v2=True), the
   EchoCare configuration at 256 px, forward under inference_mode: images/s. MONAI runs with its
   default (use_flash_attention=False), as the EchoCare-CLIP authors ran it.
-- BERT-base (clip_us.bert) vs transformers.BertModel (its default attention), BioClinicalBERT's
+- BERT-base (clip_us.echocare.bert) vs transformers.BertModel (its default attention), BioClinicalBERT's
   sizes, 128 tokens with padding: texts/s.
-- WordPiece (clip_us.bert.WordPieceTokenizer) vs transformers' slow Python BertTokenizer
+- WordPiece (clip_us.echocare.bert.WordPieceTokenizer) vs transformers' slow Python BertTokenizer
   (BertTokenizerLegacy in transformers 5; the fair peer) and, for reference, the Rust one:
   texts/s on 2,000 captions, cold (fresh tokenizer) and warm cache.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_us import bert as B  # noqa: E402
-from clip_us import swin as S  # noqa: E402
+from clip_us.echocare import bert as B  # noqa: E402
+from clip_us.echocare import swin as S  # noqa: E402
 
 ORGANS = ["breast", "thyroid", "liver", "lung", "carotid artery"]
 FINDINGS = ["oval", "irregular", "spiculated", "hypoechoic", "heterogeneous", "microcalcifications",

@@ -1,4 +1,4 @@
-"""Benchmark: the linear probe's fit — clip_us.probe.LogisticProbe vs scikit-learn's LogisticRegression.
+"""Benchmark: the linear probe's fit — clip_us.evaluation.probe.LogisticProbe vs scikit-learn's LogisticRegression.
 
 Both run in this process, interleaved, on the same standardised features: EchoCare-CLIP's held-out
 BUSI size (546 training images, 3 imbalanced classes, 256-d embeddings like its dual encoder; 512-d
@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_us.probe import LogisticProbe  # noqa: E402
+from clip_us.evaluation.probe import LogisticProbe  # noqa: E402
 
 CASES = (("BUSI-like 546x256", 546, 256), ("BUSI-like 546x512", 546, 512), ("12000x256", 12000, 256))
 

@@ -506,7 +506,7 @@ def phantom_root(cfg: DataConfig) -> Path:
 
 def scan_phantom(root: Path, cfg: DataConfig, tally: Tally):
     """Write the phantom (BUSI layout) if the folder has none yet, then read it as BUSI."""
-    from clip_us import phantom   # only this option needs the generator
+    from . import phantom  # only this option needs the generator
     if not (root / "metadata.jsonl").is_file():
         pcfg = phantom.PhantomConfig(size=cfg.phantom_size, n=cfg.phantom_n, seed=cfg.phantom_seed,
                                      organs=tuple(cfg.phantom_organs),

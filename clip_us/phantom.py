@@ -421,7 +421,7 @@ def _write_all(tmp: Path, cfg: PhantomConfig) -> None:
 
 def caption_root(cfg: PhantomConfig) -> Path:
     """The cache folder of a captioned phantom, named by its settings."""
-    from clip_us.fileio import cache_dir
+    from .fileio import cache_dir
     organs = "+".join(o.replace(" ", "_") for o in cfg.organs)
     name = f"captions-n{cfg.n}-s{cfg.size}-seed{cfg.seed}-{organs}-normal{cfg.p_normal:g}"
     return Path(cache_dir()) / "phantom" / name
@@ -435,7 +435,7 @@ def caption_manifest(root=None, cfg: PhantomConfig | None = None, caption_seed: 
     with clip_us.captions' three-tier templates (an existing one is reused), and returns that
     CSV's path. The default `cfg` draws all four organs and 17 % normal images, so every tier
     has something to say."""
-    from clip_us import captions   # here, not at the top: writing images needs no tokenizer
+    from . import captions  # here, not at the top: writing images needs no tokenizer
     cfg = cfg or PhantomConfig(organs=ORGANS, p_normal=0.17)
     root = Path(root) if root else caption_root(cfg)
     if not (root / "metadata.jsonl").is_file():

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, loop
 from .adapters import AdapterConfig, adapter_trains, format_count, load_task_state
-from .backbones import row_label
+from .baselines.backbones import row_label
 from .checkpoint import load_checkpoint
 from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets

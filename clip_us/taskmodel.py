@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import backbones, rowmodels
+from .baselines import backbones, rows as rowmodels
 from .adapters import AdapterConfig, adapter_trains, apply_adapter, freeze_backbone, load_adapter
 from .heads import build_task_model
 from .model import build_model

@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 import torch
 
-from clip_us import bert as B
+from clip_us.echocare import bert as B
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

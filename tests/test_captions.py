@@ -21,8 +21,10 @@ import pytest
 import regex
 from PIL import Image
 
-from clip_us import captions, llm, phantom
-from clip_us.captions import (FALLBACK, FIELDS, TEMPLATES, fit_to_context, record_fields, render,
+from clip_us import captions, phantom
+
+from clip_us.captions import llm
+from clip_us.captions.templates import (FALLBACK, FIELDS, TEMPLATES, fit_to_context, record_fields, render,
                               token_count)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from transformers import CLIPConfig as HFCLIPConfig
 from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation
 
 import clip_us
-from clip_us import clipseg
-from clip_us.clipseg import CLIPSeg, load_clipseg, two_class_logits
+from clip_us.baselines import clipseg
+from clip_us.baselines.clipseg import CLIPSeg, load_clipseg, two_class_logits
 
 PROMPT = ("Benign: Oval shape, smooth margins, parallel orientation. Malignant: Irregular shape, "
           "spiculated margins, non-parallel orientation.")
@@ -168,7 +168,7 @@ def test_task_model_two_class_logits_and_what_trains():
 
 
 def test_prompts_per_data_set_fit_77_tokens():
-    from clip_us.prompts import PAPER_PROMPTS
+    from clip_us.evaluation.prompts import PAPER_PROMPTS
     for ds in ("ln1", "ln2", "busi", "ddti", "tn3k", "prostate", "phantom"):
         text = clipseg.prompt_for(ds)
         assert "Benign:" in text and "Malignant:" in text and "{label}" not in text

@@ -10,7 +10,7 @@ from clip_us import contrastive as C
 from clip_us import loop
 from clip_us.adapters import AdapterConfig, apply_adapter
 from clip_us.losses import clip_loss
-from clip_us.manifest import Pair
+from clip_us.captions.manifest import Pair
 from clip_us.model import build_model
 from clip_us.official_adapters import convert_official_lora, convert_official_mona, is_official_mona
 from clip_us.tokenizer import tokenize

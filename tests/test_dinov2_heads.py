@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from clip_us import backbones
-from clip_us.dinov2_heads import DINOv2ClsHead, DINOv2SegHead, last_blocks
+from clip_us.baselines import backbones
+from clip_us.baselines.dinov2_heads import DINOv2ClsHead, DINOv2SegHead, last_blocks
 
 
 class _OfficialUp(nn.Module):
@@ -147,7 +147,7 @@ def test_heads_on_our_dinov2_tower_match_timm_intermediate_layers(tmp_path):
 
 
 def test_task_model_on_the_tiny_dinov2_tower():
-    from clip_us.dinov2_heads import DINOv2TaskModel
+    from clip_us.baselines.dinov2_heads import DINOv2TaskModel
     tower = backbones.build("dinov2", weights="none", arch="tiny")
     seg = DINOv2TaskModel(tower, DINOv2SegHead(tower.width, 2))
     assert seg.blocks == (7, 8, 9, 10, 11)

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from clip_us import echocare as E
-from clip_us import echocare_data as D
-from clip_us import swin as S
+from clip_us.echocare import data as D
+from clip_us.echocare import swin as S
 from clip_us.losses import clip_loss
 from clip_us.loop import Settings, build_optimizer
 from clip_us.model import ARCHS, build_model

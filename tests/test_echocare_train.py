@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clip_us import echocare as E
-from clip_us import swin as S
+from clip_us.echocare import swin as S
 from clip_us.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

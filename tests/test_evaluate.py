@@ -18,7 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_us import evaldata, evalmodels, phantom
+from clip_us.evaluation import data as evaldata, models as evalmodels
+
+from clip_us import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "tiny", "--image-size", "64", "--workers", "0", "--probe-fractions", "0.1",
@@ -149,7 +151,7 @@ def test_echocare_checkpoint_features_heads_and_transform(tmp_path, manifest, on
 
 
 def echocare_data_read(path):
-    from clip_us.echocare_data import read_rgb
+    from clip_us.echocare.data import read_rgb
     return read_rgb(path)
 
 
@@ -343,7 +345,7 @@ def identity_heads(log_t=np.log(0.07)):
 
 def test_class_logits_is_scale_times_cosine_averaged_over_prompts():
     """The scoring zeroshot.py and evaluate.py share (zeroshot.py: scale 100)."""
-    from clip_us.protocol import class_logits
+    from clip_us.evaluation.protocol import class_logits
     img, text = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(2, 4, 8), dim=-1)
     ref = torch.tensor([[np.mean([100 * float(img[b] @ text[c, p]) for p in range(4)]) for c in range(2)]
                         for b in range(3)])
@@ -357,7 +359,7 @@ def test_zeroshot_uses_each_images_own_organ_prompts():
     organ = torch.tensor([0, 1, 1, 0])
     cls = torch.tensor([2, 0, 1, 1])
     images = prompts[organ, cls] + 0.01 * torch.randn(4, 16)  # each image near its organ's prompt
-    probs = __import__("clip_us.protocol", fromlist=["x"]).zeroshot_probs(identity_heads(), images, prompts, organ)
+    probs = __import__("clip_us.evaluation.protocol", fromlist=["x"]).zeroshot_probs(identity_heads(), images, prompts, organ)
     assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1)
     assert probs.argmax(1).tolist() == cls.tolist()
     # the scale is 1/τ (capped at 100): with τ = 0.07 the logits are cos/0.07
@@ -367,7 +369,8 @@ def test_zeroshot_uses_each_images_own_organ_prompts():
 
 
 def test_alignment_block_has_strict_and_duplicate_aware_retrieval():
-    from clip_us import metrics, protocol
+    from clip_us import metrics
+    from clip_us.evaluation import protocol
     torch.manual_seed(0)
     txt = F.normalize(torch.randn(6, 16), dim=-1)
     txt[1] = txt[0]  # captions 0 and 1 are the same text, so the same embedding
@@ -383,7 +386,7 @@ def test_alignment_block_has_strict_and_duplicate_aware_retrieval():
 
 
 def test_bootstrap_cis_are_seeded():
-    from clip_us import protocol
+    from clip_us.evaluation import protocol
     rng = np.random.default_rng(0)
     y, probs = np.arange(40) % 3, rng.dirichlet(np.ones(3), size=40)
     first = protocol.bootstrap_cls(probs, y, 200, seed=42)
@@ -392,7 +395,7 @@ def test_bootstrap_cis_are_seeded():
 
 
 def test_linear_probe_keeps_every_class_column():
-    from clip_us import protocol
+    from clip_us.evaluation import protocol
     rng = np.random.default_rng(0)
     y_tr, y_te = np.array([0, 1] * 10), np.array([0, 1, 2])
     x = lambda y: rng.normal(size=(len(y), 4)) + np.eye(4)[y] * 3  # noqa: E731
@@ -401,7 +404,7 @@ def test_linear_probe_keeps_every_class_column():
 
 
 def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
-    from clip_us import protocol
+    from clip_us.evaluation import protocol
     torch.manual_seed(0)
     prompts = F.normalize(torch.randn(1, 2, 8), dim=-1)  # [organ, class, D]
 
@@ -431,7 +434,7 @@ def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
 
 def test_e2e_recipe_adamw_decay_clipping_and_batch(monkeypatch):
     """The authors' recipe: AdamW (weight decay 1e-4), gradient clipping 1.0, batch 16, the lr given."""
-    from clip_us import protocol
+    from clip_us.evaluation import protocol
     seen = {"opt": [], "clip": [], "batch": []}
     adamw, clip_fn, logits = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, protocol.organ_logits
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: seen["opt"].append(kw) or adamw(params, **kw))

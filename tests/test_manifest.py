@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_us import manifest as mf
+from clip_us.captions import manifest as mf
 
 LONG = "An oval hypoechoic breast lesion with circumscribed margins."  # > 20 characters
 

@@ -135,7 +135,7 @@ def forward_events(run) -> list:
 def test_feature_cache_is_keyed_on_the_precision_that_ran(monkeypatch, capsys):
     """evaluate.py's cached features of a bf16 run are not reused for fp32, and a bf16 request
     that fell back to fp32 shares fp32's cache (the key is what ran)."""
-    from clip_us import evalmodels
+    from clip_us.evaluation import models as evalmodels
     key = {}
     for native, asked in ((True, "fp32"), (True, "bf16"), (False, "bf16")):
         monkeypatch.setattr(precision, "native_bf16", lambda: native)

@@ -5,7 +5,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler as SkScaler
 
-from clip_us.probe import LogisticProbe, StandardScaler, select_C
+from clip_us.evaluation.probe import LogisticProbe, StandardScaler, select_C
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: threads only add overhead
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clip_us import prompts
+from clip_us.evaluation import prompts
 from clip_us.tokenizer import tokenize
 
 

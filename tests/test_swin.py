@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from clip_us import swin as S
+from clip_us.echocare import swin as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 SMALL = S.ARCHS["tiny"]

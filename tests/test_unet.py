@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from clip_us.unet import UNet
+from clip_us.baselines.unet import UNet
 
 
 def _block(cin, cout):

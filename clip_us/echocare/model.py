@@ -34,13 +34,13 @@ from torch import nn
 
 from . import bert as B
 from . import swin as S
-from . import weights as W
-from .checkpoint import load_checkpoint, save_checkpoint
-from .echocare_data import (AUTHORS_MEAN, AUTHORS_STD, EchoCareCaptionDataset, image_transform,
+from .. import weights as W
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .data import (AUTHORS_MEAN, AUTHORS_STD, EchoCareCaptionDataset, image_transform,
                             norm_stats, tiny_vocab)
-from .model import ARCHS as CLIP_ARCHS
-from .model import CLIP, CLIPConfig
-from .tokenizer import tokenize as clip_tokenize
+from ..model import ARCHS as CLIP_ARCHS
+from ..model import CLIP, CLIPConfig
+from ..tokenizer import tokenize as clip_tokenize
 
 PROJECTION_DIM = 256
 TRAIN_MODES = ("heads", "image", "text", "full")

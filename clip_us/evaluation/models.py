@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
-from .checkpoint import load_checkpoint
-from .fileio import atomic_path
-from .precision import inference, resolve_precision
-from .taskmodel import build_clip
-from .tokenizer import tokenize
-from .transform import CLIP_MEAN, CLIP_STD, Preprocess
+from ..adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+from ..checkpoint import load_checkpoint
+from ..fileio import atomic_path
+from ..precision import inference, resolve_precision
+from ..taskmodel import build_clip
+from ..tokenizer import tokenize
+from ..transform import CLIP_MEAN, CLIP_STD, Preprocess
 
 MAX_SCALE = 100.0  # CLIP's cap on exp(logit_scale); EchoCare-CLIP's evaluation caps 1/τ alike
 
@@ -255,8 +255,8 @@ class FromPath:
 def _echocare(path: str, device, name: str, precision: str) -> EvalModel:
     """An EchoCare-CLIP dual-encoder checkpoint through clip_us.echocare.load."""
     # imported here: the Swin and BERT towers are only needed for EchoCare-CLIP checkpoints
-    from . import echocare
-    from .echocare_data import read_rgb
+    from .. import echocare
+    from ..echocare.data import read_rgb
     model = echocare.load(path)
     # The authors' evaluation transform (bilinear resize of the shorter side to 256, centre crop,
     # their mean/std), not CLIP's bicubic one.

@@ -43,9 +43,9 @@ from pathlib import Path
 import regex
 
 from . import llm
-from .fileio import write_text
-from .labels import CLASSES, parse_label
-from .tokenizer import default_tokenizer
+from ..fileio import write_text
+from ..labels import CLASSES, parse_label
+from ..tokenizer import default_tokenizer
 
 TIER_WEIGHTS = (0.2, 0.3, 0.5)
 CONTEXT_LENGTH = 77
@@ -392,7 +392,7 @@ def read_rows(path) -> tuple[list, list]:
 
 
 def write_rows(path, columns: list, rows: list) -> None:
-    """CSV (JSONL when the name ends in .jsonl or .json, as read_rows and clip_us.manifest read
+    """CSV (JSONL when the name ends in .jsonl or .json, as read_rows and clip_us.captions.manifest read
     them) written atomically: temp file, then rename."""
     if Path(path).suffix.lower() in (".jsonl", ".json"):
         text = "".join(json.dumps({c: r.get(c, "") for c in columns}, ensure_ascii=False) + "\n"
@@ -494,7 +494,7 @@ def scan_labelled(root: Path, layout: str, nextgen_name: str | None, skip_bad: b
     """clip_us.data's Items (key, image, label) of a labelled data set folder, in natural order.
     The layout's own scanner lists them; no split is made (a caption manifest of a handful of
     images is fine) and no image is decoded."""
-    from . import data    # torchvision only when a folder is read
+    from .. import data  # torchvision only when a folder is read
     if layout in ("folder", "ddti", "tn3k") and not (root / "labels.csv").is_file():
         raise CaptionError(f"{root}: no labels.csv (columns image,label), so no condition to "
                            f"caption; add one, or pass a CSV with an image column and any "
@@ -952,7 +952,7 @@ def run_refine(a) -> dict:
 
 
 def main(argv=None) -> None:
-    from .data import DataError
+    from ..data import DataError
     a = build_parser().parse_args(argv)
     try:
         if a.command == "template":

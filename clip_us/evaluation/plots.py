@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .fileio import write_text
+from ..fileio import write_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 360, 60, 170, 40, 50

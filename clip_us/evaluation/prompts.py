@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .labels import CLASSES
+from ..labels import CLASSES
 
 # Seed 003 §4.3, verbatim (the missing space after "margins." in the LN prompt is the paper's).
 PAPER_PROMPTS = {

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import write_json, write_text
+from ..fileio import write_json, write_text
 
 __all__ = ["Pair", "ManifestError", "read_manifest", "clean_caption", "is_mostly_non_ascii",
            "describe", "make_split", "save_split", "load_split", "split_pairs", "write_manifest",

@@ -24,8 +24,8 @@ from torch import nn
 from . import backbones
 from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder, prompt_for
 from .dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
-from .fileio import cache_dir
-from .tokenizer import tokenize
+from ..fileio import cache_dir
+from ..tokenizer import tokenize
 from .unet import UNet
 
 SEG_ONLY = ("unet", "clipseg")

@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .labels import CLASSES, parse_label
-from .manifest import SPLITS, read_manifest, stratified_split
+from ..labels import CLASSES, parse_label
+from ..captions.manifest import SPLITS, read_manifest, stratified_split
 
 FRACTIONS = (0.70, 0.15, 0.15)
 
@@ -30,7 +30,7 @@ FRACTIONS = (0.70, 0.15, 0.15)
 @dataclass
 class EvalSet:
     """Pairs (one per caption) and images (one per image key) of one manifest."""
-    pairs: list          # clip_us.manifest.Pair
+    pairs: list          # clip_us.captions.manifest.Pair
     keys: list           # image keys in manifest order
     label: dict          # key -> class index, only when the manifest has labels
     organ: dict          # key -> organ name ("" when unknown)

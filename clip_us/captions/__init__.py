@@ -1,0 +1,12 @@
+"""Captions for image-text alignment: three-tier templates (EchoCare-CLIP), fitting to CLIP's 77
+tokens, manifests, and rewriting with a language model. `python -m clip_us.captions --help`.
+
+- `templates.py`: the tiers, template manifests, fitting, and the command line;
+- `llm.py`: the OpenAI-compatible HTTP client, its retries and cache;
+- `manifest.py`: reading an image-caption manifest into pairs and splits.
+"""
+from .templates import (CaptionError, fit_manifest, fit_to_context, refine_manifest, template_caption,
+                        template_manifest, token_count)
+
+__all__ = ["CaptionError", "fit_manifest", "fit_to_context", "refine_manifest", "template_caption",
+           "template_manifest", "token_count"]
