@@ -28,12 +28,15 @@ import numpy as np
 import torch
 
 import clip_us
-from clip_us.evaluation import data as evaldata, models as evalmodels, plots as evalplots, protocol
 from clip_us import tables
 from clip_us.config import parse_config
+from clip_us.evaluation import data as evaldata
+from clip_us.evaluation import models as evalmodels
+from clip_us.evaluation import plots as evalplots
+from clip_us.evaluation import protocol
+from clip_us.evaluation.prompts import ECHOCARE_TEMPLATE
 from clip_us.fileio import write_json, write_text
 from clip_us.precision import resolve_precision
-from clip_us.evaluation.prompts import ECHOCARE_TEMPLATE
 from clip_us.weights import available_models
 
 

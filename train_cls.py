@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from clip_us import loop, metrics, viz
 from clip_us.config import ClsConfig, parse_config
-from clip_us.distributed import gather_list, shard
 from clip_us.fileio import write_json
+from clip_us.loop import gather_list, shard
 from clip_us.losses import focal_loss
 from clip_us.runs import fmt, start_run, summarize_seeds, supervised_data, supervised_step
 

@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader
 
 import clip_us
 from clip_us import loop, phantom, tables
-from clip_us.captions import manifest
 from clip_us.adapters import AdapterConfig, apply_adapter, count_parameters
+from clip_us.captions import manifest
 from clip_us.config import parse_config
-from clip_us.contrastive import (TRAIN_MODES, CaptionDataset, ContrastiveCLIP, set_trainable,
-                                 validate)
-from clip_us.distributed import barrier, gather_list, setup_distributed, shard
+from clip_us.contrastive import TRAIN_MODES, CaptionDataset, ContrastiveCLIP, set_trainable, validate
 from clip_us.fileio import write_json
+from clip_us.loop import barrier, gather_list, setup_distributed, shard
 from clip_us.losses import clip_loss
 from clip_us.precision import resolve_precision
 from clip_us.runs import JsonlLogger, fmt, read_jsonl, summarize_seeds

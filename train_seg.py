@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from clip_us import loop, metrics, viz
 from clip_us.config import SupervisedConfig, parse_config
-from clip_us.distributed import gather_list, shard
+from clip_us.loop import gather_list, shard
 from clip_us.losses import dice_ce_loss
 from clip_us.metrics import SEG_METRICS, SEG_UNITS
 from clip_us.runs import fmt, start_run, summarize_seeds, supervised_data, supervised_step

@@ -19,14 +19,14 @@ from tqdm import tqdm
 
 import clip_us
 from clip_us import metrics, tables, viz
-from clip_us.evaluation import prompts
 from clip_us.adapters import AdapterConfig
 from clip_us.config import ZeroShotConfig, parse_config, report_errors
 from clip_us.data import DataConfig, build_datasets
-from clip_us.distributed import setup_distributed
-from clip_us.fileio import write_json
-from clip_us.precision import inference, resolve_precision
+from clip_us.evaluation import prompts
 from clip_us.evaluation.protocol import class_logits
+from clip_us.fileio import write_json
+from clip_us.loop import setup_distributed
+from clip_us.precision import inference, resolve_precision
 from clip_us.runs import CROP, default_out_dir, row_name, summarize_seeds
 from clip_us.taskmodel import adapt, build_clip
 from clip_us.tokenizer import tokenize

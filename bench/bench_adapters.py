@@ -37,10 +37,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.timing import seconds  # noqa: E402
 from clip_us.adapters import AdapterConfig, apply_adapter, format_count  # noqa: E402
 from clip_us.lora import add_lora, keep_mask, mark_only_trainable  # noqa: E402
 from clip_us.model import build_model  # noqa: E402
-from bench.timing import seconds  # noqa: E402
 
 MODES = ("forward", "lora", "lora-shared", "mona", "full")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_us.baselines import backbones  # noqa: E402
 from bench.timing import interleaved_medians  # noqa: E402
+from clip_us.baselines import backbones  # noqa: E402
 
 
 def _perturb(model):

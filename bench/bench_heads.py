@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_us  # noqa: E402
+from bench.timing import interleaved_medians  # noqa: E402
 from clip_us.baselines import backbones  # noqa: E402
 from clip_us.baselines.clipseg import load_clipseg  # noqa: E402
 from clip_us.baselines.dinov2_heads import DINOv2SegHead, last_blocks  # noqa: E402
 from clip_us.baselines.unet import UNet  # noqa: E402
-from bench.timing import interleaved_medians  # noqa: E402
 
 
 def _perturb(model):

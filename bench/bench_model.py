@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import seconds  # noqa: E402
 from clip_us.model import build_model, folded_quick_gelu  # noqa: E402
 from clip_us.precision import capability  # noqa: E402
-from bench.timing import seconds  # noqa: E402
 
 IMAGE_GFLOP = 35.2  # ViT-B/16 at 224: 2 x multiply-accumulates, attention included
 TEXT_GFLOP = 6.0    # text tower at 77 tokens, width 512, 12 blocks (2 x MACs)

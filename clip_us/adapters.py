@@ -14,16 +14,17 @@ only. This file holds the one list of adapter key patterns (ADAPTER_KEYS), the o
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, fields
 
+import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
+from .fileio import load_checkpoint
 from .lora import LORA_TYPES, add_lora, lora_settings, mark_only_trainable
-from .mona_in_clip import add_mona, mona_settings
-from .official_adapters import (convert_official_lora, convert_official_mona, is_official_lora,
-                                is_official_mona)
+from .model import CLIP, ResidualAttentionBlock, Transformer, VisionTransformer
+from .mona import Mona
 
 __all__ = ["AdapterConfig", "apply_adapter", "adapter_config_of", "load_adapter",
            "load_adapter_state_dict", "adapter_state_dict", "freeze_backbone",
@@ -38,6 +39,149 @@ HEAD = "head."  # a task model's head (heads.TaskModel.head)
 CHECKED = {"lora": ("r", "alpha", "scaling", "targets"), "mona": ("bottleneck", "placement")}
 
 
+# ----------------------------------------------------------------------------- Mona inside our CLIP: one after each vision block, or two (after attention and MLP)
+PLACEMENTS = ("after_block", "attn_and_mlp")
+
+
+class MonaBlock(ResidualAttentionBlock):
+    """A vision block with Mona: `mona1` after attention (placement "attn_and_mlp" only) and
+    `mona2` after the MLP. It keeps the block's ln_1, attn, ln_2 and mlp (same keys)."""
+
+    def __init__(self, block: ResidualAttentionBlock, bottleneck: int = 64,
+                 placement: str = "after_block", dropout: float = 0.1):
+        nn.Module.__init__(self)  # not ResidualAttentionBlock's: it would build fresh weights
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        width = block.ln_1.normalized_shape[0]
+        like = block.ln_1.weight
+        self.placement = placement
+        if placement == "attn_and_mlp":
+            self.mona1 = Mona(width, bottleneck, dropout).to(like.device, like.dtype)
+        self.mona2 = Mona(width, bottleneck, dropout).to(like.device, like.dtype)
+        self.train(block.training)
+
+    def forward(self, x: torch.Tensor, causal: bool = False, grid: tuple | None = None):
+        if grid is None or causal:
+            raise ValueError("MonaBlock needs the patch grid of a vision sequence: call it "
+                             "through VisionTransformer.forward (which passes grid=); Mona is "
+                             "for the vision tower only")
+        x = self.attn_residual(x)  # the block's own residual (with its layer-scale, if any)
+        if self.placement == "attn_and_mlp":
+            x = self.mona1(x, grid)
+        x = self.mlp_residual(x)
+        return self.mona2(x, grid)
+
+
+def _vision_tower(model: nn.Module) -> VisionTransformer:
+    if isinstance(model, CLIP):
+        return model.visual
+    if isinstance(model, VisionTransformer):
+        return model
+    if isinstance(model, Transformer):
+        raise TypeError("Mona is for the vision tower only: pass a CLIP model or its "
+                        "VisionTransformer (model.visual), not a Transformer such as the text "
+                        "tower (model.transformer), which has no patch grid")
+    raise TypeError(f"add_mona takes a CLIP model or a VisionTransformer, got "
+                    f"{type(model).__name__}; Mona is for the vision tower only")
+
+
+def add_mona(model: nn.Module, bottleneck: int = 64, placement: str = "after_block",
+             dropout: float = 0.1) -> nn.Module:
+    """Add Mona to every block of the vision tower of `model` (a CLIP or VisionTransformer).
+
+    In place; returns `model`. Base weights are not frozen here: adapters.freeze_backbone does.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"Mona placement must be one of {PLACEMENTS}, got {placement!r}")
+    if bottleneck < 1:
+        raise ValueError(f"Mona bottleneck must be >= 1, got {bottleneck}")
+    blocks = _vision_tower(model).transformer.resblocks
+    if any(isinstance(b, MonaBlock) for b in blocks):
+        raise ValueError("this vision tower already has Mona; build a fresh model to re-add it")
+    for i, block in enumerate(blocks):
+        blocks[i] = MonaBlock(block, bottleneck, placement, dropout)
+    return model
+
+
+def mona_settings(model: nn.Module) -> dict | None:
+    """The Mona settings found in `model` (bottleneck, placement, dropout), or None."""
+    block = next((m for m in model.modules() if isinstance(m, MonaBlock)), None)
+    if block is None:
+        return None
+    return {"bottleneck": block.mona2.project1.out_features, "placement": block.placement,
+            "dropout": block.mona2.dropout.p}
+
+# ----------------------------------------------------------------------------- the official NextGen-UIA adapter files, in our key names
+MONA_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mona\.(.+)$")
+MONA_PARTS = {"norm.weight", "norm.bias", "gamma", "gammax", "project1.weight", "project1.bias",
+              "project2.weight", "project2.bias", "adapter_conv.projector.weight",
+              "adapter_conv.projector.bias"} | {
+    f"adapter_conv.conv{i}.{t}" for i in (1, 2, 3) for t in ("weight", "bias")}
+VARIANT_HINTS = {"noise_estimator": "noise_aware", "freq_filter": "freq_enhanced"}
+LORA_KEY = re.compile(r"^(.*\.attn)\.(q|k|v)?_?proj\.w_lora_(A|B)$")
+
+
+def is_official_mona(obj) -> bool:
+    """A plain dict whose keys are all `visual.transformer.resblocks.N.mona.*` tensors."""
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and MONA_KEY.match(k) for k in obj)
+
+
+def is_official_lora(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("adapter_type") == "lora" and "lora_state_dict" in obj
+
+
+def _variant(keys) -> str:
+    found = {v for k in keys for hint, v in VARIANT_HINTS.items() if hint in k}
+    return " or ".join(sorted(found)) or "an unknown variant"
+
+
+def convert_official_mona(sd: dict) -> tuple[dict, dict]:
+    """best_model.pth -> (Mona settings, state dict with `...resblocks.N.mona2.<part>` keys)."""
+    unknown = [k for k in sd if MONA_KEY.match(k).group(2) not in MONA_PARTS]
+    if unknown:
+        raise ValueError(
+            f"this Mona file is the official code's {_variant(unknown)} Mona, not the baseline "
+            f"Mona of seed 003 that clip_us builds: {len(unknown)} keys do not fit, e.g. "
+            f"{unknown[:4]}. Re-run the official fine-tuning with --mona_variant baseline, or "
+            f"use a clip_us checkpoint.")
+    out = {}
+    for k, v in sd.items():
+        block, part = MONA_KEY.match(k).groups()
+        out[f"visual.transformer.resblocks.{block}.mona2.{part}"] = v
+    first = next(k for k in sd if k.endswith("project1.weight"))
+    settings = {"kind": "mona", "bottleneck": int(sd[first].shape[0]), "placement": "after_block"}
+    return settings, out
+
+
+def convert_official_lora(ckpt: dict) -> tuple[dict, dict]:
+    """The official LoRA dict -> (LoRA settings, state dict with clip_us LoRA keys).
+
+    Only the LoRA tensors are taken; any frozen base weights the dict may also hold are the
+    CLIP weights the model already has, and are left out.
+    """
+    out, targets = {}, set()
+    for k, v in ckpt["lora_state_dict"].items():
+        m = LORA_KEY.match(k)
+        if m is None:
+            if "lora" in k:
+                raise ValueError(f"official LoRA file: key {k!r} is not a q/k/v/out projection "
+                                 f"LoRA tensor of the vision tower; clip_us cannot place it")
+            continue
+        attn, target, ab = m.groups()
+        target = target or "o"
+        targets.add(target)
+        name = f"{attn}.lora_{ab}_{target}" if target != "o" else f"{attn}.out_proj.lora_{ab}"
+        out[name] = v
+    if not out:
+        raise ValueError("official LoRA file: lora_state_dict holds no `*_proj.w_lora_A/B` tensors")
+    settings = {"kind": "lora", "r": int(ckpt.get("lora_r", 16)),
+                "alpha": float(ckpt.get("lora_alpha", 32)),
+                "lora_dropout": float(ckpt.get("lora_dropout", 0.1)), "scaling": "rslora",
+                "targets": tuple(t for t in ("q", "k", "v", "o") if t in targets)}
+    return settings, out
+
+# ----------------------------------------------------------------------------- --adapter: config, apply, freezing, checkpoints
 @dataclass
 class AdapterConfig:
     kind: str = "none"                      # none | lora | mona

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import metrics
-from .losses import clip_loss
 from .lora import mark_only_trainable
+from .losses import clip_loss
 from .model import CLIP
 from .precision import inference
 from .tokenizer import tokenize

@@ -19,24 +19,114 @@ from (seed, epoch), so a resumed run's losses equal an uninterrupted run's.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
+import os
+import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .adapters import checkpoint_tensors, load_task_state
-from .checkpoint import (epoch_seed, load_checkpoint, rng_state, save_checkpoint, seed_everything,
-                         set_rng_state)
-from .distributed import all_finite, barrier, is_distributed
+from .fileio import load_checkpoint, save_checkpoint
 
 
+# ----------------------------------------------------------------------------- random-number state: seeding, capture, restore
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch of one run: resuming at any epoch reproduces it."""
+    return seed * 100_003 + epoch
+
+
+def rng_state() -> dict:
+    # numpy's state goes in as a tensor: weights_only=True loading refuses numpy arrays.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+# ----------------------------------------------------------------------------- DDP: torchrun's process group, gathering, agreeing on a finite loss
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _destroy_process_group():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def setup_distributed(device_flag: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; a single process otherwise."""
+    want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if want_cuda else device_flag if device_flag != "auto" else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not is_distributed():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        # An orderly teardown when the script ends: left to interpreter shutdown, gloo's threads
+        # can outlive their process group and abort the rank ("terminate called without an
+        # active exception"), failing a run whose work was done.
+        atexit.register(_destroy_process_group)
+    if want_cuda:
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def gather_list(values: list) -> list:
+    """Concatenate a per-rank Python list over all ranks (identity without DDP)."""
+    if not is_distributed():
+        return list(values)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(values))
+    return [v for part in out for v in part]
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank: one rank's NaN must stop (or skip) all of them,
+    or the others would wait in the next all-reduce until the timeout."""
+    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if is_distributed():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(dataset, rank: int, world: int):
+    """Rank r takes items r, r+world, ...: no padding, so no image is counted twice."""
+    return Subset(dataset, list(range(rank, len(dataset), world)))
+
+# ----------------------------------------------------------------------------- the loop
 @dataclass
 class Settings:
     """The recipe of one training run; `Settings.of(cfg)` takes the fields a script config has."""

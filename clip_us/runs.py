@@ -20,11 +20,10 @@ import torch
 from . import __version__, loop
 from .adapters import AdapterConfig, adapter_trains, format_count, load_task_state
 from .baselines.backbones import row_label
-from .checkpoint import load_checkpoint
 from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets
-from .distributed import barrier, setup_distributed
-from .fileio import write_json
+from .fileio import load_checkpoint, write_json
+from .loop import barrier, setup_distributed
 from .precision import inference, resolve_precision
 from .tables import row_csv, write_results
 from .taskmodel import make_task_model

@@ -12,8 +12,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .baselines import backbones, rows as rowmodels
 from .adapters import AdapterConfig, adapter_trains, apply_adapter, freeze_backbone, load_adapter
+from .baselines import backbones
+from .baselines import rows as rowmodels
 from .heads import build_task_model
 from .model import build_model
 from .weights import load_state_dict

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from clip_us.baselines import backbones
 from clip_us.adapters import AdapterConfig
+from clip_us.baselines import backbones
 from clip_us.config import ClsConfig, SupervisedConfig
 from clip_us.model import QuickGELU
 from clip_us.taskmodel import make_task_model
@@ -137,6 +137,7 @@ def test_train_cls_runs(backbone, tmp_path, run_script):
 
 def test_backbone_choices_are_the_registered_names():
     import dataclasses
+
     from clip_us.baselines import rows as rowmodels
     field = {f.name: f for f in dataclasses.fields(SupervisedConfig)}["backbone"]
     assert set(field.metadata["choices"]) == set(backbones.BACKBONES) | set(rowmodels.SEG_ONLY)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clip_us.adapters import add_mona
 from clip_us.baselines import backbones
 from clip_us.lora import add_lora
 from clip_us.model import QuickGELU, VisionTransformer
-from clip_us.mona_in_clip import add_mona
 
 BLOCKS = (3, 6, 9)
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

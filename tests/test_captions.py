@@ -22,10 +22,16 @@ import regex
 from PIL import Image
 
 from clip_us import captions, phantom
-
 from clip_us.captions import llm
-from clip_us.captions.templates import (FALLBACK, FIELDS, TEMPLATES, fit_to_context, record_fields, render,
-                              token_count)
+from clip_us.captions.templates import (
+    FALLBACK,
+    FIELDS,
+    TEMPLATES,
+    fit_to_context,
+    record_fields,
+    render,
+    token_count,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"organ": "breast", "label": "malignant", "age": "52", "sex": "F",

@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from clip_us.adapters import adapter_trains
-from clip_us.config import (ClsConfig, SupervisedConfig, ZeroShotConfig, eval_only_config,
-                            given_fields, missing_help, parse_config)
+from clip_us.config import (
+    ClsConfig,
+    SupervisedConfig,
+    ZeroShotConfig,
+    eval_only_config,
+    given_fields,
+    missing_help,
+    parse_config,
+)
 from clip_us.runs import row_name
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,16 @@ from PIL import Image
 
 from clip_us import contrastive as C
 from clip_us import loop
-from clip_us.adapters import AdapterConfig, apply_adapter
-from clip_us.losses import clip_loss
+from clip_us.adapters import (
+    AdapterConfig,
+    apply_adapter,
+    convert_official_lora,
+    convert_official_mona,
+    is_official_mona,
+)
 from clip_us.captions.manifest import Pair
+from clip_us.losses import clip_loss
 from clip_us.model import build_model
-from clip_us.official_adapters import convert_official_lora, convert_official_mona, is_official_mona
 from clip_us.tokenizer import tokenize
 
 TEXT = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.")
@@ -211,7 +216,7 @@ def test_fine_tuned_tower_loads_through_init_and_normalisation_is_checked(tmp_pa
     from dataclasses import asdict
 
     from clip_us.adapters import checkpoint_tensors, load_adapter
-    from clip_us.checkpoint import save_checkpoint
+    from clip_us.fileio import save_checkpoint
     model = C.ContrastiveCLIP(tiny())
     C.set_trainable(model, "image", True)
     with torch.no_grad():

@@ -17,8 +17,7 @@ from scipy import ndimage
 from torch.utils.data import default_collate
 
 from clip_us import metrics
-from clip_us.data import (MIN_IMAGES, DataConfig, DataError, build_datasets, imaging_box,
-                          read_gray, read_mask)
+from clip_us.data import MIN_IMAGES, DataConfig, DataError, build_datasets, imaging_box, read_gray, read_mask
 from clip_us.phantom import PhantomConfig, make_sample, write_dataset
 
 HEALTH_KEYS = {"images_found", "images_used", "skipped_bad", "left_out_normal", "duplicates",

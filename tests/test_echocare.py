@@ -16,8 +16,8 @@ from PIL import Image
 from clip_us import echocare as E
 from clip_us.echocare import data as D
 from clip_us.echocare import swin as S
-from clip_us.losses import clip_loss
 from clip_us.loop import Settings, build_optimizer
+from clip_us.losses import clip_loss
 from clip_us.model import ARCHS, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -149,6 +149,7 @@ def test_authors_parameter_counts():
 def test_clip_pooled_text_matches_hugging_face():
     """CLIP.encode_text_pooled = transformers CLIPModel's text pooler_output (same random weights)."""
     import transformers
+
     from clip_us.weights import hf_to_openai
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_us.evaluation import data as evaldata, models as evalmodels
-
 from clip_us import phantom
+from clip_us.evaluation import data as evaldata
+from clip_us.evaluation import models as evalmodels
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--arch", "tiny", "--image-size", "64", "--workers", "0", "--probe-fractions", "0.1",

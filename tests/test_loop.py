@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from clip_us import loop
-from clip_us.checkpoint import (load_checkpoint, rng_state, save_checkpoint, seed_everything,
-                                set_rng_state)
 from clip_us.config import parse_config
+from clip_us.fileio import load_checkpoint, save_checkpoint
+from clip_us.loop import rng_state, seed_everything, set_rng_state
 from clip_us.runs import row_name, summarize_seeds
 
 

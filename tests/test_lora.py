@@ -5,10 +5,24 @@ import math
 import pytest
 import torch
 
-from clip_us.adapters import (AdapterConfig, adapter_config_of, adapter_state_dict, apply_adapter,
-                              count_parameters, format_count, load_adapter_state_dict)
-from clip_us.lora import (LoRAAttention, LoRALinear, add_lora, lora_settings, mark_only_trainable,
-                          merge_lora, unmerge_lora)
+from clip_us.adapters import (
+    AdapterConfig,
+    adapter_config_of,
+    adapter_state_dict,
+    apply_adapter,
+    count_parameters,
+    format_count,
+    load_adapter_state_dict,
+)
+from clip_us.lora import (
+    LoRAAttention,
+    LoRALinear,
+    add_lora,
+    lora_settings,
+    mark_only_trainable,
+    merge_lora,
+    unmerge_lora,
+)
 from clip_us.model import build_model
 
 QKV = ("q", "k", "v")

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
 from clip_us.losses import clip_loss, dice_ce_loss, focal_loss
 
 

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 from medpy.metric import binary as medpy_binary
-from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
-                           compute_iou)
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+)
 from scipy.ndimage import gaussian_filter
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score, roc_curve
 
 from clip_us import metrics
 

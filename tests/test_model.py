@@ -263,6 +263,7 @@ def test_folded_quick_gelu_equals_plain_and_leaves_weights_alone(tiny):
 
 def test_folded_quick_gelu_bf16_cosine(tiny):
     import copy
+
     from clip_us.model import folded_quick_gelu
     model = copy.deepcopy(tiny).to(torch.bfloat16)
     images = torch.randn(2, 3, 64, 64)
@@ -275,6 +276,7 @@ def test_folded_quick_gelu_bf16_cosine(tiny):
 
 def test_folded_quick_gelu_refuses_training_and_skips_lora(tiny):
     import copy
+
     from clip_us.lora import add_lora
     from clip_us.model import folded_quick_gelu
     with pytest.raises(RuntimeError, match="inference"):

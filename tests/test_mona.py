@@ -3,11 +3,17 @@ non-square grids, placements, vision-only, freezing, checkpoints and ViT-B/16 pa
 import pytest
 import torch
 
-from clip_us.adapters import (AdapterConfig, adapter_state_dict, apply_adapter, count_parameters,
-                              load_adapter_state_dict)
+from clip_us.adapters import (
+    AdapterConfig,
+    MonaBlock,
+    adapter_state_dict,
+    add_mona,
+    apply_adapter,
+    count_parameters,
+    load_adapter_state_dict,
+)
 from clip_us.model import build_model
 from clip_us.mona import Mona
-from clip_us.mona_in_clip import MonaBlock, add_mona
 
 
 def tiny(seed=0):

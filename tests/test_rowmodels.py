@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from clip_us import adapters
-
-from clip_us.baselines import clipseg
 from clip_us.adapters import AdapterConfig
+from clip_us.baselines import clipseg
 from clip_us.baselines.backbones import IMAGENET_MEAN, IMAGENET_STD
-from clip_us.config import SupervisedConfig
 from clip_us.baselines.dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
+from clip_us.baselines.unet import UNet
+from clip_us.config import SupervisedConfig
 from clip_us.losses import dice_ce_loss
 from clip_us.taskmodel import make_task_model
 from clip_us.transform import CLIP_MEAN, CLIP_STD
-from clip_us.baselines.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

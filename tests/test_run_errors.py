@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from clip_us import checkpoint
+from clip_us import fileio as checkpoint
 from clip_us.adapters import read_adapter
-from clip_us.checkpoint import load_checkpoint, save_checkpoint
 from clip_us.config import SupervisedConfig
 from clip_us.data import DataError
+from clip_us.fileio import load_checkpoint, save_checkpoint
 from clip_us.runs import start_run, supervised_data
 
 

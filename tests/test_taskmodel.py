@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import clip_us
-from clip_us.adapters import (AdapterConfig, adapter_config_of, checkpoint_tensors,
-                              load_task_state)
-from clip_us.checkpoint import save_checkpoint
+from clip_us.adapters import AdapterConfig, adapter_config_of, checkpoint_tensors, load_task_state
 from clip_us.config import SupervisedConfig
+from clip_us.fileio import save_checkpoint
 from clip_us.model import VisionTransformer, build_model
 from clip_us.taskmodel import make_task_model
 

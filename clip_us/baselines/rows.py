@@ -21,11 +21,11 @@ import os
 
 from torch import nn
 
+from ..fileio import cache_dir
+from ..tokenizer import tokenize
 from . import backbones
 from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder, prompt_for
 from .dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
-from ..fileio import cache_dir
-from ..tokenizer import tokenize
 from .unet import UNet
 
 SEG_ONLY = ("unet", "clipseg")

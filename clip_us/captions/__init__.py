@@ -5,8 +5,15 @@ tokens, manifests, and rewriting with a language model. `python -m clip_us.capti
 - `llm.py`: the OpenAI-compatible HTTP client, its retries and cache;
 - `manifest.py`: reading an image-caption manifest into pairs and splits.
 """
-from .templates import (CaptionError, fit_manifest, fit_to_context, refine_manifest, template_caption,
-                        template_manifest, token_count)
+from .templates import (
+                        CaptionError,
+                        fit_manifest,
+                        fit_to_context,
+                        refine_manifest,
+                        template_caption,
+                        template_manifest,
+                        token_count,
+)
 
 __all__ = ["CaptionError", "fit_manifest", "fit_to_context", "refine_manifest", "template_caption",
            "template_manifest", "token_count"]

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import regex
 
-from . import llm
 from ..fileio import write_text
 from ..labels import CLASSES, parse_label
 from ..tokenizer import default_tokenizer
+from . import llm
 
 TIER_WEIGHTS = (0.2, 0.3, 0.5)
 CONTEXT_LENGTH = 77

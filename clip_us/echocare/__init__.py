@@ -6,8 +6,18 @@ encoder of a Swin image encoder and a CLIP or BioClinicalBERT text tower.
 - `data.py`: the authors' image transform and caption data set;
 - `model.py`: the dual model, its MLP heads and learnable temperature, build / save / load.
 """
-from .model import (HEADS, RECIPE, TRAIN_MODES, EchoCareCLIP, build, expected_counts, for_contrastive,
-                    load, save, set_trainable)
+from .model import (
+                    HEADS,
+                    RECIPE,
+                    TRAIN_MODES,
+                    EchoCareCLIP,
+                    build,
+                    expected_counts,
+                    for_contrastive,
+                    load,
+                    save,
+                    set_trainable,
+)
 
 __all__ = ["HEADS", "RECIPE", "TRAIN_MODES", "EchoCareCLIP", "build", "expected_counts",
            "for_contrastive", "load", "save", "set_trainable"]

@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .bert import SPECIALS, clean_text, split_punct, strip_accents
 from ..transform import open_image, to_working_image
+from .bert import SPECIALS, clean_text, split_punct, strip_accents
 
 AUTHORS_MEAN = (0.1909, 0.1927, 0.1964)
 AUTHORS_STD = (0.2000, 0.2014, 0.2043)

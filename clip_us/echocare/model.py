@@ -32,15 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bert as B
-from . import swin as S
 from .. import weights as W
-from ..checkpoint import load_checkpoint, save_checkpoint
-from .data import (AUTHORS_MEAN, AUTHORS_STD, EchoCareCaptionDataset, image_transform,
-                            norm_stats, tiny_vocab)
+from ..fileio import load_checkpoint, save_checkpoint
 from ..model import ARCHS as CLIP_ARCHS
 from ..model import CLIP, CLIPConfig
 from ..tokenizer import tokenize as clip_tokenize
+from . import bert as B
+from . import swin as S
+from .data import AUTHORS_MEAN, AUTHORS_STD, EchoCareCaptionDataset, image_transform, norm_stats, tiny_vocab
 
 PROJECTION_DIM = 256
 TRAIN_MODES = ("heads", "image", "text", "full")

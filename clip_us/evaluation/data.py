@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..labels import CLASSES, parse_label
 from ..captions.manifest import SPLITS, read_manifest, stratified_split
+from ..labels import CLASSES, parse_label
 
 FRACTIONS = (0.70, 0.15, 0.15)
 

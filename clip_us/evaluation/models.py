@@ -36,8 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
-from ..checkpoint import load_checkpoint
-from ..fileio import atomic_path
+from ..fileio import atomic_path, load_checkpoint
 from ..precision import inference, resolve_precision
 from ..taskmodel import build_clip
 from ..tokenizer import tokenize
