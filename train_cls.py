@@ -1,7 +1,10 @@
-"""train_cls.py: one row of seed 003's Table 3, supervised group (benign vs malignant).
+"""train_cls.py: one row of the ultrasound-CLIP paper's Table 3, supervised group (benign vs
+malignant).
 
-CLIP ViT-B/16's vision tower with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature
-reducer, then the official code's MLP head (`--cls-head mlp`) or the paper's pooling head
+The paper: Qu et al., "Adapting Vision-Language Foundation Model for Next Generation Medical
+Ultrasound Image Analysis" (official code jinggqu/NextGen-UIA). CLIP ViT-B/16's vision tower
+with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature reducer, then the official
+code's MLP head (`--cls-head mlp`) or the paper's pooling head
 (`--cls-head pool`, §3.2). Focal loss as MONAI's FocalLoss(to_onehot_y=True), AdamW, cosine
 schedule, best validation accuracy picks the checkpoint, seeds 1, 2, 3 averaged (§4.2).
 Malignant (class 1) is the positive class for AUC, sensitivity and F1. The training loop itself
@@ -30,7 +33,7 @@ EXAMPLES = """examples:
 """
 
 # ----------------------------------------------------------------------------- setup
-cfg = parse_config(ClsConfig, description=__doc__.splitlines()[0], epilog=EXAMPLES)
+cfg = parse_config(ClsConfig, description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
 run = start_run(cfg, "train_cls")
 cfg, device, adapter_cfg = run.cfg, run.device, run.adapter_config()
 train_set, val_set, test_set, info = supervised_data(run, "cls")

@@ -1,7 +1,9 @@
-"""train_seg.py: one row of seed 003's Table 2 (lesion segmentation).
+"""train_seg.py: one row of the ultrasound-CLIP paper's Table 2 (lesion segmentation).
 
-CLIP ViT-B/16's vision tower, with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature
-reducer, bilinear up-sampling and a 1x1 conv (§3.2). Dice-CE loss, AdamW, cosine schedule, best
+The paper: Qu et al., "Adapting Vision-Language Foundation Model for Next Generation Medical
+Ultrasound Image Analysis" (official code jinggqu/NextGen-UIA). CLIP ViT-B/16's vision tower,
+with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature reducer, bilinear up-sampling
+and a 1x1 conv (§3.2). Dice-CE loss, AdamW, cosine schedule, best
 validation Dice picks the checkpoint, seeds 1, 2, 3 averaged (§4.2). The training loop itself is
 clip_us/loop.py (`loop.train`); which flags reproduce which row is in docs/reproducing.md.
 """
@@ -29,7 +31,7 @@ EXAMPLES = """examples:
 """
 
 # ----------------------------------------------------------------------------- setup
-cfg = parse_config(SupervisedConfig, description=__doc__.splitlines()[0], epilog=EXAMPLES)
+cfg = parse_config(SupervisedConfig, description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
 run = start_run(cfg, "train_seg")
 cfg, device, adapter_cfg = run.cfg, run.device, run.adapter_config()
 train_set, val_set, test_set, info = supervised_data(run, "seg")

@@ -1,10 +1,14 @@
-"""zeroshot.py: one row of seed 003's Table 3, zero-shot group (and EchoCare-CLIP's prompt).
+"""zeroshot.py: one row of the ultrasound-CLIP paper's Table 3, zero-shot group (or EchoCare-CLIP's
+prompt).
 
 Per class, a set of prompts is encoded and L2-normalised; an image's logit for a class is
 100·cos(image, prompt) averaged over that class's prompts; softmax, then P(malignant) > 0.5
 (the official code's zero-shot evaluation, which scores every image of the data set: `--split
-all`). Prompts: `paper` (seed 003 §4.3, LN and BUSI), `echocare` ("An ultrasound image of {organ}
-with {label} findings."), `ensemble` (ten paraphrases per class) or a JSON file {class: [prompts]}.
+all`). Prompts: `paper` (§4.3 of the ultrasound-CLIP paper, Qu et al., "Adapting
+Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis": LN and
+BUSI), `echocare` ("An ultrasound image of {organ} with {label} findings.", EchoCare-CLIP's,
+"Ultrasound Vision-Language Alignment via Contrastive Learning"), `ensemble` (ten paraphrases
+per class) or a JSON file {class: [prompts]}.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import clip_us
 from clip_us import metrics, tables, viz
 from clip_us.adapters import AdapterConfig
 from clip_us.config import ZeroShotConfig, parse_config, report_errors
@@ -27,7 +30,7 @@ from clip_us.evaluation.protocol import class_logits
 from clip_us.fileio import write_json
 from clip_us.loop import setup_distributed
 from clip_us.precision import inference, resolve_precision
-from clip_us.runs import CROP, default_out_dir, row_name, summarize_seeds
+from clip_us.runs import CROP, default_out_dir, make_results, row_name, summarize_seeds
 from clip_us.taskmodel import adapt, build_clip
 from clip_us.tokenizer import tokenize
 
@@ -38,7 +41,7 @@ EXAMPLES = """examples:
   python zeroshot.py --dataset busi --data-root data/BUSI --adapter mona --init runs/ft/mona/best.pt
 """
 
-cfg = parse_config(ZeroShotConfig, description=__doc__.splitlines()[0], epilog=EXAMPLES)
+cfg = parse_config(ZeroShotConfig, description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
 report_errors(cfg.debug)
 _, _, device = setup_distributed(cfg.device)
 row = row_name("clip", cfg.adapter, bool(cfg.init))
@@ -105,18 +108,13 @@ report = metrics.binary_report([r["prob"] for r in rows], [r["label"] for r in r
 print(f"{row} zero-shot on {cfg.dataset} ({len(rows)} images, prompts: {source}): "
       f"Acc {report['acc']:.4f}  AUC {report['auc']:.4f}")
 print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
-results = {
-    "script": "zeroshot.py", "task": "zeroshot", "dataset": cfg.dataset, "row": row,
-    "backbone": "clip", "adapter": cfg.adapter, "init": cfg.init or None, "seeds": [],
-    "metrics": summarize_seeds([report], ZS_METRICS),
-    "confusion_matrix": report["confusion_matrix"], "prompts": class_prompts,
-    "units": {k: "fraction" for k in ZS_METRICS}, "n_test": len(rows), "n_dropped": 0,
-    "precision": precision,
-    "data": info.get("health", {}), "config": dataclasses.asdict(cfg),
-    "version": clip_us.__version__,
-}
-if cfg.weights == "none":
-    results["warning"] = "random weights: these numbers say nothing about CLIP"
+results = make_results(
+    script="zeroshot.py", task="zeroshot", dataset=cfg.dataset, row=row, backbone="clip",
+    adapter=cfg.adapter, init=cfg.init or None, seeds=[],
+    metrics=summarize_seeds([report], ZS_METRICS), units={k: "fraction" for k in ZS_METRICS},
+    n_test=len(rows), n_dropped=0, precision=precision, data=info.get("health", {}), config=cfg,
+    random_weights=cfg.weights == "none",
+    confusion_matrix=report["confusion_matrix"], prompts=class_prompts)
 write_json(out / "predictions.json", rows)
 tables.write_results(out, results)
 viz.save_roc_svg([r["prob"] for r in rows], [r["label"] for r in rows], out / "roc.svg",

@@ -46,9 +46,10 @@ def runs(manifest: str) -> dict[str, list[str]]:
 
 def phantom_manifest(tmp: Path) -> str:
     """40 phantom images of two organs and three classes, as tests/test_evaluate.py makes them."""
-    code = ("import sys; from clip_us import phantom; cfg = phantom.PhantomConfig(n=40, size=96, "
+    code = ("import sys; from clip_us import phantom; from clip_us.captions import phantom_manifest; "
+            "cfg = phantom.PhantomConfig(n=40, size=96, "
             "organs=('breast', 'thyroid'), p_normal=0.2); "
-            "print(phantom.caption_manifest(sys.argv[1], cfg))")
+            "print(phantom_manifest(sys.argv[1], cfg))")
     return subprocess.run([sys.executable, "-c", code, str(tmp / "phantom")], cwd=ROOT,
                           check=True, capture_output=True, text=True).stdout.strip()
 
@@ -84,14 +85,29 @@ def snapshot(tmp: Path) -> dict[str, dict[str, float]]:
     return found
 
 
-def compare(old: dict, new: dict, tol=1e-6) -> list[str]:
-    moved = []
+# The one intended change of the redesign: train_contrastive.py's validation retrieval now
+# comes from the same functions as evaluate.py's, under their names (dup_* = identical captions
+# interchangeable, what the old i2t_/t2i_ keys measured), beside the new strict_* family.
+RENAMED = {f"{d}_R@{k}": f"dup_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+
+
+def renamed(key: str) -> str:
+    part, _, rest = key.partition(".")
+    name, _, tail = rest.partition(".")
+    return ".".join(filter(None, (part, RENAMED.get(name, name), tail)))
+
+
+def compare(old: dict, new: dict, tol=1e-6) -> tuple[list[str], list[str]]:
+    """(numbers that moved or vanished, numbers that are new), old keys read through RENAMED."""
+    moved, added = [], []
     for run in sorted(set(old) | set(new)):
-        a, b = old.get(run, {}), new.get(run, {})
-        for key in sorted(set(a) | set(b)):
-            if key not in a or key not in b or abs(a[key] - b[key]) > tol:
-                moved.append(f"{run}: {key}: {a.get(key)} -> {b.get(key)}")
-    return moved
+        a = {renamed(k): v for k, v in old.get(run, {}).items()}
+        b = new.get(run, {})
+        for key in sorted(a):
+            if key not in b or abs(a[key] - b[key]) > tol:
+                moved.append(f"{run}: {key}: {a[key]} -> {b.get(key)}")
+        added += [f"{run}: {key} = {b[key]}" for key in sorted(set(b) - set(a))]
+    return moved, added
 
 
 def main():
@@ -103,8 +119,10 @@ def main():
         found = snapshot(Path(tmp))
     Path(args.out).write_text(json.dumps(found, indent=1, sort_keys=True))
     if args.compare:
-        moved = compare(json.loads(Path(args.compare).read_text()), found)
-        print("\n".join(moved) or "every number equal to 1e-6")
+        moved, added = compare(json.loads(Path(args.compare).read_text()), found)
+        runs_added = sorted({a.split(":")[0] for a in added})
+        print("".join(f"{r}: {sum(a.startswith(r + ':') for a in added)} new numbers\n" for r in runs_added), end="")
+        print("\n".join(moved) or "every earlier number equal to 1e-6 (renamed keys: RENAMED)")
         sys.exit(1 if moved else 0)
 
 

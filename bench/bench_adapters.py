@@ -1,6 +1,7 @@
 """Training-step time and peak memory of ViT-B/16's vision tower: frozen + LoRA, frozen + Mona and
-full fine-tuning, against the plain forward time (issue 3's benchmark; seed 003 §3.1 adapters).
-"lora-shared" is LoRA with one dropout draw shared by q, k and v (--lora-shared-dropout).
+full fine-tuning, against the plain forward time (issue 3's benchmark; the ultrasound-CLIP paper
+(§3.1) adapters). "lora-shared" is LoRA with one dropout draw shared by q, k and v
+(--lora-shared-dropout).
 
 One step = forward of the whole tower (pooled embedding), an MSE loss, backward, AdamW step and
 zero_grad. Frozen weights must compute no weight gradient: after every adapter step the script

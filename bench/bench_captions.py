@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere
 
-from clip_us import captions
 from clip_us.captions import llm
+from clip_us.captions import templates as captions
 from clip_us.captions.templates import fit_to_context, token_count
 
 WORDS = ("irregular hypoechoic mass with spiculated margins and posterior acoustic shadowing "

@@ -1,8 +1,10 @@
 """The scripts' `--adapter none|lora|mona`: config, apply, the freezing rule, checkpoints, counts.
 
-The adapters themselves are in lora.py and mona.py (seed 003 §3.1); both go on the vision tower
-only. This file holds the one list of adapter key patterns (ADAPTER_KEYS), the one freezing rule
-(`freeze_backbone`, the official code's) and the one adapter-checkpoint format:
+The adapters themselves are in lora.py and mona.py (the ultrasound-CLIP paper, Qu et al.,
+"Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis",
+§3.1); both go on the vision tower only. This file holds the one list of adapter key patterns
+(ADAPTER_KEYS), the one freezing rule (`freeze_backbone`, the official code's) and the one
+adapter-checkpoint format:
 
 - a checkpoint stores `adapter_config` (AdapterConfig as a dict) beside `adapter_state_dict`
   (adapter tensors only, CLIP key names such as `visual.transformer.resblocks.3.mona2...`);
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .fileio import load_checkpoint
-from .lora import LORA_TYPES, add_lora, lora_settings, mark_only_trainable
+from .lora import DEFAULT_TARGETS, LORA_TYPES, TARGETS, add_lora, lora_settings, mark_only_trainable
 from .model import CLIP, ResidualAttentionBlock, Transformer, VisionTransformer
 from .mona import Mona
 
@@ -39,7 +41,8 @@ HEAD = "head."  # a task model's head (heads.TaskModel.head)
 CHECKED = {"lora": ("r", "alpha", "scaling", "targets"), "mona": ("bottleneck", "placement")}
 
 
-# ----------------------------------------------------------------------------- Mona inside our CLIP: one after each vision block, or two (after attention and MLP)
+# ----------------------------------------------------------------------------- Mona inside our CLIP
+# One Mona after each vision block, or two (after attention and after the MLP).
 PLACEMENTS = ("after_block", "attn_and_mlp")
 
 
@@ -111,7 +114,9 @@ def mona_settings(model: nn.Module) -> dict | None:
     return {"bottleneck": block.mona2.project1.out_features, "placement": block.placement,
             "dropout": block.mona2.dropout.p}
 
-# ----------------------------------------------------------------------------- the official NextGen-UIA adapter files, in our key names
+
+# ----------------------------------------------------------------------------- official adapter files
+# The official NextGen-UIA Mona and LoRA files, in our key names.
 MONA_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mona\.(.+)$")
 MONA_PARTS = {"norm.weight", "norm.bias", "gamma", "gammax", "project1.weight", "project1.bias",
               "project2.weight", "project2.bias", "adapter_conv.projector.weight",
@@ -142,7 +147,7 @@ def convert_official_mona(sd: dict) -> tuple[dict, dict]:
     if unknown:
         raise ValueError(
             f"this Mona file is the official code's {_variant(unknown)} Mona, not the baseline "
-            f"Mona of seed 003 that clip_us builds: {len(unknown)} keys do not fit, e.g. "
+            f"Mona of the ultrasound-CLIP paper that clip_us builds: {len(unknown)} keys do not fit, e.g. "
             f"{unknown[:4]}. Re-run the official fine-tuning with --mona_variant baseline, or "
             f"use a clip_us checkpoint.")
     out = {}
@@ -178,17 +183,19 @@ def convert_official_lora(ckpt: dict) -> tuple[dict, dict]:
     settings = {"kind": "lora", "r": int(ckpt.get("lora_r", 16)),
                 "alpha": float(ckpt.get("lora_alpha", 32)),
                 "lora_dropout": float(ckpt.get("lora_dropout", 0.1)), "scaling": "rslora",
-                "targets": tuple(t for t in ("q", "k", "v", "o") if t in targets)}
+                "targets": tuple(t for t in TARGETS if t in targets)}  # canonical order
     return settings, out
 
-# ----------------------------------------------------------------------------- --adapter: config, apply, freezing, checkpoints
+
+# ----------------------------------------------------------------------------- --adapter
+# Config, apply, freezing, checkpoints.
 @dataclass
 class AdapterConfig:
     kind: str = "none"                      # none | lora | mona
     r: int = 16                             # LoRA rank
     alpha: float = 32.0                     # LoRA alpha
     scaling: str = "rslora"                 # rslora: alpha/sqrt(r) (official); standard: alpha/r
-    targets: tuple = ("q", "k", "v", "o")   # LoRA targets; "mlp" adds c_fc and c_proj
+    targets: tuple = DEFAULT_TARGETS        # LoRA targets; "mlp" adds c_fc and c_proj
     lora_dropout: float = 0.1
     lora_shared_dropout: bool = False       # one dropout draw for q, k, v (faster; not official)
     bottleneck: int = 64                    # Mona down-projection width
@@ -345,7 +352,8 @@ def _read(path) -> tuple[AdapterConfig, dict, dict, bool | None]:
 def read_adapter(path) -> tuple[AdapterConfig, dict]:
     """(adapter settings, adapter tensors) from a file: checkpoints written by clip_us (any
     script's best.pt / last.pt), or the official NextGen-UIA Mona / LoRA files
-    (official_adapters.py; other Mona variants than the baseline are refused)."""
+    (convert_official_mona / convert_official_lora above; other Mona variants than the baseline
+    are refused)."""
     cfg, sd, _, _ = _read(path)
     return cfg, sd
 

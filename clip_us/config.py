@@ -1,16 +1,32 @@
-"""Script configuration: dataclasses with their defaults, and the command line generated from them.
+"""Every command line of the project: dataclasses with their defaults, and argparse built from them.
 
 Each field of a config dataclass becomes `--field-name`, typed by its default, with the field's
-`help` metadata and its default on `--help` (a test checks that every option has help).
-- `SupervisedConfig`: train_seg.py (and the base of `ClsConfig`, train_cls.py). The defaults are
-  seed 003 §4.2 as its official code (jinggqu/NextGen-UIA) runs it; where ours differed, the old
-  behaviour stays behind a flag (docs/reproducing.md lists them).
+`help` metadata and its default on `--help` (a test checks every option of every command line).
+Options that several scripts share are declared once, in small groups that the script configs
+inherit (`--help` shows each group under its own title, from the last base class to the first):
+- `RunOptions`, `ModelOptions`, `DataOptions`: every script;
+- `PhantomOptions`, `FolderOptions`, `AdapterOptions`, `DecisionOptions`, `TrainOptions`,
+  `ManifestOptions`: the scripts that have them.
+Where a script needs another default, `default_of` redeclares the group's option with it (the
+help text stays the group's). The scripts' configs:
+- `SupervisedConfig`: train_seg.py, and `ClsConfig` (train_cls.py). The defaults are §4.2 of
+  the ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation Model for Next
+  Generation Medical Ultrasound Image Analysis") as its official code (jinggqu/NextGen-UIA) runs
+  it; where ours differed, the old behaviour stays behind a flag (docs/reproducing.md).
 - `ZeroShotConfig`: zeroshot.py.
-The resolved config is saved as `config.json` and inside every checkpoint and results file.
+- `ContrastiveConfig`: train_contrastive.py (the ultrasound-CLIP paper's contrastive stage, and
+  EchoCare-CLIP's, "Ultrasound Vision-Language Alignment via Contrastive Learning").
+- `EvaluateConfig`: evaluate.py (EchoCare-CLIP's evaluation protocol).
+The `python -m clip_us...` tools (captions, phantom, tables) declare their own dataclasses;
+`parse_command` gives one dataclass per subcommand. The resolved config is saved as
+`config.json` and inside every checkpoint and results file.
+
+This module imports nothing of clip_us, so that every module, low or high, can build its command
+line here.
 
 Errors: a user's mistake (a missing folder, a bad file, a wrong flag combination) raises an
 exception whose message says what to do. `report_errors` makes a script print that message alone
-and exit with status 2; `--debug` shows the traceback instead.
+and exit with status 2 (`--debug` shows the traceback instead); `fail` does the same at once.
 """
 from __future__ import annotations
 
@@ -32,6 +48,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
+# ----------------------------------------------------------------------------- option types
 # Counts and sizes that cannot work below these values: refused when the command line is parsed.
 FLAG_MINIMUM = {"epochs": 1, "batch_size": 1, "image_size": 16, "eval_every": 1, "patience": 1,
                 "workers": 0, "phantom_n": 1, "phantom_size": 16, "n_figures": 0}
@@ -56,48 +73,105 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _default(f: dataclasses.Field):
+    """A field's default (MISSING for a required option or a positional argument)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _option_type(f: dataclasses.Field, default):
-    """A field's argparse type: its default's (a list's elements'), bounded below by its
-    metadata "min" or FLAG_MINIMUM, or a fraction with metadata "fraction"."""
-    many = isinstance(default, (list, tuple))
-    kind = (type(default[0]) if default else str) if many else \
-        (type(default) if default is not None else str)
+    """A field's argparse type: metadata "type", else its default's (a list's elements', str for
+    none), bounded below by metadata "min" or FLAG_MINIMUM, or a fraction with "fraction"."""
+    if "type" in f.metadata:
+        return f.metadata["type"]
     if f.metadata.get("fraction"):
         return _fraction
+    sample = (default[0] if default else None) if isinstance(default, (list, tuple)) else default
+    kind = str if sample is None or sample is dataclasses.MISSING else type(sample)
     low = f.metadata.get("min", FLAG_MINIMUM.get(f.name))
     return _at_least(kind, low) if low is not None and kind in (int, float) else kind
 
 
-def _add_option(parser: argparse.ArgumentParser, f: dataclasses.Field):
+# ----------------------------------------------------------------------------- the parser
+def _add_option(parser, f: dataclasses.Field):
     """--field-name from a field: bools as --x/--no-x; lists take several values, and with
-    metadata "repeat" each use of the flag adds to them (--checkpoint a --checkpoint b)."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    metadata "repeat" each use of the flag adds to them (--checkpoint a --checkpoint b). A field
+    without a default is a required flag, or with metadata "positional" an argument."""
+    default, helptext = _default(f), f.metadata.get("help", "")
+    kind, choices = _option_type(f, default), f.metadata.get("choices")
+    if f.metadata.get("positional"):
+        return parser.add_argument(f.name, type=kind, help=helptext)
     flag = "--" + f.name.replace("_", "-")
-    helptext = f.metadata.get("help", "")
+    if default is dataclasses.MISSING:
+        return parser.add_argument(flag, required=True, type=kind, choices=choices, help=helptext)
     if isinstance(default, bool):
-        parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
-                            help=helptext)
-    elif isinstance(default, (list, tuple)):
-        parser.add_argument(flag, default=list(default), nargs="+",
-                            type=_option_type(f, default), help=helptext,
-                            action="extend" if f.metadata.get("repeat") else "store")
-    else:
-        parser.add_argument(flag, default=default, type=_option_type(f, default),
-                            choices=f.metadata.get("choices"), help=helptext)
+        return parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                   help=helptext)
+    if isinstance(default, (list, tuple)):
+        return parser.add_argument(flag, default=list(default), nargs="+", type=kind,
+                                   choices=choices, help=helptext,
+                                   action="extend" if f.metadata.get("repeat") else "store")
+    return parser.add_argument(flag, default=default, type=kind, choices=choices, help=helptext)
 
 
-def build_parser(cls, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=_HelpFormatter)
+def option_group(cls):
+    """A dataclass of options that several configs share by inheriting it; --help lists them
+    under the first line of its docstring."""
+    cls = dataclass(cls)
+    cls.group_title = cls.__doc__.splitlines()[0]
+    return cls
+
+
+def _group_title(cls, name: str):
+    """The title of the option group that declares the field `name` of `cls` (None: its own)."""
+    owner = next(base for base in reversed(cls.__mro__)
+                 if name in base.__dict__.get("__annotations__", {}))
+    return owner.__dict__.get("group_title")
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """The fields of `cls` as options of `parser`, those of an option group under its title."""
+    groups = {}
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is not False:
-            _add_option(parser, f)
+        if f.metadata.get("cli") is False:
+            continue
+        title = _group_title(cls, f.name)
+        if title and title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        _add_option(groups.get(title, parser), f)
     return parser
 
 
-def parse_config(cls, argv=None, description: str = "", epilog: str = ""):
+def build_parser(cls, description: str = "", epilog: str = "",
+                 **parser_kw) -> argparse.ArgumentParser:
+    """The parser of one config dataclass (`parser_kw`: prog, allow_abbrev, ...)."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=_HelpFormatter, **parser_kw)
+    return add_options(parser, cls)
+
+
+def parse_config(cls, argv=None, description: str = "", epilog: str = "", **parser_kw):
     """An instance of the config dataclass `cls` with the command line's overrides applied."""
-    return cls(**vars(build_parser(cls, description, epilog).parse_args(argv)))
+    return cls(**vars(build_parser(cls, description, epilog, **parser_kw).parse_args(argv)))
+
+
+def command_parser(commands: dict, description: str = "", **parser_kw) -> argparse.ArgumentParser:
+    """A parser with one subcommand per dataclass of `commands` ({name: class}); a subcommand's
+    help is its class's docstring (the first line in the list of subcommands)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter,
+                                     **parser_kw)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls in commands.items():
+        doc = cls.__doc__.strip()
+        add_options(sub.add_parser(name, help=doc.splitlines()[0], description=doc,
+                                   formatter_class=_HelpFormatter,
+                                   allow_abbrev=parser_kw.get("allow_abbrev", True)), cls)
+    return parser
+
+
+def parse_command(commands: dict, argv=None, description: str = "", **parser_kw):
+    """An instance of the dataclass of the subcommand the command line names."""
+    given = vars(command_parser(commands, description, **parser_kw).parse_args(argv))
+    return commands[given.pop("command")](**given)
 
 
 def given_fields(cls, argv=None) -> set:
@@ -109,10 +183,21 @@ def given_fields(cls, argv=None) -> set:
     return set(vars(known))
 
 
-def missing_help(cls) -> list[str]:
-    """Options of `cls` without a help text (a test keeps this empty)."""
-    return [f.name for f in dataclasses.fields(cls)
-            if f.metadata.get("cli") is not False and not f.metadata.get("help")]
+def undocumented_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Options of `parser` (and of its subcommands) whose --help lacks a help text, or a default
+    it neither shows nor explains: an empty default says what it means, "'' = ..." or
+    "(default: ...)". A test keeps this empty for every command line of the project."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            missing += [f"{name} {option}" for name, sub in action.choices.items()
+                        for option in undocumented_options(sub)]
+        elif action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction):
+            text = parser._get_formatter()._get_help_string(action)
+            has_default = bool(action.option_strings) and not action.required
+            if not action.help or has_default and "(default" not in text and "'' =" not in text:
+                missing.append(action.option_strings[0] if action.option_strings else action.dest)
+    return missing
 
 
 # ----------------------------------------------------------------------------- errors
@@ -121,15 +206,16 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, Perm
                FloatingPointError, RuntimeError, OSError)
 
 
-def fail(message: str):
-    """A usage or data error: the message, no traceback, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _message(err: BaseException) -> str:
+def _message(err) -> str:
     # KeyError's str() is the repr of its argument; the message is the argument itself.
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def fail(message):
+    """A usage or data error: `error: <message>` on stderr, no traceback, exit status 2.
+    `message` is a text or the exception that carries it."""
+    print(f"error: {_message(message)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def report_errors(debug: bool = False):
@@ -148,101 +234,170 @@ def report_errors(debug: bool = False):
     sys.excepthook = hook
 
 
-# ----------------------------------------------------------------------------- the scripts' configs
+# ----------------------------------------------------------------------------- fields
 def opt(default, help: str, **metadata):
-    """A config field with its help text (and `choices=[...]` when given)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    """A config field with its help text (and `choices=[...]`, `type=`, `min=` when given)."""
+    if isinstance(default, (list, dict)):  # each instance gets its own copy
+        return field(default_factory=lambda: type(default)(default),
+                     metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
 
 
-@dataclass
-class SupervisedConfig:
-    """train_seg.py (and the base of ClsConfig): seed 003 §4.2 as its official code runs it."""
-    # data
-    dataset: str = opt("phantom", "data set layout: busi, tn3k, ddti, prostate, folder, nextgen "
-                       "or phantom (synthetic, no download)")
-    data_root: str = opt("", "the data set's folder (needed for every layout but phantom)")
-    nextgen_name: str = opt("", "<DS> of the NextGen-UIA layout, e.g. BUSI or LN-1 ('' = the "
-                            "only one there)")
-    split_file: str = opt("", "a split JSON (train/val/test lists) to use as it is ('' = a "
-                          "seeded 8:1:1 split, saved as split.json in the run folder)")
-    crop: str = opt("auto", "crop to the imaging region: auto = every layout but nextgen and "
-                    "prostate (their images come cropped)", choices=["auto", "yes", "no"])
-    mask_threshold: float = opt(0.5, "a mask pixel is lesion when >= this fraction of the "
-                                "mask's maximum (0: any value above 0)")
-    phantom_n: int = opt(200, "phantom: number of images (--eval-only: the checkpoint's "
-                         "unless given)")
-    phantom_size: int = opt(256, "phantom: image side in pixels (--eval-only: the "
-                            "checkpoint's unless given)")
-    keep_normal: bool = opt(False, "keep BUSI's normal images, as class 2")
+def required(help: str, **metadata):
+    """A field the command line must give: a required flag, or with `positional=True` an
+    argument (in a `@dataclass(kw_only=True)`, or before the fields with defaults)."""
+    return field(metadata={"help": help, **metadata})
+
+
+def default_of(group, name: str, default, note: str = "", **metadata):
+    """`group`'s option `name` with another default (and `metadata` on top), for a script whose
+    recipe differs: its help text stays the group's, with `note` after it when given."""
+    base = next(f for f in dataclasses.fields(group) if f.name == name)
+    helptext = base.metadata["help"] + (f"; {note}" if note else "")
+    return opt(default, **{**base.metadata, **metadata, "help": helptext})
+
+
+# ----------------------------------------------------------------------------- option groups
+@option_group
+class RunOptions:
+    """run (batches, processes, device, precision, output)"""
+    batch_size: int = opt(32, "images per batch (per process under torchrun)")
+    workers: int = opt(2, "DataLoader worker processes (0 = load in the main process)")
+    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = opt("fp32", "inference (validation, test, embedding): fp32, or bf16 "
+                         "(autocast on CUDA and on CPUs with native bf16; elsewhere fp32, with a "
+                         "message)", choices=["fp32", "bf16"])
+    out_dir: str = opt("", "run folder ('' = a new one in runs/<script>/, named by the data and "
+                       "the time); a folder given again keeps its split.json")
+    debug: bool = opt(False, "show the traceback of an error")
+
+
+@option_group
+class ModelOptions:
+    """model (CLIP and its input)"""
+    arch: str = opt("ViT-B/16", "CLIP architecture: ViT-B/16, ViT-B/32, ViT-L/14, or tiny "
+                    "(12 blocks at width 64, for tests and demos)")
+    weights: str = opt("ViT-B/16", "CLIP weights: a published name, a file or folder, or none "
+                       "(random weights, announced)")
     image_size: int = opt(224, "model input side in pixels (images and masks are resized to it)")
     clip_norm: bool = opt(True, "normalise with CLIP's mean/std; --no-clip-norm feeds [0, 1] "
                           "pixels, as the official code does")
-    skip_bad: bool = opt(False, "skip unreadable or inconsistent files (counted) instead of "
-                         "stopping at the first")
-    workers: int = opt(2, "DataLoader worker processes")
-    # model
-    arch: str = opt("ViT-B/16", "CLIP architecture: ViT-B/16, ViT-B/32, ViT-L/14, or tiny "
-                    "(12 blocks at width 64, for tests and demos)")
-    backbone: str = opt("clip", "the vision backbone (the row of the table; docs/backbones.md)",
-                        choices=["clip", "metaclip", "biomedclip", "unimedclip", "dinov2",
-                                 "resnet18", "unet", "clipseg"])
-    weights: str = opt("ViT-B/16", "backbone weights: for clip a published name; a file or "
-                       "folder; none (random weights, announced). Other backbones: ViT-B/16 = "
-                       "their own published file in the clip_us cache")
+
+
+@option_group
+class DataOptions:
+    """data (bad files, split)"""
+    skip_bad: bool = opt(False, "skip unreadable, missing or inconsistent images (counted) "
+                         "instead of stopping at the first")
+    split_file: str = opt("", "a split.json (train/val/test lists) to use as it is ('' = a new "
+                          "seeded split, saved in the run folder)")
+
+
+@option_group
+class PhantomOptions:
+    """phantom (the synthetic data set, no download)"""
+    phantom_n: int = opt(200, "number of images")
+    phantom_size: int = opt(256, "image side in pixels")
+
+
+@option_group
+class FolderOptions:
+    """data set (layout and folder)"""
+    dataset: str = opt("phantom", "data set layout: busi, tn3k, ddti, prostate, folder, nextgen "
+                       "or phantom (synthetic, no download)")
+    data_root: str = opt("", "the data set's folder ('' = none: only the phantom needs none)")
+    nextgen_name: str = opt("", "<DS> of the NextGen-UIA layout, e.g. BUSI or LN-1 ('' = the "
+                            "only one there)")
+    crop: str = opt("auto", "crop to the imaging region: auto = every layout but nextgen and "
+                    "prostate (their images come cropped)", choices=["auto", "yes", "no"])
+
+
+@option_group
+class AdapterOptions:
+    """adapter (in CLIP's vision tower)"""
     adapter: str = opt("mona", "adapter in the vision tower", choices=["none", "lora", "mona"])
-    adapter_train: str = opt("auto", "train the adapter: auto = the official code's rule (Mona "
-                             "trains, LoRA stays at its initial or --init weights)",
-                             choices=["auto", "yes", "no"])
-    init: str = opt("", "checkpoint whose adapter (and fine-tuned backbone) to start from: the "
-                    "ft. rows (train_contrastive.py's best.pt)")
-    lora_shared_dropout: bool = opt(False, "--adapter lora: one dropout draw shared by q, k and v "
-                                    "(faster; the official code draws one per target)")
-    # The rows with heads of their own (--backbone unet | clipseg | dinov2, clip_us/rowmodels.py).
-    head: str = field(default="official", metadata={
-        "choices": ["official", "proposed"],
-        "help": "--backbone dinov2: the official code's DINOv2 heads, or the feature-reducing heads"})
-    dinov2_official: bool = field(default=False, metadata={
-        "help": "DINOv2 as the official code built it: no layer-scale, its gammas ignored"})
-    clipseg_weights: str = field(default="default", metadata={
-        "help": "CLIPSeg decoder: a Hugging Face CIDAS/clipseg-rd64-refined folder, default (the "
-                "cache's) or none (random)"})
-    prompt: str = field(default="", metadata={
-        "help": "CLIPSeg prompt ('' = the data set's benign/malignant description)"})
-    layers: list = opt([3, 6, 9], "vision blocks (0-based) the head reads")
-    reduce_dim: int = opt(512, "feature reducer width")
-    fuse: str = opt("sum", "how the reduced blocks are fused: sum (official code) or concat "
-                    "(the paper's text)", choices=["sum", "concat"])
-    # training
-    seeds: list = opt([1, 2, 3], "one run per seed; the table reports their mean")
-    epochs: int = opt(200, "maximum number of epochs")
-    eval_every: int = opt(10, "validate every N epochs (and after the last)")
+    init: str = opt("", "a train_contrastive.py best.pt whose adapter (and fine-tuned backbone) "
+                    "the model starts from: the ft. rows ('' = none)")
+
+
+@option_group
+class DecisionOptions:
+    """decision (benign or malignant)"""
+    threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
+
+
+@option_group
+class TrainOptions:
+    """training (AdamW, cosine schedule, early stopping)"""
+    epochs: int = opt(200, "maximum number of epochs, the cosine schedule's length (early "
+                      "stopping usually ends a run first)")
     patience: int = opt(15, "stop after N validations without improvement")
-    batch_size: int = opt(32, "images per batch (per process under torchrun)")
-    lr: float = opt(1e-4, "AdamW learning rate (cosine schedule per step down to 1e-8)")
+    lr: float = opt(1e-4, "AdamW learning rate, where the cosine schedule starts")
     betas: list = opt([0.9, 0.95], "AdamW betas")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     decay: str = opt("all", "which parameters decay: all trainable ones (official code) or "
                      "matrices (none on norms, biases, embeddings)", choices=["all", "matrices"])
-    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off, as the official code)")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)")
     amp: bool = opt(True, "training steps: bf16 autocast on CUDA (no effect on the CPU)")
-    precision: str = opt("fp32", "validation and test passes: fp32, or bf16 (autocast on CUDA "
-                         "and on CPUs with native bf16; elsewhere fp32, with a message)",
-                         choices=["fp32", "bf16"])
-    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    # output
-    out_dir: str = opt("", "run folder ('' = runs/<script>/<dataset>-<row>-<time>)")
-    resume: bool = opt(False, "continue a killed run from <out-dir>/seed<N>/last.pt")
+    resume: bool = opt(False, "continue a killed run from its last.pt in --out-dir")
+
+
+@option_group
+class ManifestOptions:
+    """manifest (image-caption pairs) and random seed"""
+    manifest: str = opt("", "image-caption manifest, CSV or JSONL ('' = the phantom's caption "
+                        "manifest, written offline)")
+    image_col: str = opt("", "the manifest's image column ('' = detected)")
+    caption_col: str = opt("", "the manifest's caption column ('' = detected)")
+    # manifest.NOT_WHITELISTED: the official fine-tuning code's whitelist, verbatim
+    ascii_only: bool = opt(False, "delete the characters outside the official code's whitelist "
+                           "(ASCII letters, digits, whitespace and punctuation but the percent "
+                           "sign, plus … ± ° µ μ ≤ ≥ ≈ → – — •) before the 20-character rule")
+    seed: int = opt(1, "random seed: the split, initialisation, batch order, bootstrap")
+
+
+# ----------------------------------------------------------------------------- the scripts' configs
+@dataclass
+class SupervisedConfig(RunOptions, TrainOptions, AdapterOptions, ModelOptions, DataOptions,
+                       PhantomOptions, FolderOptions):
+    """train_seg.py (and the base of ClsConfig): the ultrasound-CLIP paper's §4.2 as its
+    official code runs it."""
+    mask_threshold: float = opt(0.5, "a mask pixel is lesion when >= this fraction of the "
+                                "mask's maximum (0: any value above 0)")
+    keep_normal: bool = opt(False, "keep BUSI's normal images, as class 2")
+    backbone: str = opt("clip", "the vision backbone (the row of the table; docs/backbones.md); "
+                        "for all but clip, --weights ViT-B/16 = its own published file in the "
+                        "clip_us cache", choices=["clip", "metaclip", "biomedclip", "unimedclip",
+                                                  "dinov2", "resnet18", "unet", "clipseg"])
+    adapter_train: str = opt("auto", "train the adapter: auto = the official code's rule (Mona "
+                             "trains, LoRA stays at its initial or --init weights)",
+                             choices=["auto", "yes", "no"])
+    lora_shared_dropout: bool = opt(False, "--adapter lora: one dropout draw shared by q, k and v "
+                                    "(faster; the official code draws one per target)")
+    # The rows with heads of their own (--backbone unet | clipseg | dinov2, clip_us/baselines/).
+    head: str = opt("official", "--backbone dinov2: the official code's DINOv2 heads, or the "
+                    "feature-reducing heads", choices=["official", "proposed"])
+    dinov2_official: bool = opt(False, "DINOv2 as the official code built it: no layer-scale, "
+                                "its gammas ignored")
+    clipseg_weights: str = opt("default", "CLIPSeg decoder: a Hugging Face "
+                               "CIDAS/clipseg-rd64-refined folder, default (the cache's) or none "
+                               "(random)")
+    prompt: str = opt("", "CLIPSeg prompt ('' = the data set's benign/malignant description)")
+    layers: list = opt([3, 6, 9], "vision blocks (0-based) the head reads")
+    reduce_dim: int = opt(512, "feature reducer width")
+    fuse: str = opt("sum", "how the reduced blocks are fused: sum (official code) or concat "
+                    "(the paper's text)", choices=["sum", "concat"])
+    seeds: list = opt([1, 2, 3], "one run per seed; the table reports their mean")
+    eval_every: int = opt(10, "validate every N epochs (and after the last)")
     eval_only: bool = opt(False, "evaluate --checkpoint on the whole data set (e.g. LN-2) "
-                          "without training")
-    checkpoint: str = opt("", "with --eval-only: a seed<N>/best.pt")
+                          "without training; the model, and the phantom unless given, come from "
+                          "the checkpoint")
+    checkpoint: str = opt("", "the seed<N>/best.pt that --eval-only evaluates ('' = none)")
     n_figures: int = opt(8, "test cases drawn in the overlay figure")
-    debug: bool = opt(False, "show the traceback of an error")
 
 
 @dataclass
-class ClsConfig(SupervisedConfig):
+class ClsConfig(DecisionOptions, SupervisedConfig):
     """train_cls.py: the supervised options plus the classification head and loss."""
     cls_head: str = opt("auto", "auto (the backbone's official head: mlp for clip, linear for "
                         "metaclip/biomedclip/unimedclip), mlp (official code), pool (the paper's "
@@ -250,45 +405,107 @@ class ClsConfig(SupervisedConfig):
                         choices=["auto", "mlp", "pool", "linear"])
     focal: str = opt("sigmoid", "MONAI FocalLoss variant: sigmoid (its default) or softmax",
                      choices=["sigmoid", "softmax"])
-    threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
 
 
 @dataclass
-class ZeroShotConfig:
+class ZeroShotConfig(RunOptions, DecisionOptions, AdapterOptions, ModelOptions, DataOptions,
+                     PhantomOptions, FolderOptions):
     """zeroshot.py: CLIP with prompts, no training."""
-    dataset: str = opt("phantom", "data set layout: busi, tn3k, ddti, prostate, folder, nextgen "
-                       "or phantom (synthetic, no download)")
-    data_root: str = opt("", "the data set's folder (needed for every layout but phantom)")
-    nextgen_name: str = opt("", "<DS> of the NextGen-UIA layout; also picks the LN prompt")
+    adapter: str = default_of(AdapterOptions, "adapter", "none")
     split: str = opt("all", "images scored: all (every image, as the official evaluation) or "
-                     "test (the 8:1:1 split's test part)", choices=["all", "test"])
-    split_file: str = opt("", "with --split test: a split JSON to use as it is")
-    crop: str = opt("auto", "crop to the imaging region: auto = every layout but nextgen and "
-                    "prostate", choices=["auto", "yes", "no"])
-    phantom_n: int = opt(200, "phantom: number of images")
-    phantom_size: int = opt(256, "phantom: image side in pixels")
-    image_size: int = opt(224, "model input side in pixels")
-    clip_norm: bool = opt(True, "normalise with CLIP's mean/std; --no-clip-norm feeds [0, 1] "
-                          "pixels")
-    skip_bad: bool = opt(False, "skip unreadable files (counted) instead of stopping")
-    workers: int = opt(2, "DataLoader worker processes")
-    arch: str = opt("ViT-B/16", "CLIP architecture (tiny: tests and demos)")
-    weights: str = opt("ViT-B/16", "CLIP weights: a published name, a file or folder, or none")
-    adapter: str = opt("none", "adapter in the vision tower", choices=["none", "lora", "mona"])
-    init: str = opt("", "checkpoint with the adapter (and fine-tuned backbone) weights: the ft. "
-                    "rows")
+                     "test (the test part of --split-file or of a new 8:1:1 split)",
+                     choices=["all", "test"])
     prompts: str = opt("auto", "auto (the paper's where it has one, else echocare), paper, "
                        "echocare, ensemble, or a JSON file {class: [prompts]}")
-    prompt_set: str = opt("", "whose prompts: busi, ln1, tn3k, ... (default: --nextgen-name "
-                          "or --dataset)")
+    prompt_set: str = opt("", "whose prompts: busi, ln1, tn3k, ... ('' = --nextgen-name or "
+                          "--dataset)")
     organ: str = opt("", "organ named in the echocare/ensemble prompts ('' = the data set's)")
-    precision: str = opt("fp32", "fp32, or bf16 (autocast on CUDA and on CPUs with native bf16; "
-                         "elsewhere fp32, with a message)", choices=["fp32", "bf16"])
-    batch_size: int = opt(32, "images per batch")
-    threshold: float = opt(0.5, "P(malignant) above which an image is called malignant")
-    device: str = opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    out_dir: str = opt("", "run folder ('' = runs/zeroshot/<dataset>-<row>-<time>)")
-    debug: bool = opt(False, "show the traceback of an error")
+
+
+@option_group
+class EchoCareOptions:
+    """--model echocare only (EchoCare-CLIP's dual encoder)"""
+    text_encoder: str = opt("clip", "CLIP ViT-B/32's text tower or BioClinicalBERT",
+                            choices=["clip", "bert"])
+    image_weights: str = opt("", "the EchoCare Swin checkpoint ('' = the cache's)")
+    text_weights: str = opt("", "text weights ('' = ViT-B/32, or the cached Bio_ClinicalBERT "
+                            "folder)")
+    norm_stats: str = opt("authors", "the authors' mean/std, or this run's training split's",
+                          choices=["authors", "train"])
+    grad_checkpointing: bool = opt(False, "recompute activations in backward (less memory)")
+    augment: bool = opt(True, "the authors' random crop and flip in training; --no-augment "
+                        "trains on the evaluation transform")
+
+
+@dataclass
+class ContrastiveConfig(RunOptions, EchoCareOptions, TrainOptions, ModelOptions, DataOptions,
+                        PhantomOptions, ManifestOptions):
+    """train_contrastive.py: the ultrasound-CLIP paper's contrastive stage as its official code
+    runs it, plus EchoCare-CLIP's modes."""
+    model: str = opt("clip", "clip (the ultrasound-CLIP paper) or echocare (EchoCare-CLIP's "
+                     "dual encoder; its authors' recipe becomes the default of every flag not "
+                     "given)", choices=["clip", "echocare"])
+    # contrastive.TRAIN_MODES (a test keeps them equal: this module imports nothing of clip_us)
+    train: str = opt("adapter", "adapter: only the adapter; heads: visual.proj, "
+                     "text_projection, logit_scale; image / text: + that tower; full: everything",
+                     choices=["adapter", "heads", "image", "text", "full"])
+    adapter: str = default_of(AdapterOptions, "adapter", "",
+                              note="'' = mona with --train adapter, none otherwise",
+                              choices=["", "none", "lora", "mona"])
+    temperature: float = opt(0.0, "0 = fixed 0.07 with --train adapter, learnable (from CLIP's "
+                             "logit_scale) otherwise; T > 0 fixes it at T")
+    split: str = opt("90,10", "without a split column: train,val (seeded shuffle, the official "
+                     "code) or train,val,test (stratified by data set, EchoCare-CLIP)")
+    split_seed: int = opt(-1, "seed of the split (-1 = --seed)")
+    hold_out: str = opt("", "data sets kept out of training, comma-separated ('' = none; "
+                        "EchoCare-CLIP: busi,liver)")
+    min_lr: float = opt(1e-8, "the learning rate where the cosine schedule ends")
+    schedule: str = opt("iter", "cosine stepped per iteration (the ultrasound-CLIP paper) or per "
+                        "epoch (EchoCare-CLIP)", choices=["iter", "epoch"])
+    max_skips: int = opt(5, "non-finite batches in a row that stop the run (single ones are "
+                         "skipped, counted)")
+    # the official fine-tuning code's recipe where it differs from the supervised scripts'
+    phantom_n: int = default_of(PhantomOptions, "phantom_n", 400)
+    epochs: int = default_of(TrainOptions, "epochs", 1000)
+    patience: int = default_of(TrainOptions, "patience", 10)
+    grad_clip: float = default_of(TrainOptions, "grad_clip", 1.0)
+
+
+@dataclass
+class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
+    """evaluate.py: EchoCare-CLIP's evaluation protocol, one table row per model."""
+    organ: str = opt("", "organ of the rows without an organ column value ('' = none: every "
+                     "labelled row needs one then)")
+    classes: list = opt([], "restrict to these labels (default: every label present, e.g. 3 "
+                        "classes for BUSI with normal; train_cls.py/zeroshot.py default to "
+                        "benign/malignant)")
+    checkpoint: list = opt([], "a train_contrastive.py or EchoCare-CLIP checkpoint to evaluate "
+                           "(default: none; repeatable)", repeat=True)
+    weights: list = opt([], "vanilla CLIP to evaluate: a name, a file or none (default: --arch's "
+                        "published weights when no --checkpoint is given; repeatable)",
+                        repeat=True)
+    image_size: int = default_of(ModelOptions, "image_size", 224,
+                                 note="--weights models only: a checkpoint uses its own")
+    clip_norm: bool = default_of(ModelOptions, "clip_norm", True,
+                                 note="--weights models only: a checkpoint uses its own")
+    name: list = opt([], "row names, checkpoints first, then weights (default: each model's "
+                     "own; repeatable)", repeat=True)
+    allow_overlap: bool = opt(False, "evaluate even on images a model trained on")
+    probe_fractions: list = opt([0.01, 0.05, 0.10], "few-shot probe: fractions of each class's "
+                                "training images", fraction=True)
+    probe_seeds: list = opt([42, 43, 44, 45, 46], "few-shot probe: one subset per seed (the "
+                            "authors' five)")
+    e2e_fractions: list = opt([0.005, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30], "end-to-end "
+                              "few-shot: fractions of each class's training images",
+                              fraction=True)
+    e2e_seeds: list = opt([42, 43, 44], "end-to-end few-shot: one subset and batch order per "
+                          "seed")
+    e2e_epochs: int = opt(8, "end-to-end few-shot epochs", min=1)
+    e2e_batch_size: int = opt(16, "end-to-end few-shot batch", min=1)
+    e2e_lr: float = opt(0.0, "0 = 1e-5 for trained models, 5e-6 for vanilla", min=0)
+    bootstrap: int = opt(1000, "resamples (0 = no CIs)", min=0)
+    seed: int = default_of(ManifestOptions, "seed", 42)
+    out_dir: str = default_of(RunOptions, "out_dir", "", note="its cached features too")
 
 
 # ----------------------------------------------------------------------------- --eval-only

@@ -1,20 +1,24 @@
 """Contrastive fine-tuning of CLIP on image–caption pairs: the data set, which parameters each
 `--train` mode trains, the model wrapper that DDP sees, and the validation pass.
 
-Seed 003 §3.1 (Fig. 1a), as its official code runs it (NextGen-UIA `src/models/clip/finetune.py`):
-CLIP frozen, the adapter in the vision tower trains; symmetric InfoNCE on L2-normalised
-embeddings with the temperature fixed at 0.07; images bicubic-resized to 224 and centre-cropped;
-captions tokenised to 77 tokens with truncation. EchoCare-CLIP (seed 000) instead trains the
+The ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation Model for Next
+Generation Medical Ultrasound Image Analysis") §3.1 (Fig. 1a), as its official code runs it
+(NextGen-UIA `src/models/clip/finetune.py`): CLIP frozen, the adapter in the vision tower trains;
+symmetric InfoNCE on L2-normalised embeddings with the temperature fixed at 0.07; images
+bicubic-resized to 224 and centre-cropped; captions tokenised to 77 tokens with truncation.
+EchoCare-CLIP ("Ultrasound Vision-Language Alignment via Contrastive Learning") instead trains the
 projection heads and the temperature, optionally with one or both towers; `--train heads|image|
 text|full` does that in CLIP's own embedding space, with CLIP's logit scale as the learnable
 temperature (capped at 100, as CLIP's training did).
 
 Validation follows both papers: the InfoNCE loss over batches of the training batch size (the
-official code's validation loader), retrieval R@1/5/10 both ways counting identical captions as
-matches, and EchoCare-CLIP's paired / cross alignment scores and their gap.
+official code's validation loader), retrieval R@1/5/10 and mean rank both ways, strict and with
+identical captions interchangeable (metrics.strict_retrieval and metrics.dup_retrieval: the same
+keys and numbers as evaluate.py), and EchoCare-CLIP's paired / cross alignment scores and their gap.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import metrics
+from .adapters import ADAPTER_KEYS
 from .lora import mark_only_trainable
 from .losses import clip_loss
 from .model import CLIP
@@ -30,7 +35,7 @@ from .precision import inference
 from .tokenizer import tokenize
 from .transform import CLIP_MEAN, CLIP_STD, Preprocess
 
-__all__ = ["TRAIN_MODES", "CaptionDataset", "ContrastiveCLIP", "set_trainable",
+__all__ = ["TRAIN_MODES", "CaptionDataset", "caption_dataset", "ContrastiveCLIP", "set_trainable",
            "trainable_names", "validate", "MAX_LOGIT_SCALE"]
 
 TRAIN_MODES = ("adapter", "heads", "image", "text", "full")
@@ -41,28 +46,38 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 # ----------------------------------------------------------------------------- data
 class CaptionDataset(Dataset):
-    """manifest.Pair list -> dict(image [3, S, S], text [77] token ids, caption, key).
+    """Image-caption pairs (clip_us.captions.manifest.Pair: .image, .caption, .key) -> dict(image
+    = transform(image file), text = the caption's tokens, caption, key, index); with no
+    `tokenize`, images alone (no "text"). One class for every model: CLIP passes OpenAI's
+    preprocessing and its tokenizer (caption_dataset below), EchoCare-CLIP the authors'
+    pipelines and its own tokenizer (echocare.data.caption_dataset), evaluate.py an encoder's
+    preprocessing. Captions are tokenised once, here."""
 
-    Images: bicubic resize of the shortest side to S, centre crop (OpenAI's preprocessing, which
-    the official fine-tuning uses), then CLIP's mean/std, or plain [0, 1] pixels with
-    ``clip_norm=False`` as the official fine-tuning fed them. Captions are tokenised once, here.
-    """
-
-    def __init__(self, pairs, size: int = 224, clip_norm: bool = True, context_length: int = 77):
-        self.pairs = list(pairs)
-        mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
-        self.preprocess = Preprocess(size, mean, std)
-        captions = [p.caption for p in self.pairs]
-        self.tokens = tokenize(captions, context_length, truncate=True) if captions else \
-            torch.zeros(0, context_length, dtype=torch.long)
+    def __init__(self, pairs, transform, tokenize=None):
+        self.pairs, self.transform = list(pairs), transform
+        self.tokens = tokenize([p.caption for p in self.pairs]) if tokenize and self.pairs else None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
         p = self.pairs[i]
-        return {"image": self.preprocess(p.image), "text": self.tokens[i], "caption": p.caption,
-                "key": p.key, "index": i}
+        item = {"image": self.transform(p.image), "caption": p.caption, "key": p.key, "index": i}
+        return item if self.tokens is None else {**item, "text": self.tokens[i]}
+
+
+def caption_dataset(pairs, size: int = 224, clip_norm: bool = True,
+                    context_length: int = 77) -> CaptionDataset:
+    """manifest.Pair list -> CaptionDataset of dict(image [3, S, S], text [77] token ids, ...).
+
+    Images: bicubic resize of the shortest side to S, centre crop (OpenAI's preprocessing, which
+    the official fine-tuning uses), then CLIP's mean/std, or plain [0, 1] pixels with
+    ``clip_norm=False`` as the official fine-tuning fed them. Captions: CLIP's tokenizer,
+    truncated to the context with the end-of-text token kept last.
+    """
+    mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
+    return CaptionDataset(pairs, Preprocess(size, mean, std),
+                          functools.partial(tokenize, context_length=context_length, truncate=True))
 
 
 # ----------------------------------------------------------------------------- what trains
@@ -91,7 +106,7 @@ def set_trainable(clip: nn.Module, mode: str, learn_temperature: bool) -> list[s
     if mode not in TRAIN_MODES:
         raise ValueError(f"--train must be one of {TRAIN_MODES}, got {mode!r}")
     if mode == "adapter":
-        mark_only_trainable(clip, ("lora_", "mona"))
+        mark_only_trainable(clip, ADAPTER_KEYS)
     else:
         for name, p in clip.named_parameters():
             p.requires_grad_(_trains(name, mode))
@@ -166,7 +181,7 @@ def batch_losses(img: torch.Tensor, txt: torch.Tensor, scale: float, batch_size:
 
 def validate(model, loader, captions: list[str], batch_size: int, device,
              gather=None, precision: str = "fp32") -> dict:
-    """Loss, duplicate-aware retrieval both ways and alignment on the whole validation set.
+    """Loss, strict_* and dup_* retrieval both ways and alignment on the whole validation set.
 
     `loader` yields this rank's shard; `gather` (engine.gather_list under DDP) collects every
     rank's rows, which are put back in data set order, so every rank returns the same numbers.
@@ -181,7 +196,8 @@ def validate(model, loader, captions: list[str], batch_size: int, device,
     out = {"loss": batch_losses(img, txt, scale, batch_size), "n": len(idx),
            "temperature": 1.0 / scale}
     if len(idx) >= 2:
-        out.update(metrics.retrieval_recall(img, txt, groups=[captions[i] for i in idx]))
+        out.update(metrics.strict_retrieval(img, txt))
+        out.update(metrics.dup_retrieval(img, txt, [captions[i] for i in idx]))
         out.update(metrics.alignment_scores(img, txt))
     out["loss"] = out["loss"] if math.isfinite(out["loss"]) else float("inf")
     return out

@@ -1,14 +1,14 @@
 """Ultrasound data sets: folder layouts, seeded splits, preprocessing, augmentation, and a count
 of every image that is dropped or repaired on the way.
 
-Seed 003 §4.2: non-imaging regions with overlay annotations are cropped away, images are resized
-to 224 x 224, the data are split 8:1:1 (TN3K and Prostate: their test set is kept and the rest
-split 8:2). Resizing is bicubic, PIL's default, as the official code (jinggqu/NextGen-UIA) does;
-masks are resized nearest (the official masks are PIL mode "1", which PIL always resizes
-nearest). The augmentation is the official code's (`dataset_seg.py`): with p = 0.5, a random
-number of photometric operations, then a random number of geometric ones (random resized crop
-with scale (0.8, 1.2) and ratio 1, horizontal flip, vertical flip, identity), the geometric ones
-applied identically to image and mask.
+The ultrasound-CLIP paper (§4.2): non-imaging regions with overlay annotations are cropped away,
+images are resized to 224 x 224, the data are split 8:1:1 (TN3K and Prostate: their test set is kept
+and the rest split 8:2), stratified by label (clip_us/splits.py makes every split). Resizing is
+bicubic, PIL's default, as the official code (jinggqu/NextGen-UIA) does; masks are resized nearest
+(the official masks are PIL mode "1", which PIL always resizes nearest). The augmentation is the
+official code's (`dataset_seg.py`): with p = 0.5, a random number of photometric operations, then a
+random number of geometric ones (random resized crop with scale (0.8, 1.2) and ratio 1, horizontal
+flip, vertical flip, identity), the geometric ones applied identically to image and mask.
 
 Layouts (`DataConfig.dataset`):
 - busi:      {benign,malignant[,normal]}/<class> (N).png, masks <class> (N)_mask.png, _mask_1.png, ...
@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import json
 import random
 import re
 import unicodedata
@@ -57,7 +56,8 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from .fileio import cache_dir, write_json
+from . import phantom, splits
+from .fileio import cache_dir
 from .labels import CLASSES, parse_label
 from .transform import CLIP_MEAN, CLIP_STD, HIGH_DEPTH_MODES, open_image, to_working_image
 
@@ -414,16 +414,6 @@ def _nextgen_name(root: Path, cfg: DataConfig) -> str:
     return match[0]
 
 
-def check_disjoint(parts: dict, where) -> None:
-    """An image in two splits (a test image trained on) is an error."""
-    seen = {}
-    for part, keys in parts.items():
-        for k in keys:
-            if seen.setdefault(k, part) != part:
-                raise DataError(f"{where}: {k!r} is in both the {seen[k]} and the {part} split; "
-                                f"an image must be in one split only")
-
-
 def _nextgen_listed(root: Path, split: dict, kind_dir: Path, tally: Tally) -> dict[str, Path]:
     """{name: image} for the split files' names, in order; names of missing files are bad
     entries, duplicate stems are dropped."""
@@ -451,7 +441,7 @@ def scan_nextgen(root: Path, cfg: DataConfig, tally: Tally):
         split = {"all": list(labels)}
     if not split:
         raise DataError(f"{kind_dir}: no train.txt/val.txt/test.txt (or labels.csv) found")
-    check_disjoint(split, kind_dir)
+    splits.check_disjoint(split, kind_dir, DataError)
     mask_dir = root / "all" / "masks"
     masks = {nfc(p.name): p for p in _image_files(mask_dir)}
     items, maskless = [], []
@@ -506,7 +496,6 @@ def phantom_root(cfg: DataConfig) -> Path:
 
 def scan_phantom(root: Path, cfg: DataConfig, tally: Tally):
     """Write the phantom (BUSI layout) if the folder has none yet, then read it as BUSI."""
-    from . import phantom  # only this option needs the generator
     if not (root / "metadata.jsonl").is_file():
         pcfg = phantom.PhantomConfig(size=cfg.phantom_size, n=cfg.phantom_n, seed=cfg.phantom_seed,
                                      organs=tuple(cfg.phantom_organs),
@@ -551,34 +540,20 @@ def check_items(items: list[Item], cfg: DataConfig, tally: Tally) -> tuple[list[
 
 
 # ----------------------------------------------------------------------------- splits
-def stratified_split(labels, fractions, seed: int) -> list[list[int]]:
-    """Positions split by `fractions` (e.g. 0.8, 0.1, 0.1) within each label, seeded. The
-    later parts get round(n * f) of each class, the first part the rest."""
-    rng = np.random.default_rng(seed)
-    parts = [[] for _ in fractions]
-    labels = np.asarray(labels)
-    for y in np.unique(labels):
-        idx = rng.permutation(np.nonzero(labels == y)[0])
-        sizes = [int(round(len(idx) * f)) for f in fractions[1:]]
-        bounds = np.cumsum([len(idx) - sum(sizes)] + sizes)[:-1]
-        for part, chunk in zip(parts, np.split(idx, bounds)):
-            part += chunk.tolist()
-    return [sorted(p) for p in parts]
-
-
 def make_split(items: list[Item], predefined, seed: int) -> tuple[dict, str]:
-    """{"train", "val", "test": [keys]} and how it was made."""
-    if predefined and {"train", "val", "test"} <= predefined.keys():
-        return {k: list(predefined[k]) for k in ("train", "val", "test")}, "predefined train/val/test"
-    labels = [it.label for it in items]
-    if predefined and "test" in predefined:  # TN3K / Prostate: keep test, split the rest 8:2
+    """{"train", "val", "test": [keys]} and how it was made: the layout's own parts, else 8:1:1
+    stratified by label (TN3K / Prostate: their test set kept, the rest 8:2), in item order."""
+    if predefined and set(splits.PARTS) <= predefined.keys():
+        return {k: list(predefined[k]) for k in splits.PARTS}, "predefined train/val/test"
+    labels = {it.key: it.label for it in items}
+    if predefined and "test" in predefined:
         test = set(predefined["test"])
-        rest = [i for i, it in enumerate(items) if it.key not in test]
-        tr, va = stratified_split([labels[i] for i in rest], (0.8, 0.2), seed)
-        return {"train": [items[rest[i]].key for i in tr], "val": [items[rest[i]].key for i in va],
-                "test": [it.key for it in items if it.key in test]}, "predefined test, rest 8:2 stratified"
-    parts = stratified_split(labels, (0.8, 0.1, 0.1), seed)
-    return {k: [items[i].key for i in p] for k, p in zip(("train", "val", "test"), parts)}, \
+        rest = [it.key for it in items if it.key not in test]
+        parts = splits.in_order(splits.stratified(rest, labels, (0.8, 0.2), seed), rest)
+        return {**parts, "test": [it.key for it in items if it.key in test]}, \
+            "predefined test, rest 8:2 stratified"
+    keys = [it.key for it in items]
+    return splits.in_order(splits.stratified(keys, labels, (0.8, 0.1, 0.1), seed), keys), \
         "8:1:1 stratified"
 
 
@@ -588,16 +563,6 @@ def fingerprint(items: list[Item]) -> str:
     for key, label in sorted((it.key, it.label) for it in items):
         h.update(f"{key}\t{label}\n".encode())
     return h.hexdigest()[:16]
-
-
-def read_split_json(path: Path) -> dict:
-    try:
-        saved = json.loads(read_text(path))
-        {k: list(saved[k]) for k in ("train", "val", "test")}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a split file ({type(e).__name__}: {e}); it needs lists "
-                        f"'train', 'val' and 'test' of image paths") from e
-    return saved
 
 
 def check_same_data(saved: dict, path: Path, root: Path, items: list[Item]) -> None:
@@ -617,15 +582,14 @@ def check_same_data(saved: dict, path: Path, root: Path, items: list[Item]) -> N
 def load_split(saved: dict, path: Path, root: Path, items: list[Item], tally: Tally) -> dict:
     """A saved split; entries naming missing files are bad, entries whose files exist but were
     skipped or left out (e.g. normal images) are dropped."""
-    parts = {k: list(dict.fromkeys(nfc(x) for x in saved[k])) for k in ("train", "val", "test")}
-    check_disjoint(parts, path)
+    parts = {k: list(dict.fromkeys(nfc(x) for x in saved[k])) for k in splits.PARTS}
+    splits.check_disjoint(parts, path, DataError)
     known = {it.key for it in items}
     for name, keys in parts.items():
         for k in keys:
             if k not in known and not (root / k).is_file():
                 tally.entry(path, f"the {name} split names {k!r}, which is missing from {root}")
-        parts[name] = [k for k in keys if k in known]
-    return parts
+    return splits.keep(parts, known)
 
 
 def get_split(items, predefined, root: Path, cfg: DataConfig, tally: Tally):
@@ -636,21 +600,20 @@ def get_split(items, predefined, root: Path, cfg: DataConfig, tally: Tally):
         src = Path(cfg.split_file)
         if not src.is_file():
             raise DataError(f"{src}: split file not found; check --split-file")
-        split = load_split(read_split_json(src), src, root, items, tally)
+        split = load_split(splits.read_split(src, error=DataError), src, root, items, tally)
         return split, f"from {src}", path is not None and path.resolve() != src.resolve()
     if path is not None and path.is_file():
-        saved = read_split_json(path)
+        saved = splits.read_split(path, error=DataError)
         check_same_data(saved, path, root, items)
         return load_split(saved, path, root, items, tally), f"reused {path}", False
     split, how = make_split(items, predefined, cfg.seed)
     return split, how, path is not None
 
 
-def save_split(path: Path, split: dict, how: str, items: list[Item], root: Path, cfg: DataConfig):
-    """split.json with the root and item fingerprint it belongs to (see check_same_data)."""
-    write_json(path, {"dataset": cfg.dataset, "root": str(root.resolve()), "task": cfg.task,
-                      "seed": cfg.seed, "how": how, "n_items": len(items),
-                      "fingerprint": fingerprint(items), **split}, indent=1)
+def split_record(how: str, items: list[Item], root: Path, cfg: DataConfig) -> dict:
+    """What split.json holds besides the parts: the data it belongs to (see check_same_data)."""
+    return {"dataset": cfg.dataset, "root": str(root.resolve()), "task": cfg.task, "seed": cfg.seed,
+            "how": how, "n_items": len(items), "fingerprint": fingerprint(items)}
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -863,7 +826,7 @@ def build_datasets(cfg: DataConfig):
             for k in ("train", "val", "test")}
     _check_split_sizes(sets, how, cfg)
     if save:                                   # only once every check has passed
-        save_split(Path(cfg.split_path), split, how, items, root, cfg)
+        splits.save_split(Path(cfg.split_path), split, **split_record(how, items, root, cfg))
     info = _summary(cfg, root, how, sets, tally)
     info["health"] = health(tally, stats, sets, len(items), cfg)
     for line in health_lines(info["health"], tally, stats, cfg):

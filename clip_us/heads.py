@@ -1,6 +1,8 @@
-"""Feature reducer, segmentation head and classification head (seed 003, §3.2 and Fig. 3).
+"""Feature reducer, segmentation head and classification head of the ultrasound-CLIP paper (Qu et
+al., "Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image
+Analysis", §3.2 and Fig. 3).
 
-The official code of seed 003 (NextGen-UIA, `CLIPAdapter`) is followed by default:
+Its official code (NextGen-UIA, `CLIPAdapter`) is followed by default:
 - Feature reducing: the outputs of vision blocks 3, 6 and 9 (CLS dropped) are each reduced by
   Linear(width -> 512) and a LayerNorm -> Linear -> GELU -> Linear block, then fused deepest first
   by summation. The paper's text says concatenation: `fuse="concat"`.

@@ -1,16 +1,20 @@
 """The one training loop: optimiser and schedule, epochs, validation, early stopping, checkpoints.
 
-Every training script calls `train` (train_seg.py, train_cls.py, train_contrastive.py, ...):
-nothing else in the project runs an optimiser step. The script supplies what differs:
+Every training script calls `train` (train_seg.py, train_cls.py, train_contrastive.py). Two
+short fits of evaluate.py run their own steps instead: the logistic-regression probe
+(evaluation/probe.py, L-BFGS) and the end-to-end few-shot heads (evaluation/protocol.py). The
+script supplies what differs:
 
 - `loss_step(batch, model) -> loss`: the forward and the loss of one batch (the loop does not
   know what a batch holds);
 - `evaluate(model) -> (score, metrics)`: the validation score that picks the best checkpoint
   (`best="max"` for a metric such as Dice, `best="min"` for a validation loss);
-- `Settings`: the recipe. Seed 003 §4.2 and its official code: AdamW (lr 1e-4, betas (0.9,
-  0.95), weight decay 0.01), cosine schedule per iteration down to 1e-8, batch 32. EchoCare-CLIP
-  steps its schedule per epoch; the official contrastive code clips gradients at 1.0 and skips
-  batches with a non-finite loss.
+- `Settings`: the recipe. The ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language
+  Foundation Model for Next Generation Medical Ultrasound Image Analysis") §4.2 and its official
+  code: AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0.01), cosine schedule per iteration down
+  to 1e-8, batch 32. EchoCare-CLIP ("Ultrasound Vision-Language Alignment via Contrastive
+  Learning") steps its schedule per epoch; the official contrastive code clips gradients at 1.0
+  and skips batches with a non-finite loss.
 
 Checkpoints (`out_dir/best.pt`, `out_dir/last.pt`) are written atomically by rank 0 and hold the
 model's tensors in the adapters.checkpoint_tensors layout plus `extra` (config, version, ...);
@@ -20,7 +24,6 @@ from (seed, epoch), so a resumed run's losses equal an uninterrupted run's.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import math
 import os
 import random
@@ -38,9 +41,11 @@ from tqdm import tqdm
 
 from .adapters import checkpoint_tensors, load_task_state
 from .fileio import load_checkpoint, save_checkpoint
+from .precision import autocast
 
 
-# ----------------------------------------------------------------------------- random-number state: seeding, capture, restore
+# ----------------------------------------------------------------------------- random-number state
+# Seeding, capture, restore.
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -70,7 +75,9 @@ def set_rng_state(state: dict):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-# ----------------------------------------------------------------------------- DDP: torchrun's process group, gathering, agreeing on a finite loss
+
+# ----------------------------------------------------------------------------- DDP
+# torchrun's process group, gathering, agreeing on a finite loss.
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -80,11 +87,26 @@ def _destroy_process_group():
         dist.destroy_process_group()
 
 
+def resolve_device(flag: str = "auto") -> torch.device:
+    """--device: auto = CUDA when there is one; a bad name or a missing GPU is a user error."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise ValueError(f"--device {flag}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {flag}: this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
 def setup_distributed(device_flag: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; a single process otherwise."""
-    want_cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    """(rank, world_size, device) from torchrun's environment; a single process otherwise.
+    Under torchrun, a CUDA --device means each rank's own GPU (LOCAL_RANK)."""
+    device = resolve_device(device_flag)
+    want_cuda = device.type == "cuda"
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if want_cuda else device_flag if device_flag != "auto" else "cpu")
+        return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     if not is_distributed():
@@ -126,7 +148,8 @@ def shard(dataset, rank: int, world: int):
     """Rank r takes items r, r+world, ...: no padding, so no image is counted twice."""
     return Subset(dataset, list(range(rank, len(dataset), world)))
 
-# ----------------------------------------------------------------------------- the loop
+
+# ----------------------------------------------------------------------------- the recipe
 @dataclass
 class Settings:
     """The recipe of one training run; `Settings.of(cfg)` takes the fields a script config has."""
@@ -136,7 +159,7 @@ class Settings:
     weight_decay: float = 0.01
     decay: str = "all"          # "all" trainable parameters (official code) | "matrices" (no decay
     #                             on norms, biases and embeddings: open_clip's convention)
-    schedule: str = "iter"      # cosine stepped per "iter" (seed 003) or per "epoch" (EchoCare)
+    schedule: str = "iter"      # cosine stepped per "iter" (ultrasound-CLIP) or "epoch" (EchoCare)
     min_lr: float = 1e-8
     grad_clip: float = 0.0      # max gradient norm; 0 = no clipping
     eval_every: int = 10        # validate every N epochs, and after the last one
@@ -190,13 +213,6 @@ def cosine_schedule(optimizer, total_steps: int, min_lr: float = 1e-8):
         t = min(step, total_steps) / max(1, total_steps)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; on the CPU autocast is slower than fp32, so it is a no-op there."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train_loader(dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
@@ -288,7 +304,7 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, disable=not is_main)
         started = time.perf_counter()
         for batch in bar:
-            with autocast(device, s.amp):
+            with autocast("bf16" if s.amp else "fp32", device, cuda_only=True):
                 loss = loss_step(batch, net)
             if not all_finite(loss):
                 in_row = on_nonfinite(loss, s, in_row, f"epoch {epoch + 1}")

@@ -2,8 +2,9 @@
 
 LoRA (Hu et al., 2022) adds a low-rank update to a frozen weight: W x + s * B (A dropout(x)), with
 A [r, in] kaiming-uniform(a=sqrt(5)) and B [out, r] zeros, so a fresh adapter changes nothing.
-Seed 003 §3.1 puts it on the q, k, v and output projections of every vision block, r=16, alpha=32,
-dropout 0.1.
+The ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation Model for Next
+Generation Medical Ultrasound Image Analysis") §3.1 puts it on the q, k, v and output projections of
+every vision block, r=16, alpha=32, dropout 0.1.
 
 - Scaling: "rslora" gives s = alpha / sqrt(r), what the official code (jinggqu/NextGen-UIA) does,
   and is the default. "standard" gives classic LoRA's s = alpha / r.
@@ -19,8 +20,9 @@ dropout 0.1.
 - Any module with a packed `in_proj_weight` and an `out_proj` nn.Linear is an attention block:
   one that computes q/k/v through an `in_proj(x)` method (clip_us's CLIP) gets that method
   overridden; torch's nn.MultiheadAttention gets a forward that computes the same attention with
-  the LoRA'd projections. "mlp" targets the `c_fc`/`c_proj` nn.Linear pair of OpenAI's blocks;
-  `LoRALinear(layer)` wraps any other nn.Linear.
+  the LoRA'd projections. A block passed to add_lora itself (a bare nn.MultiheadAttention) comes
+  back as a new module: `attn = add_lora(attn)`. "mlp" targets the `c_fc`/`c_proj` nn.Linear
+  pair of OpenAI's blocks; `LoRALinear(layer)` wraps any other nn.Linear.
 - LoRA tensors are new keys containing "lora_" (`attn.lora_A_q`, `attn.out_proj.lora_B`, ...).
 
 This file imports only torch, so it can be copied into another project on its own.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 QKV = ("q", "k", "v")
 TARGETS = ("q", "k", "v", "o", "mlp")
+DEFAULT_TARGETS = ("q", "k", "v", "o")  # the ultrasound-CLIP paper's: every attention projection
 
 
 def lora_scaling(r: int, alpha: float, scaling: str) -> float:
@@ -297,14 +300,19 @@ def _check_targets(targets) -> tuple:
 
 
 def add_lora(module: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.1,
-             targets=("q", "k", "v", "o"), scaling: str = "rslora",
+             targets=DEFAULT_TARGETS, scaling: str = "rslora",
              shared_dropout: bool = False) -> nn.Module:
-    """Add LoRA to every attention block inside `module` (e.g. `model.visual`), in place.
+    """Add LoRA to every attention block inside `module` (e.g. `model.visual`); returns the module.
 
     targets: any of "q", "k", "v" (slices of the packed in_proj), "o" (out_proj) and "mlp"
     (c_fc and c_proj). Base weights are not frozen here: call mark_only_trainable for that.
     shared_dropout: q, k and v share one dropout draw per block (faster; the official code
     draws one per target, the default).
+
+    Blocks inside `module` are replaced in place. An attention block passed itself (e.g. a bare
+    nn.MultiheadAttention) cannot replace itself in its parent: a new block holding the same
+    parameter objects is returned and `module` is left as it was, so write
+    `attn = add_lora(attn)`.
     """
     targets = _check_targets(targets)
     lora_scaling(r, alpha, scaling)  # validate before touching the model
@@ -312,6 +320,8 @@ def add_lora(module: nn.Module, r: int = 16, alpha: float = 32, dropout: float =
         raise ValueError("this module already has LoRA; call merge_lora(model, remove=True) "
                          "before adding LoRA again")
     kw = dict(r=r, alpha=alpha, dropout=dropout, scaling=scaling)
+    if is_packed_attention(module):  # the new block's out_proj below is its own, not module's
+        module = lora_attention(module, targets=targets, shared_dropout=shared_dropout, **kw)
     attns = [m for m in module.modules() if is_packed_attention(m)]
     mlps = [m for m in module.modules() if isinstance(getattr(m, "c_fc", None), nn.Linear)
             and isinstance(getattr(m, "c_proj", None), nn.Linear)] if "mlp" in targets else []
@@ -364,18 +374,23 @@ def merge_lora(model: nn.Module, remove: bool = False) -> nn.Module:
 
     Already merged layers are left alone. With remove=True the LoRA layers become their plain
     classes again (the attention's own class, nn.Linear), so the state dict loads into the
-    model without LoRA.
+    model without LoRA; a LoRA layer passed itself is returned as a new plain module (as
+    add_lora returns a bare attention block), so write `attn = merge_lora(attn, remove=True)`.
     """
     for m in model.modules():
         if isinstance(m, LORA_TYPES) and not m.lora_merged:
             m.merge(+1.0)
-    if remove:
-        _replace(model, lambda m: isinstance(m, LoRAAttention), lambda a: _plain(a.lora_base, a))
-        _replace(model, lambda m: isinstance(m, LoRALinear), lambda lin: _plain(nn.Linear, lin))
-    return model
+    if not remove:
+        return model
+    # attention blocks first: their plain copies hold the LoRALinear out_proj that pass 2 swaps
+    _replace(model, lambda m: isinstance(m, LoRAAttention), _plain)
+    _replace(model, lambda m: isinstance(m, LoRALinear), _plain)
+    return _plain(model) if isinstance(model, LORA_TYPES) else model
 
 
-def _plain(cls: type, lora_module: nn.Module) -> nn.Module:
+def _plain(lora_module: nn.Module) -> nn.Module:
+    """A LoRA layer as its plain class (the attention's own class, nn.Linear), same parameters."""
+    cls = lora_module.lora_base if isinstance(lora_module, LoRAAttention) else nn.Linear
     plain = cls.__new__(cls)  # no __init__: it would allocate weights we are about to replace
     _adopt(plain, lora_module)
     return plain

@@ -3,8 +3,10 @@ ROC curve, binary report, bootstrap CI), and image–text retrieval / alignment 
 
 Stand-alone: numpy, scipy and torch only, nothing else from clip_us, so the file can be copied.
 
-Segmentation follows MONAI's definitions (``monai.metrics``), which the official code of paper 003
-(jinggqu/NextGen-UIA) used, per image, in pixels unless ``spacing`` is given:
+Segmentation follows MONAI's definitions (``monai.metrics``), which the official code
+(jinggqu/NextGen-UIA) of the ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation
+Model for Next Generation Medical Ultrasound Image Analysis") used, per image, in pixels unless
+``spacing`` is given:
 
 - Boundary ("edge") of a mask = mask XOR its binary erosion by the cross-shaped structuring element
   (4-connectivity in 2-D, 6 in 3-D), with everything outside the image counted as background, so
@@ -227,6 +229,15 @@ def summarize(values: Sequence[float]) -> dict:
             "n": n, "n_dropped": int(v.size - n)}
 
 
+def seed_summary(values: Sequence) -> dict:
+    """{mean, std, per_seed}: ``summarize`` over one metric's per-seed values, every seed's value
+    kept in per_seed. A seed without a finite value (None: e.g. no test image had a finite HD95)
+    is left out of mean/std, which are None when no seed has one. results.json's form."""
+    vals = [None if v is None else float(v) for v in values]
+    s = summarize([v for v in vals if v is not None])
+    return {"mean": s["mean"], "std": s["std"], "per_seed": vals}
+
+
 def per_image(pred, gt, spacing=None) -> dict:
     """Every SEG_METRICS value of one (prediction, ground truth) pair."""
     return {"dice": dice(pred, gt), "iou": iou(pred, gt), "hd95": hd95(pred, gt, spacing),
@@ -363,42 +374,6 @@ def _embeddings(img, txt) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _ranks(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
-    """For each row, how many non-matching columns score >= its best matching column (0 = hit@1).
-    Ties count against the hit, so collapsed embeddings score R@1 = 0, not 1."""
-    best = np.where(match, sim, -np.inf).max(axis=1, keepdims=True)
-    return np.count_nonzero((sim >= best) & ~match, axis=1)
-
-
-def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int, rank) -> dict:
-    """{"i2t", "t2i"}: each row's rank by `rank(sim, match)`, where columns with the row's group
-    id match. [chunk, N] similarity blocks keep memory O(chunk·N)."""
-    ranks = {"i2t": [], "t2i": []}
-    for start in range(0, len(a), chunk):
-        rows = slice(start, start + chunk)
-        match = g[rows, None] == g[None, :]  # [chunk, N]
-        ranks["i2t"].append(rank(a[rows] @ b.T, match))
-        ranks["t2i"].append(rank(b[rows] @ a.T, match))
-    return {d: np.concatenate(r) for d, r in ranks.items()}
-
-
-def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10), groups=None, chunk: int = 1024) -> dict:
-    """Recall@K for image→text and text→image on paired rows (row i of img goes with row i of txt).
-
-    Duplicate captions: by default only the paired index counts as a hit, so two images with an
-    identical caption tie, and ties count as misses. Pass ``groups`` (one hashable per row) to let
-    any row of the same group count as a hit in both directions: image ids when an image has several
-    captions, or the caption strings themselves so that identical captions are interchangeable.
-    Returns ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}`` as fractions in [0, 1].
-    """
-    a, b = _embeddings(img, txt)
-    g = np.arange(len(a)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    if len(g) != len(a):
-        raise ValueError(f"retrieval_recall: {len(g)} group ids for {len(a)} pairs.")
-    ranks = _chunked_ranks(a, b, g, chunk, _ranks)
-    return {f"{d}_R@{k}": float(np.mean(r < k)) for d, r in ranks.items() for k in ks}
-
-
 def alignment_scores(img, txt) -> dict:
     """EchoCare-CLIP alignment: paired = mean cosine of matched pairs, cross = mean cosine over i≠j,
     gap = paired − cross (paired alone rewards collapsed embeddings; always report all three)."""
@@ -410,15 +385,32 @@ def alignment_scores(img, txt) -> dict:
     return {"paired": paired, "cross": cross, "gap": paired - cross}
 
 
-# ----------------------------------------------------------------------------- EchoCare-CLIP evaluation
-# Seed 000's protocol: retrieval ranked the authors' way, weighted F1, multi-class AUROC and the
-# few-shot label sampling. Labels here are class indices 0..K-1 (any number of classes).
-def _stable_ranks(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
-    """0-based position of each row's first matching column in the stable descending order of the
-    row (``np.argsort(-sim, kind="stable")``): equal scores keep column order."""
-    order = np.argsort(-sim, axis=1, kind="stable")  # [rows, N] column indices, best first
-    hits = np.take_along_axis(match, order, axis=1)  # [rows, N] bool, True where a match sits
+# Retrieval is ranked as in the code of "Ultrasound Vision-Language Alignment via Contrastive
+# Learning" (EchoCare-CLIP); train_contrastive.py's validation and evaluate.py both report it.
+def _best_first(sim: np.ndarray) -> np.ndarray:
+    """[rows, N] column indices of each row, best first: the one place where retrieval breaks ties,
+    strict and duplicate-aware alike. A stable sort, so equal scores keep column order (this
+    flatters collapsed embeddings, which is why the alignment gap is reported beside recall).
+    EchoCare-CLIP's authors call numpy's default ``np.argsort(-sim, axis=1)`` on float32."""
+    return np.argsort(-sim, axis=1, kind="stable")
+
+
+def _first_match(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """0-based position of each row's first matching column in the order of :func:`_best_first`."""
+    hits = np.take_along_axis(match, _best_first(sim), axis=1)  # [rows, N] bool, True at a match
     return hits.argmax(axis=1)
+
+
+def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int) -> dict:
+    """{"i2t", "t2i"}: each row's rank, where columns with the row's group id match.
+    [chunk, N] similarity blocks keep memory O(chunk·N)."""
+    ranks = {"i2t": [], "t2i": []}
+    for start in range(0, len(a), chunk):
+        rows = slice(start, start + chunk)
+        match = g[rows, None] == g[None, :]  # [chunk, N]
+        ranks["i2t"].append(_first_match(a[rows] @ b.T, match))
+        ranks["t2i"].append(_first_match(b[rows] @ a.T, match))
+    return {d: np.concatenate(r) for d, r in ranks.items()}
 
 
 def _retrieval_report(ranks: dict, ks) -> dict:
@@ -430,20 +422,35 @@ def _retrieval_report(ranks: dict, ks) -> dict:
 def retrieval_ranked(img, txt, ks: Sequence[int] = (1, 5, 10), captions=None, chunk: int = 1024) -> dict:
     """Recall@K both ways and the mean (1-based) rank, ranked as EchoCare-CLIP's code does.
 
-    Strict (``captions=None``): row i matches only column i; each row is ordered by a stable argsort
-    of the negated similarities, so ties fall in position order (this flatters collapsed embeddings,
-    which is why the alignment gap is reported beside it). Duplicate-aware (``captions`` = the
-    caption texts, one per pair): every column whose caption text equals row i's counts, and the
-    first of them in the same order gives the rank, so duplicate-aware recall >= strict recall.
-    Keys: ``i2t_R@1`` ... ``t2i_R@10``, ``i2t_mean_rank``, ``t2i_mean_rank``.
+    Strict (``captions=None``): row i matches only column i; each row is ordered by
+    :func:`_best_first`, so ties fall in column order. Duplicate-aware (``captions`` = the caption
+    texts, one per pair): every column whose caption text equals row i's counts, and the first of
+    them in the same order gives the rank, so duplicate-aware recall >= strict recall.
+    Keys: ``i2t_R@1`` ... ``t2i_R@10``, ``i2t_mean_rank``, ``t2i_mean_rank``; the scripts report
+    them through :func:`strict_retrieval` and :func:`dup_retrieval`.
     """
     a, b = _embeddings(img, txt)
     g = np.arange(len(a)) if captions is None else np.unique(np.asarray(captions), return_inverse=True)[1]
     if len(g) != len(a):
         raise ValueError(f"retrieval_ranked: {len(g)} captions for {len(a)} pairs.")
-    return _retrieval_report(_chunked_ranks(a, b, g.reshape(-1), chunk, _stable_ranks), ks)
+    return _retrieval_report(_chunked_ranks(a, b, g.reshape(-1), chunk), ks)
 
 
+def strict_retrieval(img, txt, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
+    """``strict_i2t_R@1`` ... ``strict_t2i_R@10`` and ``strict_*_mean_rank``: row i of `img`
+    matches only row i of `txt` (:func:`retrieval_ranked` without captions)."""
+    return {f"strict_{k}": v for k, v in retrieval_ranked(img, txt, ks, chunk=chunk).items()}
+
+
+def dup_retrieval(img, txt, captions, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
+    """``dup_i2t_R@1`` ... ``dup_t2i_R@10`` and ``dup_*_mean_rank``: pairs with identical caption
+    texts are interchangeable (:func:`retrieval_ranked` with ``captions``)."""
+    return {f"dup_{k}": v for k, v in retrieval_ranked(img, txt, ks, captions, chunk).items()}
+
+
+# ----------------------------------------------------------------------------- EchoCare-CLIP classification
+# EchoCare-CLIP's protocol beyond retrieval: weighted F1, multi-class AUROC and the few-shot label
+# sampling. Labels here are class indices 0..K-1 (any number of classes).
 def _class_vector(labels, name: str = "labels") -> np.ndarray:
     y = _vector(labels, name)
     if not np.all((y >= 0) & (y == np.round(y))):

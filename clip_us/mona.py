@@ -1,7 +1,7 @@
 """Mona (multi-cognitive visual adapter) for ViT token sequences [B, 1 + h*w, C], CLS first.
 
-Mona (Yin et al., 2023) was made for Swin. Seed 003 §3.1 / Fig. 2c embeds it in CLIP's ViT; its
-official code (jinggqu/NextGen-UIA, `BaselineMona`) does, for x [B, 1 + h*w, D]:
+Mona (Yin et al., 2023) was made for Swin. The ultrasound-CLIP paper (§3.1 / Fig. 2c) embeds it in
+CLIP's ViT; its official code (jinggqu/NextGen-UIA, `BaselineMona`) does, for x [B, 1 + h*w, D]:
 
     x' = LN(x) * gamma + x * gammax            gamma init 1e-6, gammax init 1 (per channel)
     p  = project1(x')                          Linear(D -> bottleneck)

@@ -1,5 +1,5 @@
 """The one meaning of `--precision fp32|bf16` for inference passes (zero-shot, evaluation, and the
-validation and test passes of the training scripts).
+validation and test passes of the training scripts), and the one autocast (training's --amp too).
 
 - fp32: plain float32.
 - bf16 on CUDA: autocast to bfloat16; the weights stay float32 (never a trained fp16 copy). A GPU
@@ -78,10 +78,12 @@ def resolve_precision(precision: str, device, verbose: bool = True) -> str:
     return "fp32"
 
 
-def autocast(precision: str, device):
-    """bf16 autocast for an already resolved precision; a no-op context for fp32."""
+def autocast(precision: str, device, cuda_only: bool = False):
+    """bf16 autocast for an already resolved precision; a no-op context for fp32. The one autocast
+    of the project: inference passes (--precision) and training steps (--amp, loop.train, with
+    `cuda_only`: CPU autocast trains slower than fp32, so it is a no-op there)."""
     device = torch.device(device)
-    if precision == "bf16":
+    if precision == "bf16" and (device.type == "cuda" or not cuda_only):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

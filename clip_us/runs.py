@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__, loop
@@ -24,9 +22,10 @@ from .config import eval_only_config, given_fields, report_errors
 from .data import DataConfig, build_datasets
 from .fileio import load_checkpoint, write_json
 from .loop import barrier, setup_distributed
+from .metrics import seed_summary
 from .precision import inference, resolve_precision
 from .tables import row_csv, write_results
-from .taskmodel import make_task_model
+from .taskmodel import make_task_model, model_spec
 from .viz import save_training_curves
 
 
@@ -74,20 +73,41 @@ def default_out_dir(script: str, dataset: str, row: str) -> Path:
 
 
 def summarize_seeds(per_seed: list[dict], keys) -> dict:
-    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them.
-    A seed without a finite value (None: e.g. no test image had a finite HD95) is left out of
-    the mean and shows as None in per_seed; a metric no seed has is None."""
-    out = {}
-    for k in keys:
-        vals = [None if r[k] is None else float(r[k]) for r in per_seed]
-        finite = [v for v in vals if v is not None and math.isfinite(v)]
-        out[k] = {"mean": float(np.mean(finite)) if finite else None,
-                  "std": float(np.std(finite)) if finite else None, "per_seed": vals}
-    return out
+    """{metric: {mean, std, per_seed}} over the seeds' test means, as the tables report them
+    (metrics.seed_summary per metric)."""
+    return {k: seed_summary([r[k] for r in per_seed]) for k in keys}
 
 
 def fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+# results.json's keys that more than one script writes, in this order; a script's own keys follow,
+# then data, config and version (schema: docs/outputs.md)
+SHARED_KEYS = ("script", "task", "dataset", "row", "backbone", "adapter", "init", "seeds", "metrics",
+               "units", "n_test", "n_dropped", "machine", "precision")
+RANDOM_WEIGHTS = "random weights: these numbers say nothing about CLIP"
+
+
+def make_results(*, script: str, task: str, dataset: str, row: str, backbone: str, adapter: str,
+                 seeds: list, metrics: dict, precision: str, data: dict, config,
+                 random_weights: bool = False, **extra) -> dict:
+    """results.json of any script: the keys every script writes; init, units, n_test, n_dropped
+    and machine where the script passes them; its own keys (`extra`); a warning when the
+    weights were random. `config` is the script's config dataclass."""
+    given = {"script": script, "task": task, "dataset": dataset, "row": row, "backbone": backbone,
+             "adapter": adapter, "seeds": seeds, "metrics": metrics, "precision": precision, **extra}
+    out = {k: given.pop(k) for k in SHARED_KEYS if k in given}
+    out.update(given)  # the script's own keys
+    out.update(data=data, config=dataclasses.asdict(config), version=__version__)
+    if random_weights:
+        out["warning"] = RANDOM_WEIGHTS
+    return out
+
+
+def machine(device) -> str:
+    """The device and the CPU's vector extensions: what a run's timings and bf16 depend on."""
+    return f"{device.type}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 # ----------------------------------------------------------------------------- one run
@@ -132,8 +152,8 @@ class Run:
     def task_model(self, seed: int, task: str, adapter_cfg, **kw):
         """The seed's model (taskmodel.make_task_model), its parameter count on the console, and
         with --eval-only the checkpoint's weights loaded. Weights are read once per run."""
-        model = make_task_model(self.cfg, task, adapter_cfg, self.weights_cache, self.device,
-                                seed, **kw)
+        model = make_task_model(model_spec(self.cfg, adapter_cfg), task, self.weights_cache,
+                                self.device, seed, **kw)
         if self.main:
             print(f"seed {seed}: parameters {format_count(model)}")
         if self.ckpt is not None:
@@ -156,17 +176,16 @@ class Run:
 
     def results(self, task: str, metrics: dict, units: dict, n_test: int, info: dict,
                 **more) -> dict:
-        """results.json's fields (schema: docs/outputs.md) for this run."""
+        """results.json for this run (make_results); --eval-only adds the data set the
+        checkpoint trained on."""
         cfg = self.cfg
-        out = {"script": f"{self.script}.py", "task": task, "dataset": cfg.dataset,
-               "row": self.row, "backbone": cfg.backbone, "adapter": cfg.adapter,
-               "init": cfg.init or None, "seeds": cfg.seeds, "metrics": metrics, "units": units,
-               "n_test": n_test, "precision": self.precision, **more,
-               "data": info.get("health", {}),
-               "config": dataclasses.asdict(cfg), "version": __version__}
         if getattr(cfg, "eval_only", False):
-            out["trained_on"] = self.ckpt["config"].get("dataset")
-        return out
+            more["trained_on"] = self.ckpt["config"].get("dataset")
+        return make_results(script=f"{self.script}.py", task=task, dataset=cfg.dataset,
+                            row=self.row, backbone=cfg.backbone, adapter=cfg.adapter,
+                            init=cfg.init or None, seeds=cfg.seeds, metrics=metrics, units=units,
+                            n_test=n_test, precision=self.precision,
+                            data=info.get("health", {}), config=cfg, **more)
 
     def finish(self, results: dict, loss_name: str, metric: str):
         """results.json, row.csv and the training curves; the table row on the console."""

@@ -1,10 +1,11 @@
-"""Markdown versions of seed 003's Tables 2 (segmentation) and 3 (classification), ours beside the paper's.
+"""Markdown tables of our results beside the papers' (ultrasound-CLIP's Tables 2, 3; EchoCare-CLIP).
 
     python -m clip_us.tables RUNS_DIR [--out FILE] [--all-datasets]
 
 collects every `results.json` under RUNS_DIR (the schema the scripts write: task, dataset, row,
 metrics, config, ...) and prints or writes the tables. The paper's numbers are embedded below, transcribed
-from seed 003's Tables 2 and 3 (mean of three runs, in percent).
+from Tables 2 and 3 of the ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation
+Model for Next Generation Medical Ultrasound Image Analysis"; mean of three runs, in percent).
 
 Units. Our results store Dice, IoU, Acc and AUC as fractions in [0, 1]; the tables (and row.csv)
 show them x100, in percent, like the paper. Our HD95, "ASD (directed)" and ASSD are pixels on each
@@ -22,14 +23,15 @@ holds every image, training images included, so it never stands in for the train
 Also here, for the scripts: `row_csv` (one table row as CSV, in Table 2/3 column order) and
 `write_results` (results.json + row.csv, written atomically). Nothing here imports a model.
 """
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
+from .config import fail, opt, parse_config, required
 from .fileio import write_text
 
 # ----------------------------------------------------------------------------- paper numbers
@@ -479,7 +481,7 @@ def render(chosen, notes=(), all_datasets=False):
     for key, text in notes:  # one footnote per row, however many notes it has
         merged.setdefault(key, []).append(text)
     marks = {key: f"d{i + 1}" for i, key in enumerate(merged)}
-    lines = ["# clip_us results beside seed 003's Tables 2 and 3", ""]
+    lines = ["# clip_us results beside the ultrasound-CLIP paper's Tables 2 and 3", ""]
     lines += render_table2(chosen, marks, all_datasets) + [""]
     lines += render_table3(chosen, marks, all_datasets) + [""]
     lines += render_echocare(chosen) + [""] if any(t == "align" for t, _, _ in chosen) else []
@@ -495,7 +497,7 @@ def _sources(chosen):
         for (task, ds, row), r in sorted(chosen.items())]
 
 
-# ----------------------------------------------------------------------------- EchoCare-CLIP (seed 000)
+# ----------------------------------------------------------------------------- EchoCare-CLIP
 
 # The authors' held-out BUSI results (117 test images, 3 classes): (paired, cross, zero-shot acc,
 # linear probe acc, linear probe AUROC), as published.
@@ -520,7 +522,7 @@ def _fmt_ci(res, key):
 
 def render_echocare(chosen):
     """EchoCare-CLIP's table: the authors' published rows, then ours (task align), per data set."""
-    lines = ["## EchoCare-CLIP evaluation (seed 000)", "",
+    lines = ["## EchoCare-CLIP evaluation (EchoCare-CLIP)", "",
              "Paper rows: the authors' held-out BUSI results (117 test images, 3 classes). The "
              "abstract's paired 0.682 is BERT with full fine-tuning on the in-distribution test "
              "split, where its cross score is 0.014; the AULI zero-shot 0.626 is the CLIP text "
@@ -538,15 +540,19 @@ def render_echocare(chosen):
     return lines + _md_table(ECHOCARE_HEADER, rows)
 
 
+@dataclass(kw_only=True)
+class TablesCommand:
+    """The command line: which runs, and where the tables go."""
+    runs_dir: str = required("folder searched recursively for results.json files", positional=True)
+    out: str | None = opt(None, "Markdown file to write, atomically (default: print to stdout)")
+    all_datasets: bool = opt(False, "also show the paper's datasets for which we have no results")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m clip_us.tables", description=__doc__.split("\n")[0])
-    ap.add_argument("runs_dir", help="folder searched recursively for results.json files")
-    ap.add_argument("--out", help="Markdown file to write (atomically); default: print to stdout")
-    ap.add_argument("--all-datasets", action="store_true",
-                    help="also show the paper's datasets for which we have no results")
-    args = ap.parse_args(argv)
+    args = parse_config(TablesCommand, argv, description=__doc__.split("\n")[0],
+                        prog="python -m clip_us.tables")
     if not os.path.isdir(args.runs_dir):
-        ap.error(f"{args.runs_dir} is not a folder; pass the folder that holds the runs (e.g. runs/)")
+        fail(f"{args.runs_dir} is not a folder; pass the folder that holds the runs (e.g. runs/)")
     chosen, notes = collect(args.runs_dir)
     text = render(chosen, notes, args.all_datasets)
     if args.out:

@@ -1,7 +1,7 @@
 """Report figures: segmentation overlays, ROC curves and training curves, without matplotlib.
 
-- `overlay` draws a test case in the style of seed 003, Fig. 4: ground truth missed by the
-  prediction in red, false positives in green, true positives in yellow, blended over the
+- `overlay` draws a test case in the style of the ultrasound-CLIP paper, Fig. 4: ground truth
+  missed by the prediction in red, false positives in green, true positives in yellow, blended over the
   grayscale image. `save_overlay_grid` tiles several cases into one PNG, enlarged so a lesion's
   outline reads at a glance, under a colour legend, each with a caption, in natural case order
   ("4, 22, 23", not "22, 23, 4").

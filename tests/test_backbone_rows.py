@@ -13,7 +13,7 @@ from clip_us.adapters import AdapterConfig
 from clip_us.baselines import backbones
 from clip_us.config import ClsConfig, SupervisedConfig
 from clip_us.model import QuickGELU
-from clip_us.taskmodel import make_task_model
+from clip_us.taskmodel import make_task_model, model_spec
 
 SMALL = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--phantom-n", "24",
          "--phantom-size", "128", "--workers", "0", "--seeds", "1", "--batch-size", "8",
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 def built(backbone, task="seg", adapter="none", **kw):
     cls = ClsConfig if task == "cls" else SupervisedConfig
     cfg = cls(backbone=backbone, arch="tiny", weights="none", adapter=adapter, reduce_dim=32, **kw)
-    return make_task_model(cfg, task, AdapterConfig(kind=adapter), {}, torch.device("cpu"), seed=1)
+    return make_task_model(model_spec(cfg, AdapterConfig(kind=adapter)), task, {}, torch.device("cpu"),
+                           seed=1)
 
 
 @pytest.mark.parametrize("backbone", ["metaclip", "biomedclip", "unimedclip", "dinov2"])
@@ -151,7 +152,7 @@ def test_lora_shared_dropout_flag_builds_shared_lora():
     cfg = SupervisedConfig(adapter="lora", lora_shared_dropout=True, arch="tiny", weights="none")
     adapter_cfg = Run.adapter_config(SimpleNamespace(cfg=cfg))
     assert adapter_cfg.lora_shared_dropout
-    model = make_task_model(cfg, "seg", adapter_cfg, {}, torch.device("cpu"), seed=1)
+    model = make_task_model(model_spec(cfg, adapter_cfg), "seg", {}, torch.device("cpu"), seed=1)
     attns = [m for m in model.modules() if isinstance(m, LoRAAttention)]
     assert attns and all(m.lora_shared_dropout for m in attns)
     with pytest.raises(ValueError, match="--adapter lora"):  # never accepted and ignored

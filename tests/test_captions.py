@@ -21,8 +21,9 @@ import pytest
 import regex
 from PIL import Image
 
-from clip_us import captions, phantom
+from clip_us import phantom
 from clip_us.captions import llm
+from clip_us.captions import templates as captions
 from clip_us.captions.templates import (
     FALLBACK,
     FIELDS,
@@ -178,7 +179,7 @@ def test_choices_are_seeded_and_survive_a_new_process():
     other = [captions.template_caption(r, captions.row_rng(8, i, r["image"])) for i, r in
              enumerate(rows)]
     assert ours == again and ours != other
-    code = ("import json,sys; from clip_us import captions as c; rows=json.loads(sys.argv[1]);"
+    code = ("import json,sys; from clip_us.captions import templates as c; rows=json.loads(sys.argv[1]);"
             "print(json.dumps([c.template_caption(r, c.row_rng(7, i, r['image'])) "
             "for i, r in enumerate(rows)]))")
     env = dict(os.environ, PYTHONHASHSEED="12345")   # a different salt for hash()
@@ -397,7 +398,7 @@ def test_fit_command_counts_changes(tmp_path, capsys):
 
 def test_phantom_caption_manifest(tmp_path):
     cfg = phantom.PhantomConfig(n=16, size=64, organs=phantom.ORGANS, p_normal=0.2)
-    path = phantom.caption_manifest(tmp_path / "ph", cfg, caption_seed=1)
+    path = captions.phantom_manifest(tmp_path / "ph", cfg, caption_seed=1)
     rows = read_csv(path)
     meta = [json.loads(x) for x in (tmp_path / "ph" / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and {r["dataset"] for r in rows} == {"phantom"}
@@ -409,7 +410,7 @@ def test_phantom_caption_manifest(tmp_path):
         if r["tier"] == "3" and r["label"] != "normal":
             assert m["attributes"]["margin"] in r["caption"]
     mtime = path.stat().st_mtime_ns
-    assert phantom.caption_manifest(tmp_path / "ph", cfg, caption_seed=1) == path
+    assert captions.phantom_manifest(tmp_path / "ph", cfg, caption_seed=1) == path
     assert path.stat().st_mtime_ns == mtime           # reused, not rewritten
 
 
@@ -797,7 +798,7 @@ def cli_error(capsys, argv) -> str:
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
-    assert "bad.jsonl, line 2: not JSON" in cli_error(capsys, ["fit", str(bad), "--out", "o"])
+    assert "bad.jsonl:2: not valid JSON" in cli_error(capsys, ["fit", str(bad), "--out", "o"])
     bad.write_text("[1, 2]\n")
     assert "one JSON object" in cli_error(capsys, ["fit", str(bad), "--out", "o"])
     gb = tmp_path / "gb.csv"

@@ -1,32 +1,118 @@
-"""The scripts' command lines: every option explained with its default, user errors as one message
-and exit status 2, row names that tell LoRA's two settings apart, --eval-only's data settings."""
+"""The command lines: every option explained with its default, each shared option declared once,
+user errors as one message and exit status 2, row names that tell LoRA's two settings apart,
+--eval-only's data settings."""
+import contextlib
 import dataclasses
-import json
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from clip_us import contrastive, loop, tables
 from clip_us.adapters import adapter_trains
+from clip_us.captions import templates as captions
 from clip_us.config import (
+    AdapterOptions,
     ClsConfig,
+    ContrastiveConfig,
+    EvaluateConfig,
+    ModelOptions,
     SupervisedConfig,
+    TrainOptions,
     ZeroShotConfig,
+    build_parser,
     eval_only_config,
+    fail,
     given_fields,
-    missing_help,
     parse_config,
+    undocumented_options,
 )
+from clip_us.phantom import __main__ as phantom_cli
 from clip_us.runs import row_name
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"train_seg.py": SupervisedConfig, "train_cls.py": ClsConfig,
+           "zeroshot.py": ZeroShotConfig, "train_contrastive.py": ContrastiveConfig,
+           "evaluate.py": EvaluateConfig}
+PARSERS = {**{name: lambda cls=cls: build_parser(cls) for name, cls in SCRIPTS.items()},
+           "python -m clip_us.captions": captions.build_parser,
+           "python -m clip_us.phantom": lambda: build_parser(phantom_cli.PhantomCommand),
+           "python -m clip_us.tables": lambda: build_parser(tables.TablesCommand)}
 
 
-@pytest.mark.parametrize("cls", [SupervisedConfig, ClsConfig, ZeroShotConfig])
-def test_every_option_has_help(cls):
-    assert missing_help(cls) == []
+@pytest.mark.parametrize("cli", PARSERS)
+def test_every_option_has_help_and_shows_its_default(cli):
+    """Every option of every command line (captions' subcommands included) has a help text, and
+    --help shows its default, or the help says what an empty default means ("'' = ...")."""
+    assert undocumented_options(PARSERS[cli]()) == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_parses_its_config(script, monkeypatch):
+    """`python SCRIPT --help` (in this process: it stops before any work) lists its config's
+    options, and nothing else."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--help"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert e.value.code == 0
+    expected = [o for a in build_parser(SCRIPTS[script])._actions for o in a.option_strings]
+    shown = {w.strip("[],") for w in out.getvalue().split() if w.startswith(("-", "[-"))}
+    assert set(expected) <= shown and "(default: )" not in out.getvalue()
+
+
+def test_shared_options_are_declared_once():
+    """A script whose recipe differs keeps its default, with the group's help text; the
+    --ascii-only help names the characters the official whitelist keeps."""
+    helps = {name: {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+             for name, cls in SCRIPTS.items()}
+    assert helps["train_seg.py"]["lr"] == helps["train_contrastive.py"]["lr"]
+    assert helps["train_seg.py"]["workers"] == helps["evaluate.py"]["workers"]
+    assert helps["train_contrastive.py"]["ascii_only"] == helps["evaluate.py"]["ascii_only"]
+    assert "± ° µ" in helps["evaluate.py"]["ascii_only"]
+    assert (ContrastiveConfig().epochs, SupervisedConfig().epochs) == (1000, 200)
+    assert helps["train_contrastive.py"]["epochs"] == helps["train_seg.py"]["epochs"]
+    assert ContrastiveConfig().grad_clip == 1.0 and ZeroShotConfig().adapter == "none"
+    assert (EvaluateConfig().seed, ContrastiveConfig().seed) == (42, 1)
+    model_helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ModelOptions)}
+    assert helps["evaluate.py"]["image_size"].startswith(model_helps["image_size"])
+    assert issubclass(SupervisedConfig, (TrainOptions, AdapterOptions))
+    text = build_parser(ContrastiveConfig).format_help()
+    assert "training (AdamW, cosine schedule, early stopping):" in text
+
+
+def test_contrastive_train_choices_are_the_modes_it_has():
+    """config.py imports nothing of clip_us, so it names --train's choices itself."""
+    train = next(f for f in dataclasses.fields(ContrastiveConfig) if f.name == "train")
+    assert tuple(train.metadata["choices"]) == contrastive.TRAIN_MODES
+
+
+def test_given_fields_and_subcommands():
+    argv = ["--model", "echocare", "--no-augment", "--lr=0.1"]
+    assert given_fields(ContrastiveConfig, argv) == {"model", "augment", "lr"}
+    refine = captions.parse_command(captions.COMMANDS, [
+        "refine", "m.csv", "--out", "o.csv", "--endpoint", "http://h/v1", "--model", "m",
+        "--no-progress", "--extra-body", '{"a": 1}'], **captions.PARSER)
+    assert isinstance(refine, captions.RefineCommand)
+    assert (refine.progress, refine.extra_body, refine.temperature) == (False, {"a": 1}, None)
+    assert captions.RefineCommand(manifest="m", out="o", endpoint="e", model="m").extra_body == {}
+
+
+def test_fail_and_device_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        fail(KeyError("no such column"))
+    assert e.value.code == 2 and capsys.readouterr().err == "error: no such column\n"
+    assert loop.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device bogus: not a device"):
+        loop.resolve_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU; use --device cpu"):
+            loop.setup_distributed("cuda")
 
 
 def test_help_shows_defaults_and_examples_and_no_task_flag():
@@ -50,7 +136,6 @@ def test_lora_rows_differ_by_adapter_train():
 def test_help_shows_each_default_once_and_no_empty_one(cls):
     """An empty default prints nothing ("(default: )" says nothing), and a help text that
     states its default gets no second one from argparse."""
-    from clip_us.config import build_parser
     text = build_parser(cls).format_help()
     assert "(default: )" not in text and "(default: 32)" in text  # --batch-size's
     for entry in text.split("\n  --")[1:]:

@@ -16,6 +16,7 @@ from clip_us.adapters import (
     is_official_mona,
 )
 from clip_us.captions.manifest import Pair
+from clip_us.evaluation.protocol import alignment_and_retrieval
 from clip_us.losses import clip_loss
 from clip_us.model import build_model
 from clip_us.tokenizer import tokenize
@@ -102,11 +103,11 @@ def test_caption_dataset_resizes_bicubic_crops_and_normalises(tmp_path):
     Image.fromarray(arr).save(tmp_path / "a.png")
     long = "lesion " * 100  # far more than 77 tokens: truncated, end-of-text kept last
     pairs = [Pair("a.png", tmp_path / "a.png", long, 2)]
-    raw = C.CaptionDataset(pairs, size=32, clip_norm=False)[0]
+    raw = C.caption_dataset(pairs, size=32, clip_norm=False)[0]
     ref = Image.fromarray(arr).convert("RGB").resize((48, 32), Image.BICUBIC).crop((8, 0, 40, 32))
     ref = torch.from_numpy(np.asarray(ref, np.float32) / 255).permute(2, 0, 1)
     torch.testing.assert_close(raw["image"], ref)
-    normed = C.CaptionDataset(pairs, size=32, clip_norm=True)[0]["image"]
+    normed = C.caption_dataset(pairs, size=32, clip_norm=True)[0]["image"]
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
     torch.testing.assert_close(normed, (ref - mean) / std)
@@ -131,13 +132,18 @@ class _Fixed(torch.nn.Module):
 def test_validate_counts_identical_captions_and_matches_the_loss_by_batches():
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
-    img[1] = img[0]  # two identical images with one caption: a strict ranking ties them and
-    txt = img.clone()  # counts both as misses; duplicate-aware, either text is a hit for both
+    img[1] = img[0]  # two identical images with one caption: a strict ranking ties them and puts
+    txt = img.clone()  # pair 0 first, so pair 1 misses; duplicate-aware, either is a hit for both
     captions = ["same caption", "same caption", "c", "d", "e", "f"]
     loader = [{"image": torch.arange(6.).view(6, 1, 1, 1).expand(6, 3, 1, 1),
                "text": torch.zeros(6, 77, dtype=torch.long), "index": torch.arange(6)}]
     out = C.validate(_Fixed(img, txt), loader, captions, batch_size=4, device="cpu")
-    assert out["i2t_R@1"] == 1.0 and out["t2i_R@1"] == 1.0 and out["n"] == 6
+    assert out["dup_i2t_R@1"] == 1.0 and out["dup_t2i_R@1"] == 1.0 and out["n"] == 6
+    assert out["strict_i2t_R@1"] == out["strict_t2i_R@1"] == pytest.approx(5 / 6)
+    # evaluate.py's numbers for the same embeddings, under the same names
+    _, emb_img, emb_txt = C.embed(_Fixed(img, txt), loader, "cpu")
+    same = alignment_and_retrieval(emb_img, emb_txt, captions)
+    assert {k: out[k] for k in same} == same
     want = (clip_loss(img[:4], txt[:4], 1 / 0.07) + clip_loss(img[4:], txt[4:], 1 / 0.07)) / 2
     assert out["loss"] == pytest.approx(float(want), rel=1e-5)
     assert out["gap"] == pytest.approx(out["paired"] - out["cross"])

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_us import echocare as E
+from clip_us.captions.manifest import Pair
+from clip_us.contrastive import CaptionDataset
 from clip_us.echocare import data as D
+from clip_us.echocare import model as E
 from clip_us.echocare import swin as S
 from clip_us.loop import Settings, build_optimizer
 from clip_us.losses import clip_loss
@@ -282,6 +284,18 @@ def test_transforms_and_norm_stats(tmp_path):
     a = (np.arange(60 * 80, dtype=np.uint16).reshape(60, 80) % 4096)
     Image.fromarray(a).save(tmp_path / "g16.png")
     assert np.asarray(D.read_rgb(tmp_path / "g16.png")).max() == 255
+
+
+def test_caption_dataset_is_the_one_class_with_the_authors_pipeline(tmp_path):
+    pairs = [Pair(f"{i}.png", _png(tmp_path / f"{i}.png", i), CAPTIONS[i], i + 2) for i in range(2)]
+    tokenize = lambda texts: torch.arange(len(texts))[:, None].expand(-1, 4)  # noqa: E731
+    ds = D.caption_dataset(pairs, tokenize, 32, train=False)
+    assert isinstance(ds, CaptionDataset) and len(ds) == 2
+    item = ds[1]
+    torch.testing.assert_close(item["image"], D.image_transform(32, False)(D.read_rgb(pairs[1].image)))
+    assert item["text"].tolist() == [1] * 4 and (item["caption"], item["key"], item["index"]) == \
+        (CAPTIONS[1], "1.png", 1)
+    assert "text" not in CaptionDataset(pairs, ds.transform)[0]  # no tokenizer: images alone
 
 
 def test_tiny_vocab_covers_captions():

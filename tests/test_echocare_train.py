@@ -75,7 +75,7 @@ def test_bert_family_random_tiny_text_variant(tmp_path, env):
     assert {k.split(".")[0] for k in ck["state_dict"]} == {"image_encoder", "image_head", "text_encoder",
                                                          "text_head", "log_temperature"}
     results = json.loads((out / "results.json").read_text())
-    for key in ("i2t_R@1", "t2i_R@1", "paired", "cross", "gap"):
+    for key in ("dup_i2t_R@1", "strict_t2i_R@1", "paired", "cross", "gap"):
         assert key in results["metrics"] and key in results["untrained"]
     model = E.load(out / "best.pt")
     emb = model.encode_text(["An ultrasound image of the liver."])
@@ -97,7 +97,7 @@ def test_training_signal_on_the_phantom_captions(tmp_path, env):
     res = json.loads((out / "results.json").read_text())
     before = res["untrained"]
     after = {k: v["mean"] for k, v in res["metrics"].items()}
-    r1 = lambda m: (m["i2t_R@1"] + m["t2i_R@1"]) / 2  # noqa: E731
+    r1 = lambda m: (m["dup_i2t_R@1"] + m["dup_t2i_R@1"]) / 2  # noqa: E731
     assert res["n_val"] == 20
     assert r1(after) >= r1(before) + 0.1, (before, after)
     assert after["gap"] >= before["gap"] + 0.005, (before, after)

@@ -98,3 +98,12 @@ def test_fewshot_exact_fraction_and_bad_fraction():
     assert np.bincount(y[metrics.fewshot_indices(y, 0.05, seed=0)]).tolist() == [5, 10]  # ceil(5.0) = 5
     with pytest.raises(ValueError, match="fraction"):
         metrics.fewshot_indices(y, 0, seed=0)
+
+
+def test_strict_and_dup_keys_are_retrieval_ranked_prefixed():
+    img, txt = tied_pairs()
+    captions = ["a", "b", "a", "c", "d", "d", "d", "d", "e", "b", "f", "a"]
+    assert metrics.strict_retrieval(img, txt) == \
+        {f"strict_{k}": v for k, v in metrics.retrieval_ranked(img, txt).items()}
+    assert metrics.dup_retrieval(img, txt, captions) == \
+        {f"dup_{k}": v for k, v in metrics.retrieval_ranked(img, txt, captions=captions).items()}

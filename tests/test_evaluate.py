@@ -2,8 +2,10 @@
 
 In-process: the model adapter (frozen features + heads give the model's own embeddings), a
 checkpoint's trained heads, the feature cache, the split helpers. Then the script itself (through
-runpy, so the runs share one import of torch), with its command line as a user types it: the whole protocol with few seeds/epochs, a checkpoint's split.json reused, the overlap
-refusal, and a manifest without labels.
+runpy, so the runs share one import of torch), with its command line as a user types it: the
+whole protocol with few seeds/epochs, a checkpoint's split.json reused, the overlap refusal, and a
+manifest without labels. Last the protocol's pieces, the joining of results.json blocks and the
+one results builder (clip_us.runs.make_results).
 """
 import csv
 import json
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_us import phantom
+from clip_us.captions import phantom_manifest
 from clip_us.evaluation import data as evaldata
 from clip_us.evaluation import models as evalmodels
 
@@ -37,7 +40,7 @@ def env(tmp_path_factory):
 def manifest(tmp_path_factory):
     """40 phantom images, two organs, three classes (benign, malignant, normal)."""
     cfg = phantom.PhantomConfig(n=40, size=96, organs=("breast", "thyroid"), p_normal=0.2)
-    return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
+    return phantom_manifest(tmp_path_factory.mktemp("phantom"), cfg)
 
 
 def run(args, env, capsys, check=True, script="evaluate.py"):
@@ -447,3 +450,30 @@ def test_e2e_recipe_adamw_decay_clipping_and_batch(monkeypatch):
     protocol.e2e_run(identity_heads(), part, part, part, prompts, lr=5e-6, seed=0, epochs=1)
     assert seen["opt"] == [{"lr": 5e-6, "weight_decay": 1e-4}] and set(seen["clip"]) == {1.0}
     assert seen["batch"][:3] == [16, 16, 8]  # then the validation and test passes, whole
+
+
+# ----------------------------------------------------------------------------- results.json
+def test_blocks_merge_per_organ_metrics_and_ci_without_mutation():
+    from clip_us.evaluation.run import merge
+    align = {"metrics": {"gap": 1}, "ci": {}, "per_organ": {"breast": {"metrics": {"gap": 1}, "n_pairs": 4}}}
+    zs = {"metrics": {"zs_acc": 2}, "ci": {"zs_acc": 3},
+          "per_organ": {"breast": {"metrics": {"zs_acc": 2}, "n_test": 3}, "liver": {"n_test": 1}}}
+    joined = merge(align, zs, {"fewshot": {"e2e_acc": 5}})
+    assert joined == {"metrics": {"gap": 1, "zs_acc": 2}, "ci": {"zs_acc": 3}, "fewshot": {"e2e_acc": 5},
+                      "per_organ": {"breast": {"metrics": {"gap": 1, "zs_acc": 2}, "n_pairs": 4, "n_test": 3},
+                                    "liver": {"n_test": 1}}}
+    assert align["metrics"] == {"gap": 1} and "n_test" not in align["per_organ"]["breast"]  # inputs kept
+
+
+def test_make_results_puts_the_shared_keys_first_in_one_order():
+    from clip_us import __version__
+    from clip_us.evaluation.run import Settings
+    from clip_us.runs import RANDOM_WEIGHTS, make_results
+    cfg = Settings(0, 42, [0.1], [42], [0.3], [42], 1, 16, 0.0)  # any config dataclass
+    common = dict(script="x.py", task="cls", dataset="busi", row="r", backbone="clip", adapter="none",
+                  seeds=[1], metrics={}, precision="fp32", data={"kept": 3}, config=cfg)
+    res = make_results(**common, own=1, n_test=5, init=None)
+    assert list(res) == ["script", "task", "dataset", "row", "backbone", "adapter", "init", "seeds", "metrics",
+                         "n_test", "precision", "own", "data", "config", "version"]
+    assert res["config"]["seed"] == 42 and res["version"] == __version__ and "warning" not in res
+    assert make_results(**common, random_weights=True)["warning"] == RANDOM_WEIGHTS

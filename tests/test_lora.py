@@ -348,3 +348,28 @@ def test_lora_on_torch_multihead_attention(batch_first):
     merge_lora(holder, remove=True)
     assert type(holder.attn) is torch.nn.MultiheadAttention
     torch.testing.assert_close(holder.attn(x, x, x)[0], out, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("targets", [("q", "k", "v", "o"), ("o",), ("v",)])
+def test_add_lora_on_a_bare_multihead_attention_returns_the_lora_block(targets):
+    """A bare attention block cannot replace itself in a parent: add_lora returns the LoRA block
+    (same parameter objects) and leaves the module it was given as it was; never a no-op."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = mha(x, x, x)[0]
+    adapted = add_lora(mha, r=4, dropout=0.0, targets=targets)
+    assert isinstance(adapted, LoRAAttention) and isinstance(adapted, torch.nn.MultiheadAttention)
+    assert adapted.in_proj_weight is mha.in_proj_weight
+    assert type(mha.out_proj) is not LoRALinear and not any("lora_" in k for k in mha.state_dict())
+    randomise_lora(adapted)
+    with torch.no_grad():
+        out = adapted(x, x, x)[0]
+        torch.testing.assert_close(mha(x, x, x)[0], before)  # the original is untouched
+    assert not torch.allclose(out, before, atol=1e-4)  # the LoRA tensors reach the output
+    plain = merge_lora(adapted, remove=True)
+    assert type(plain) is torch.nn.MultiheadAttention and type(plain.out_proj) is not LoRALinear
+    assert not any("lora_" in k for k in plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, x, x)[0], out, atol=1e-5, rtol=1e-4)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from clip_us.captions import manifest as mf
+from clip_us.captions import templates
 
 LONG = "An oval hypoechoic breast lesion with circumscribed margins."  # > 20 characters
 
@@ -66,7 +67,7 @@ def test_pmc_oa_jsonl_and_given_columns(tmp_path):
         mf.read_manifest(m2)
     (p2,), rep2 = mf.read_manifest(m2, image_col="pic", caption_col="WORDS")
     assert rep2["caption_col"] == "words" and p2.attributes == {"note": "x"}
-    with pytest.raises(mf.ManifestError, match="no column 'nope'"):
+    with pytest.raises(mf.ManifestError, match="no image column 'nope'"):
         mf.read_manifest(m2, image_col="nope", caption_col="words")
 
 
@@ -126,8 +127,20 @@ def test_bad_jsonl_line_bad_split_value_and_missing_manifest(tmp_path):
     m2 = write(tmp_path / "m2.csv", f"image,caption,split\na.png,{LONG},holdout\n")
     with pytest.raises(mf.ManifestError, match=r"m2\.csv:2: split 'holdout'"):
         mf.read_manifest(m2)
-    with pytest.raises(mf.ManifestError, match="manifest not found"):
+    with pytest.raises(mf.ManifestError, match="nope.csv: file not found"):
         mf.read_manifest(tmp_path / "nope.csv")
+
+
+def test_one_reader_serves_manifests_and_the_captions_command(tmp_path):
+    png(tmp_path / "a.png")
+    m = write(tmp_path / "m.csv", f"file,caption\na.png,{LONG}\n")  # a metadata-style image column
+    (p,), rep = mf.read_manifest(m)
+    assert rep["image_col"] == "file" and p.image == tmp_path / "a.png"
+    assert (templates.read_rows, templates.pick_column, templates.IMAGE_COLS, templates.CAPTION_COLS) \
+        == (mf.read_rows, mf.pick_column, mf.IMAGE_COLS, mf.CAPTION_COLS)
+    assert templates.CaptionError is mf.ManifestError
+    columns, rows, lines = mf.read_rows(write(tmp_path / "q.csv", 'image,caption\na,"two\nlines"\nb,c\n'))
+    assert columns == ["image", "caption"] and [r["image"] for r in rows] == ["a", "b"] and lines == [3, 4]
 
 
 def pairs_of(n, datasets=("a",), split=""):

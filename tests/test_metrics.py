@@ -281,30 +281,34 @@ def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_retrieval_recall_hand_made():
+def test_strict_retrieval_hand_made():
     img = np.eye(4)
-    assert set(metrics.retrieval_recall(img, img, ks=(1,)).values()) == {1.0}
+    assert set(metrics.strict_retrieval(img, img, ks=(1,)).values()) == {1.0}
     # text i = e_{i+1} + 0.5 e_i: image i's best text is text i-1, its own text is second
     txt = unit(np.roll(np.eye(4), 1, axis=1) + 0.5 * np.eye(4))
-    r = metrics.retrieval_recall(img, txt, ks=(1, 2, 3))
-    assert (r["i2t_R@1"], r["i2t_R@2"], r["t2i_R@1"], r["t2i_R@2"]) == (0.0, 1.0, 0.0, 1.0)
-    # collapsed embeddings: every candidate ties, ties count as misses
+    r = metrics.strict_retrieval(img, txt, ks=(1, 2, 3))
+    assert (r["strict_i2t_R@1"], r["strict_i2t_R@2"], r["strict_t2i_R@1"], r["strict_t2i_R@2"]) == \
+        (0.0, 1.0, 0.0, 1.0)
+    assert r["strict_i2t_mean_rank"] == r["strict_t2i_mean_rank"] == 2.0
+    # collapsed embeddings: every candidate ties, and ties fall in column order (row i at i)
     same = unit(np.ones((5, 3)))
-    assert metrics.retrieval_recall(same, same, ks=(1, 5))["i2t_R@1"] == 0.0
-    assert metrics.retrieval_recall(same, same, ks=(1, 5))["t2i_R@5"] == 1.0
+    assert metrics.strict_retrieval(same, same, ks=(1, 5))["strict_i2t_R@1"] == 0.2
+    assert metrics.strict_retrieval(same, same, ks=(1, 5))["strict_t2i_R@5"] == 1.0
 
 
-def test_retrieval_duplicate_captions_and_chunks():
+def test_dup_retrieval_counts_identical_captions_and_chunks():
     img = unit([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]])
     caption_vec = unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     txt = caption_vec[[0, 0, 1, 2]]  # images 0 and 1 share one caption string
-    plain = metrics.retrieval_recall(img, txt, ks=(1,))
-    assert plain["i2t_R@1"] == 0.5  # identical captions tie: images 0 and 1 miss
-    grouped = metrics.retrieval_recall(img, txt, ks=(1,), groups=["a", "a", "b", "c"])
-    assert grouped == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
+    strict = metrics.strict_retrieval(img, txt, ks=(1,))
+    assert strict["strict_i2t_R@1"] == 0.75  # texts 0 and 1 tie: image 1 ranks text 0 first
+    dup = metrics.dup_retrieval(img, txt, ["a", "a", "b", "c"], ks=(1,))
+    assert dup == {"dup_i2t_R@1": 1.0, "dup_t2i_R@1": 1.0, "dup_i2t_mean_rank": 1.0,
+                   "dup_t2i_mean_rank": 1.0}
     rng = np.random.default_rng(0)
     a, b = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(50, 8)))
-    assert metrics.retrieval_recall(a, b, chunk=7) == metrics.retrieval_recall(a, b)
+    assert metrics.strict_retrieval(a, b, chunk=7) == metrics.strict_retrieval(a, b)
+    assert metrics.dup_retrieval(a, b, list("ab") * 25, chunk=7) == metrics.dup_retrieval(a, b, list("ab") * 25)
 
 
 def test_alignment_scores():

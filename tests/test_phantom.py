@@ -1,5 +1,5 @@
-"""Phantom: determinism, the lesion descriptors of seed 003 §4.3 as measurable properties, the
-BUSI layout on disk, atomic writing, the CLI and speed."""
+"""Phantom: determinism, the lesion descriptors of the ultrasound-CLIP paper (§4.3) as measurable
+properties, the BUSI layout on disk, atomic writing, the CLI and speed."""
 import json
 import time
 
@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from clip_us import phantom
 from clip_us.phantom import PhantomConfig, make_sample, write_dataset
+from clip_us.phantom import __main__ as phantom_cli
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_write_dataset_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path, capsys):
-    phantom.main(["--out", str(tmp_path / "cli"), "--n", "3", "--seed", "2", "--size", "64"])
+    phantom_cli.main(["--out", str(tmp_path / "cli"), "--n", "3", "--seed", "2", "--size", "64"])
     assert "wrote 3 images" in capsys.readouterr().out
     assert len((tmp_path / "cli" / "metadata.jsonl").read_text().splitlines()) == 3
 

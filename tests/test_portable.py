@@ -53,6 +53,8 @@ with torch.no_grad():
     assert torch.allclose(layer(x), adapted, atol=1e-5)
 head = lora.LoRALinear(torch.nn.Linear(16, 3), r=2)
 assert head(x).shape == (2, 5, 3)
+bare = lora.add_lora(torch.nn.MultiheadAttention(16, 2, batch_first=True), r=2)
+assert isinstance(bare, lora.LoRAAttention) and bare(x, x, x)[0].shape == x.shape
 """,
     "mona.py": """
 import torch, mona

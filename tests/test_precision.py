@@ -30,6 +30,8 @@ def test_bf16_is_kept_where_it_runs(monkeypatch, capsys):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with precision.autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
+    with precision.autocast("bf16", "cpu", cuda_only=True):  # training's --amp: CUDA only
+        assert not torch.is_autocast_enabled("cpu")
 
 
 def test_bf16_falls_back_on_a_gpu_without_it(monkeypatch, capsys):
@@ -112,8 +114,9 @@ SCRIPTS = {  # script: (arguments, where its results.json is, under --out-dir)
 @pytest.fixture(scope="module")
 def caption_manifest(tmp_path_factory):
     from clip_us import phantom
+    from clip_us.captions import phantom_manifest
     cfg = phantom.PhantomConfig(n=30, size=96, organs=("breast", "thyroid"), p_normal=0.0)
-    return phantom.caption_manifest(tmp_path_factory.mktemp("phantom"), cfg)
+    return phantom_manifest(tmp_path_factory.mktemp("phantom"), cfg)
 
 
 def forward_events(run) -> list:

@@ -1,4 +1,4 @@
-"""Tests for clip_us/rowmodels.py and its wiring: `--backbone unet|clipseg|dinov2` builds the module it
+"""Tests for clip_us/baselines/rows.py and its wiring: `--backbone unet|clipseg|dinov2` builds the module it
 names, each row trains, the flags of these rows are refused where they would do nothing, and the
 scripts run them end to end on the phantom (train, --eval-only; train_cls.py for DINOv2)."""
 import json
@@ -15,7 +15,7 @@ from clip_us.baselines.dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2T
 from clip_us.baselines.unet import UNet
 from clip_us.config import SupervisedConfig
 from clip_us.losses import dice_ce_loss
-from clip_us.taskmodel import make_task_model
+from clip_us.taskmodel import make_task_model, model_spec
 from clip_us.transform import CLIP_MEAN, CLIP_STD
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -30,7 +30,8 @@ def _cfg(backbone, **kw):
 
 
 def _build(cfg, task="seg"):
-    return make_task_model(cfg, task, AdapterConfig(kind="none"), {}, torch.device("cpu"), seed=1)
+    return make_task_model(model_spec(cfg, AdapterConfig(kind=cfg.adapter)), task, {},
+                           torch.device("cpu"), seed=1)
 
 
 def _fits(model, x, target, loss_fn, steps=6, lr=3e-3):

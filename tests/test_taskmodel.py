@@ -10,12 +10,12 @@ from clip_us.adapters import AdapterConfig, adapter_config_of, checkpoint_tensor
 from clip_us.config import SupervisedConfig
 from clip_us.fileio import save_checkpoint
 from clip_us.model import VisionTransformer, build_model
-from clip_us.taskmodel import make_task_model
+from clip_us.taskmodel import make_task_model, model_spec
 
 
 def task_model(adapter="mona", seed=1, **kw):
     cfg = dataclasses.replace(SupervisedConfig(weights="none", arch="tiny", reduce_dim=16), **kw)
-    return make_task_model(cfg, "seg", AdapterConfig(kind=adapter), {}, "cpu", seed=seed)
+    return make_task_model(model_spec(cfg, AdapterConfig(kind=adapter)), "seg", {}, "cpu", seed=seed)
 
 
 def test_backbone_clip_builds_a_clip_vision_tower_and_refuses_what_it_cannot_build():
@@ -34,6 +34,16 @@ def test_freezing_rule_head_and_adapters_train_backbone_frozen():
     assert not any("resblocks.10." in n for n in trainable)  # past block 9: never runs
     frozen_lora = task_model("lora", adapter_train="no")
     assert all(n.startswith("head.") for n, p in frozen_lora.named_parameters() if p.requires_grad)
+
+
+def test_model_spec_holds_what_builds_the_model_and_nothing_of_the_run():
+    cfg = SupervisedConfig(weights="none", arch="tiny", reduce_dim=16, adapter="lora",
+                           adapter_train="yes", dataset="busi", lr=3e-4)
+    spec = model_spec(cfg, AdapterConfig(kind="lora", r=4))
+    assert spec.train_adapters and spec.layers == (3, 6, 9) and spec.adapter.r == 4
+    assert not any(hasattr(spec, name) for name in ("lr", "dataset", "seeds", "out_dir"))
+    model = make_task_model(spec, "seg", {}, "cpu", seed=1)  # the spec alone builds it
+    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_checkpoint_never_puts_the_head_in_adapter_state_dict(tmp_path):

@@ -16,7 +16,7 @@ open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
-# Seed 003 §4.3, with {benign/malignant} filled in each way.
+# The ultrasound-CLIP paper (§4.3), with {benign/malignant} filled in each way.
 LN_PROMPT = ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. "
              "Malignant: Round, absent hilum, thickened/heterogeneous cortex, "
              "microcalcifications, irregular margins.The abnormality in this lymph node scan is {}")

@@ -70,7 +70,7 @@ def test_adapter_checkpoint_loads_through_train_seg_init(tmp_path, env):
     res = json.loads((ft / "results.json").read_text())
     assert res["task"] == "contrastive" and res["row"] == "CLIP (Mona, ft.)"
     assert res["train"] == "adapter"
-    assert set(res["metrics"]) >= {"loss", "i2t_R@1", "t2i_R@10", "paired", "cross", "gap"}
+    assert set(res["metrics"]) >= {"loss", "dup_i2t_R@1", "strict_t2i_R@10", "paired", "cross", "gap"}
     assert res["temperature"] == pytest.approx(0.07) and res["parameters"]["trainable"] > 0
     for name in ("split.json", "loss.svg", "retrieval.svg", "config.json", "best.pt", "last.pt"):
         assert (ft / name).is_file(), name
@@ -116,7 +116,7 @@ def test_training_signal_on_the_phantom_captions(tmp_path, env):
     res = json.loads((out / "results.json").read_text())
     before = res["untrained"]
     after = {k: v["mean"] for k, v in res["metrics"].items()}  # the best epoch's (val loss)
-    r1 = lambda m: (m["i2t_R@1"] + m["t2i_R@1"]) / 2  # noqa: E731
+    r1 = lambda m: (m["dup_i2t_R@1"] + m["dup_t2i_R@1"]) / 2  # noqa: E731
     assert res["n_val"] == 20 and res["best_epoch"] >= 2  # measured: epoch 10, R@1 +0.2, gap +0.2
     assert r1(after) >= r1(before) + 0.1, (before, after)
     assert after["gap"] >= before["gap"] + 0.05, (before, after)

@@ -1,4 +1,6 @@
-"""Baseline backbones of seed 003's Tables 2 and 3 behind the interface of CLIP's vision tower.
+"""Baseline backbones of the ultrasound-CLIP paper's Tables 2 and 3 (Qu et al., "Adapting
+Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis") behind the
+interface of CLIP's vision tower.
 
     tower = build("biomedclip", weights="path/to/open_clip_pytorch_model.bin")
     pooled, blocks = tower(x, return_blocks=(3, 6, 9))            # blocks: [B, 1 + h*w, width]
@@ -34,8 +36,9 @@ import torch
 from torch import nn
 
 from ..fileio import cache_dir
-from ..model import ARCHS, VisionTransformer, build_model, init_transformer
+from ..model import VisionTransformer, build_model, init_transformer
 from ..transform import CLIP_MEAN, CLIP_STD
+from ..weights import download, file_sha256, hf_to_openai, is_hf, load_state_dict, read_checkpoint, unwrap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,7 +157,6 @@ def _under(sd: dict, prefix: str) -> dict:
 
 def tower_state_dict(sd: dict, s: BackboneSpec) -> tuple[dict, list]:
     """The authors' whole checkpoint (text tower and all) -> (our vision-tower keys, misfits)."""
-    from ..weights import hf_to_openai, is_hf
     if s.keys == "openai":
         sd = hf_to_openai(sd) if is_hf(sd) else sd  # MetaCLIP is also published for transformers
         return _under(sd, s.prefix), []
@@ -219,7 +221,6 @@ def find_weights(s: BackboneSpec, weights: str) -> str:
 
 def read_weights(path: str) -> dict:
     """Any supported file (pickle with weights_only=True, safetensors) -> a flat tensor dict."""
-    from ..weights import read_checkpoint, unwrap
     raw, _ = read_checkpoint(path)
     return unwrap(raw, path)
 
@@ -321,7 +322,6 @@ def build_clip_visual(weights: str | None, arch: str | None = None) -> VisionTra
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return build_model(config=arch).visual
-    from ..weights import load_state_dict
     sd, info = load_state_dict("ViT-B/16" if weights == "default" else weights)
     return build_model(sd, config=info["config"]).visual
 
@@ -329,7 +329,6 @@ def build_clip_visual(weights: str | None, arch: str | None = None) -> VisionTra
 # ----------------------------------------------------------------------------- ResNet18
 def _resnet18_state(path: str) -> dict:
     """The published file must have torchvision's SHA256; any other file is the user's own."""
-    from ..weights import file_sha256
     if os.path.basename(path) == os.path.basename(RESNET18_URL):
         got = file_sha256(path)
         if got != RESNET18_SHA256:
@@ -349,13 +348,12 @@ def _find_resnet18(weights: str) -> str:
     except FileNotFoundError:
         if weights != "default":
             raise
-    from ..weights import download
     return download(RESNET18_URL, RESNET18_SHA256)
 
 
 def build_resnet18(weights: str | None, num_classes: int = 2) -> nn.Module:
     """torchvision's ResNet18 with ImageNet weights; `fc` -> Linear(512, num_classes), new."""
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # optional heavy import: only this row needs torchvision
     s = BACKBONES["resnet18"]
     with torch.random.fork_rng():  # a fixed random trunk for --weights none, as for the ViTs
         torch.manual_seed(0)
@@ -406,7 +404,7 @@ OWN_HEAD_ROWS = {"unet": "UNet", "clipseg": "CLIPSeg"}
 
 def row_label(name: str, adapter: str = "none") -> str:
     """The table row of `--backbone name --adapter adapter`, e.g. "BiomedCLIP (Mona)"."""
-    # The rows with heads of their own (rowmodels.py) are not vision towers, so not in BACKBONES.
+    # The rows with heads of their own (rows.py) are not vision towers, so not in BACKBONES.
     base = BACKBONES[name].row if name in BACKBONES else OWN_HEAD_ROWS.get(name, name)
     return base if adapter == "none" else f"{base} ({ {'lora': 'LoRA', 'mona': 'Mona'}[adapter]})"
 

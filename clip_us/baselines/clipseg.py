@@ -1,7 +1,8 @@
 """CLIPSeg's decoder on our CLIP (Lüddecke & Ecker, "Image Segmentation Using Text and Image
-Prompts", CVPR 2022): the CLIPSeg row of seed 003's Table 2.
+Prompts", CVPR 2022): the CLIPSeg row of Table 2 of the ultrasound-CLIP paper (Qu et al.,
+"Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis").
 
-The official code of seed 003 conditions the `CIDAS/clipseg-rd64-refined` decoder on a frozen
+Its official code (NextGen-UIA) conditions the `CIDAS/clipseg-rd64-refined` decoder on a frozen
 OpenAI CLIP ViT-B/16 and trains the decoder alone. The decoder (reduce_dim 64):
 - the activations of vision blocks 3, 6 and 9 (0-indexed, CLS included, before any final norm),
   deepest first, each reduced to 64 channels by a Linear and added to the running output;
@@ -165,11 +166,11 @@ class CLIPSegTaskModel(nn.Module):
 
 # ----------------------------------------------------------------------------- prompts
 
-# One description of benign and malignant findings per data set, in the form of seed 003's §4.3
-# prompts without their final sentence ("The abnormality in this ... scan is {label}"), which
-# names a class and so cannot condition a class-agnostic mask. LN and BUSI: the paper's words.
-# Thyroid and prostate: the same form from the standard sonographic criteria (ACR TI-RADS;
-# transrectal ultrasound of the prostate). Phantom: the features clip_us.phantom draws.
+# One description of benign and malignant findings per data set, in the form of the ultrasound-CLIP
+# paper's §4.3 prompts without their final sentence ("The abnormality in this ... scan is
+# {label}"), which names a class and so cannot condition a class-agnostic mask. LN and BUSI: the
+# paper's words. Thyroid and prostate: the same form from the standard sonographic criteria (ACR
+# TI-RADS; transrectal ultrasound of the prostate). Phantom: the features clip_us.phantom draws.
 _THYROID = ("Benign: Oval, wider-than-tall, smooth margins, isoechoic or spongiform, thin uniform "
             "halo. Malignant: Taller-than-wide, markedly hypoechoic, solid, irregular or lobulated "
             "margins, microcalcifications, extrathyroidal extension.")
@@ -305,7 +306,8 @@ def load_clipseg(folder: str, clip_weights: str | None = None) -> CLIPSeg:
 
     With `clip_weights=None` the CLIP towers are the folder's own; otherwise they come from
     `clip_weights` (a name such as "ViT-B/16" or a path, through `clip_us.load_state_dict`), as
-    seed 003's official code pairs the decoder with OpenAI's CLIP. Returns an fp32 model in eval mode.
+    the ultrasound-CLIP paper's official code pairs the decoder with OpenAI's CLIP. Returns an fp32
+    model in eval mode.
     """
     hf = _read_config(folder)
     clip_sd, dec_sd = _split(read_checkpoint(folder)[0], folder)

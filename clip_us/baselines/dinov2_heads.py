@@ -1,4 +1,6 @@
-"""DINOv2's official heads in seed 003's code (NextGen-UIA), the defaults of `--backbone dinov2`.
+"""DINOv2's official heads in the code (NextGen-UIA) of the ultrasound-CLIP paper (Qu et al.,
+"Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis"),
+the defaults of `--backbone dinov2`.
 
 Both heads read the frozen ViT's last blocks after its final norm, as DINOv2's
 `get_intermediate_layers(x, n, norm=True)` returns them; our vision tower gives the same with

@@ -1,4 +1,6 @@
-"""The rows of seed 003's Tables 2 and 3 with heads of their own, as the training scripts build them.
+"""The rows of the ultrasound-CLIP paper's Tables 2 and 3 (Qu et al., "Adapting Vision-Language
+Foundation Model for Next Generation Medical Ultrasound Image Analysis") with heads of their own, as
+the training scripts build them.
 
 - `--backbone unet` (Table 2): the official vendored U-Net (unet.py), trained from scratch, every
   parameter; its checkpoint therefore holds `model_state_dict`. Segmentation only.
@@ -12,8 +14,10 @@
   that code did, without layer-scale. `--head proposed` is not built here: it is the generic
   backbone path (feature-reducing heads on blocks 3/6/9).
 
-`clip_fn` and `tower_fn` are passed in by taskmodel.py (functions returning the run's CLIP and its
---backbone tower), so this file does not import the module that imports it.
+The builders take taskmodel.ModelSpec (`spec`: backbone, weights, adapter, head settings, ...);
+`check_flags` alone reads the script's config, since it judges the flags given. `clip_fn` and
+`tower_fn` are passed in by taskmodel.py (functions returning the run's CLIP and its --backbone
+tower), so this file does not import the module that imports it.
 """
 from __future__ import annotations
 
@@ -24,11 +28,11 @@ from torch import nn
 from ..fileio import cache_dir
 from ..tokenizer import tokenize
 from . import backbones
-from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder, prompt_for
+from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder
 from .dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
 from .unet import UNet
 
-SEG_ONLY = ("unet", "clipseg")
+SEG_ONLY = tuple(backbones.OWN_HEAD_ROWS)  # U-Net and CLIPSeg: segmentation rows, not towers
 CLIPSEG_FOLDER = "clipseg-rd64-refined"  # its folder in the clip_us cache
 CLIPSEG_PUBLISHED = "https://huggingface.co/CIDAS/clipseg-rd64-refined (config.json, model.safetensors)"
 
@@ -45,17 +49,18 @@ def check_flags(cfg):
                          "drop it, or pick the backbone it is for (dinov2, clipseg)")
 
 
-def owns(cfg) -> bool:
-    """True when cfg's row is built here rather than from a ViT and the feature-reducing heads."""
-    return cfg.backbone in SEG_ONLY or (cfg.backbone == "dinov2" and cfg.head == "official")
+def owns(spec) -> bool:
+    """True when the spec's row is built here rather than from a ViT and the feature-reducing
+    heads."""
+    return spec.backbone in SEG_ONLY or (spec.backbone == "dinov2" and spec.head == "official")
 
 
-def _check(cfg, task: str):
-    if cfg.backbone in SEG_ONLY and task != "seg":
-        raise ValueError(f"--backbone {cfg.backbone} is a segmentation row (Table 2); "
+def _check(spec, task: str):
+    if spec.backbone in SEG_ONLY and task != "seg":
+        raise ValueError(f"--backbone {spec.backbone} is a segmentation row (Table 2); "
                          "train_cls.py takes clip, dinov2 and the other backbones")
-    if cfg.adapter != "none" or cfg.init:
-        raise ValueError(f"--backbone {cfg.backbone} runs without adapters, as the paper's row; "
+    if spec.adapter.kind != "none" or spec.init:
+        raise ValueError(f"--backbone {spec.backbone} runs without adapters, as the paper's row; "
                          "pass --adapter none and no --init")
 
 
@@ -69,41 +74,40 @@ def _clipseg_folder(weights: str) -> str:
     return folder
 
 
-def build_clipseg(cfg, clip_fn) -> CLIPSegTaskModel:
+def build_clipseg(spec, clip_fn) -> CLIPSegTaskModel:
     clip = clip_fn()
-    if cfg.eval_only:  # the checkpoint holds the trained decoder (rd64-refined's sizes)
+    if spec.from_checkpoint:  # --eval-only: the checkpoint holds the trained decoder (rd64's sizes)
         model = CLIPSeg(clip)
-    elif cfg.clipseg_weights == "none":
+    elif spec.clipseg_weights == "none":
         print("!!! --clipseg-weights none: the CLIPSeg decoder starts from RANDOM weights; the "
               "paper's row starts from CIDAS/clipseg-rd64-refined. !!!")
         model = CLIPSeg(clip)
     else:
-        model = load_decoder(_clipseg_folder(cfg.clipseg_weights), clip)
-    prompt = prompt_for(cfg.dataset, cfg.prompt)
-    print(f"clip_us: CLIPSeg prompt: {prompt!r}")
-    return CLIPSegTaskModel(model, tokenize([prompt]))
+        model = load_decoder(_clipseg_folder(spec.clipseg_weights), clip)
+    print(f"clip_us: CLIPSeg prompt: {spec.prompt!r}")
+    return CLIPSegTaskModel(model, tokenize([spec.prompt]))
 
 
-def build_dinov2(cfg, task: str, num_classes: int, tower_fn) -> DINOv2TaskModel:
+def build_dinov2(spec, task: str, num_classes: int, tower_fn) -> DINOv2TaskModel:
     tower = tower_fn()
-    if cfg.image_size != backbones.spec("dinov2").resolution:
+    if spec.image_size != backbones.spec("dinov2").resolution:
         print(f"note: the official DINOv2 rows ran at {backbones.spec('dinov2').resolution} px; "
-              f"this run uses {cfg.image_size} px (--image-size)")
+              f"this run uses {spec.image_size} px (--image-size)")
     head = (DINOv2SegHead if task == "seg" else DINOv2ClsHead)(tower.width, num_classes)
     # The pipeline normalises with CLIP's mean/std; DINOv2 was trained with ImageNet's.
-    return DINOv2TaskModel(tower, head, backbones.input_norm("dinov2", cfg.clip_norm))
+    return DINOv2TaskModel(tower, head, backbones.input_norm("dinov2", spec.clip_norm))
 
 
-def build_row_model(cfg, task: str, clip_fn, tower_fn, num_classes: int = 2) -> nn.Module:
-    """The task model of an `owns(cfg)` row: images -> logits [B, classes, H, W] or [B, classes].
+def build_row_model(spec, task: str, clip_fn, tower_fn, num_classes: int = 2) -> nn.Module:
+    """The task model of an `owns(spec)` row: images -> logits [B, classes, H, W] or [B, classes].
     `clip_fn()` gives the run's CLIP (CLIPSeg), `tower_fn()` the run's --backbone tower (DINOv2,
     with --dinov2-official applied)."""
-    _check(cfg, task)
-    if cfg.backbone == "unet":
-        if cfg.image_size % 16:
+    _check(spec, task)
+    if spec.backbone == "unet":
+        if spec.image_size % 16:
             raise ValueError(f"--backbone unet needs --image-size divisible by 16 (it pools 4 "
-                             f"times), got {cfg.image_size}; 224 and 128 work")
+                             f"times), got {spec.image_size}; 224 and 128 work")
         return UNet(3, num_classes)
-    if cfg.backbone == "clipseg":
-        return build_clipseg(cfg, clip_fn)
-    return build_dinov2(cfg, task, num_classes, tower_fn)
+    if spec.backbone == "clipseg":
+        return build_clipseg(spec, clip_fn)
+    return build_dinov2(spec, task, num_classes, tower_fn)

@@ -1,4 +1,6 @@
-"""U-Net, the segmentation reference row of seed 003's Table 2, trained from scratch.
+"""U-Net, the segmentation reference row of Table 2 of the ultrasound-CLIP paper (Qu et al.,
+"Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis"),
+trained from scratch.
 
 The official code (NextGen-UIA) vendors a small 2-D U-Net (the SSL4MIS-style `UNet`); this file
 rebuilds it with the same module names, so its state dict keys match (`encoder.in_conv.conv_conv.0

@@ -1,7 +1,7 @@
 """A small client for OpenAI-compatible chat servers, standard library only.
 
-Both papers rewrite captions with a language model: seed 003 §4.1 translated and shortened the
-Chinese CURD captions with Qwen3-8B; EchoCare-CLIP (seed 000) wrote captions from metadata with
+Both papers rewrite captions with a language model: the ultrasound-CLIP paper (§4.1) translated and
+shortened the Chinese CURD captions with Qwen3-8B; EchoCare-CLIP wrote captions from metadata with
 Qwen3-4B-Instruct served by vLLM. Any server that speaks OpenAI's `POST {base}/chat/completions`
 works: vLLM, Ollama, llama.cpp's server, hosted APIs.
 

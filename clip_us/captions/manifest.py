@@ -1,6 +1,6 @@
 """Image–caption manifests: reading (CSV and JSONL), caption cleaning, bad rows, splits, writing.
 
-The contrastive stage of seed 003 (§3.1, Fig. 1a) and EchoCare-CLIP (seed 000) both train on
+The contrastive stage of the ultrasound-CLIP paper (§3.1, Fig. 1a) and EchoCare-CLIP both train on
 image–caption pairs listed in a table. Formats read, with columns detected (or given):
 
 - ours (CSV or JSONL): ``image``, ``caption`` and optionally ``organ``, ``label``, ``dataset``,
@@ -12,7 +12,9 @@ image–caption pairs listed in a table. Formats read, with columns detected (or
 
 Image paths are relative to the manifest's folder. A path that does not exist there is looked up
 by its file name in the sibling ``images/`` folder, which is how the NextGen-UIA and PMC-OA
-releases are laid out.
+releases are laid out. ``read_rows``, ``pick_column`` and ``write_rows`` are the one reader and
+writer of these files: ``python -m clip_us.captions`` (template, fit, refine) uses them too, with
+the same accepted columns (IMAGE_COLS, CAPTION_COLS).
 
 Cleaning follows the official NextGen-UIA code: strip the caption and keep it only if it is
 longer than 20 characters. ``ascii_only`` first deletes every character outside the official
@@ -24,9 +26,10 @@ Splits: a ``split`` column is used as it is; otherwise a seeded 90/10 train/val 
 reproduces the official code's ``df.sample(frac=1, random_state=seed)`` order, or three fractions
 (``70,15,15``, EchoCare-CLIP) stratified by ``dataset``. ``hold_out`` keeps whole data sets out of
 training (EchoCare-CLIP holds out BUSI and its liver set). Splits are made per image, so an image
-with several captions never sits on both sides, and are saved as ``split.json`` for reuse.
+with several captions never sits on both sides, and are saved as ``split.json`` for reuse; the
+algorithms and split.json are clip_us/splits.py's.
 
-Standard library, numpy and PIL only.
+Standard library and PIL, plus clip_us.splits and clip_us.fileio.
 """
 from __future__ import annotations
 
@@ -38,20 +41,21 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from ..fileio import write_json, write_text
+from .. import splits
+from ..fileio import write_text
+from ..splits import save_split
 
-__all__ = ["Pair", "ManifestError", "read_manifest", "clean_caption", "is_mostly_non_ascii",
-           "describe", "make_split", "save_split", "load_split", "split_pairs", "write_manifest",
-           "COLUMNS", "REFINE_HINT"]
+__all__ = ["Pair", "ManifestError", "read_manifest", "read_rows", "pick_column", "clean_caption",
+           "is_mostly_non_ascii", "describe", "make_split", "save_split", "load_split",
+           "split_pairs", "write_rows", "write_manifest", "COLUMNS", "IMAGE_COLS", "CAPTION_COLS",
+           "REFINE_HINT"]
 
 COLUMNS = ("image", "caption", "organ", "label", "dataset", "split")  # our own CSV, in this order
-IMAGE_COLS = ("image", "image_path", "filename", "file_name", "img", "path")
+IMAGE_COLS = ("image", "image_path", "filename", "file_name", "file", "img", "path")
 CAPTION_COLS = ("caption", "text_caption", "text", "report")
 KNOWN_FIELDS = ("organ", "label", "dataset", "split")
-SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 MIN_CHARS = 20
@@ -64,7 +68,8 @@ REFINE_HINT = ("`python -m clip_us.captions refine MANIFEST --mode translate --e
 
 
 class ManifestError(ValueError):
-    """A manifest row or file is unusable; the message names the manifest, the row and the file."""
+    """A manifest, caption or metadata file (or one of its rows) is unusable; the message names
+    the file and row and says what to do. clip_us.captions exports it as CaptionError."""
 
 
 @dataclass
@@ -97,54 +102,67 @@ def is_mostly_non_ascii(text: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- raw rows
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(header, [(line number, row dict)]); csv handles quoted commas and newlines."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = []
-        for row in reader:
-            rows.append((reader.line_num, row))
-    if not header:
+def _csv_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]]:
+    """csv handles quoted commas and newlines; a row's line number is its last line's."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        numbered = [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise ManifestError(f"{path}:{reader.line_num}: not a valid CSV ({e})") from None
+    if not reader.fieldnames:
         raise ManifestError(f"{path}: empty CSV; a manifest needs a header line such as "
                             f"'image,caption'")
-    return header, rows
+    return list(reader.fieldnames), [r for _, r in numbered], [n for n, _ in numbered]
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(keys seen, [(line number, object)]); a line that is not a JSON object raises."""
-    header, rows = [], []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{n}: not valid JSON ({e}); each line of a JSONL "
-                                    f"manifest must be one object") from e
-            if not isinstance(obj, dict):
-                raise ManifestError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            header += [k for k in obj if k not in header]
-            rows.append((n, obj))
-    return header, rows
+def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]]:
+    """One JSON object per non-empty line; the columns are the keys in first-seen order."""
+    rows, lines = [], []
+    for n, line in enumerate(io.StringIO(text), 1):   # "\n" only: U+2028 may stand in a string
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ManifestError(f"{path}:{n}: not valid JSON ({e}); each line of a JSONL "
+                                f"manifest must be one object") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{path}:{n}: expected one JSON object per line "
+                                f"({{\"image\": ..., \"caption\": ...}}), got {type(obj).__name__}")
+        rows.append(obj)
+        lines.append(n)
+    return list(dict.fromkeys(k for r in rows for k in r)), rows, lines
 
 
-def _pick(header: list[str], given: str | None, candidates, what: str, path: Path) -> str:
-    """The column named `given`, else the first candidate present (case-insensitive)."""
-    lower = {h.lower(): h for h in header}
+def read_rows(path) -> tuple[list[str], list[dict], list[int]]:
+    """(columns, rows as dicts, each row's line number) of a CSV, or of a JSONL file when the
+    name ends in .jsonl or .json: every row, in order, every column as written."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")   # Excel's byte-order mark removed
+    except UnicodeDecodeError as e:   # CURD-style Chinese files are often GB18030
+        raise ManifestError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8, "
+                            f"e.g. iconv -f GB18030 -t UTF-8") from None
+    return (_jsonl_rows if path.suffix.lower() in (".jsonl", ".json") else _csv_rows)(path, text)
+
+
+def pick_column(path, columns: list[str], given: str | None, candidates, what: str) -> str:
+    """The column named `given` (case-insensitive), else the first of `candidates` present;
+    `what` is "image" or "caption" (the flag --image-col / --caption-col names the column)."""
+    lower = {c.lower(): c for c in columns}
     if given:
-        if given in header:
+        if given in columns:
             return given
         if given.lower() in lower:
             return lower[given.lower()]
-        raise ManifestError(f"{path}: no column {given!r}; the columns are {header}")
+        raise ManifestError(f"{path}: no {what} column {given!r}; the columns are {columns}")
     for c in candidates:
         if c in lower:
             return lower[c]
-    flag = "--image-col" if what == "image" else "--caption-col"
     raise ManifestError(f"{path}: cannot tell which column holds the {what}: none of "
-                        f"{list(candidates)} among {header}; name it with {flag}")
+                        f"{list(candidates)} among {columns}; name it with --{what}-col")
 
 
 def _format_name(path: Path, image_col: str, caption_col: str) -> str:
@@ -227,19 +245,16 @@ def read_manifest(path, image_col: str | None = None, caption_col: str | None = 
     mostly-non-ASCII captions and the bad rows' messages.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
-    is_jsonl = path.suffix.lower() in (".jsonl", ".json")
-    header, rows = (_read_jsonl if is_jsonl else _read_csv)(path)
-    icol = _pick(header, image_col, IMAGE_COLS, "image", path)
-    ccol = _pick(header, caption_col, CAPTION_COLS, "caption", path)
+    columns, rows, lines = read_rows(path)
+    icol = pick_column(path, columns, image_col, IMAGE_COLS, "image")
+    ccol = pick_column(path, columns, caption_col, CAPTION_COLS, "caption")
     bad = _Bad(skip_bad)
     report = {"manifest": str(path), "format": _format_name(path, icol, ccol), "image_col": icol,
               "caption_col": ccol, "rows": len(rows), "ascii_only": ascii_only,
               "dropped": {"short_caption": 0, "ascii_only": 0, "bad_image": 0},
               "ascii_changed": 0, "mostly_non_ascii": 0, "bad_rows": bad.messages}
     pairs = [p for p in (_pair(path, n, row, icol, ccol, ascii_only, check_images, bad, report)
-                         for n, row in rows) if p is not None]
+                         for n, row in zip(lines, rows)) if p is not None]
     report["dropped"]["bad_image"] = len(bad.messages)
     report["kept"] = len(pairs)
     return pairs, report
@@ -291,41 +306,9 @@ def describe(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- splits
-def _parse_fractions(spec) -> tuple[float, ...]:
-    parts = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
-    if len(parts) not in (2, 3) or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ManifestError(f"split {spec!r}: give train,val (e.g. 90,10) or train,val,test "
-                            f"(e.g. 70,15,15) as non-negative numbers")
-    return tuple(p / sum(parts) for p in parts)
-
-
 def _images(pairs: list[Pair]) -> list[str]:
     """Image keys in manifest order, each once."""
     return list(dict.fromkeys(p.key for p in pairs))
-
-
-def _official_shuffle(keys: list[str], fractions, seed: int) -> dict:
-    """pandas' df.sample(frac=1, random_state=seed) is RandomState(seed).permutation; the
-    official code then cuts at int(n * 0.9)."""
-    order = [keys[i] for i in np.random.RandomState(seed).permutation(len(keys))]
-    cut = int(len(keys) * fractions[0])
-    return {"train": order[:cut], "val": order[cut:], "test": []}
-
-
-def stratified_split(keys: list[str], strata: dict, fractions, seed: int) -> dict:
-    """Per stratum (here the `dataset`; evaluate.py uses (dataset, label)), a seeded shuffle cut
-    into train/val/test; val and test get round(n * f) of each stratum, train the rest."""
-    rng = np.random.default_rng(seed)
-    out = {s: [] for s in SPLITS}
-    for name in sorted(set(strata.values())):
-        group = [k for k in keys if strata[k] == name]
-        group = [group[i] for i in rng.permutation(len(group))]
-        n_val, n_test = (int(round(len(group) * f)) for f in fractions[1:])
-        n_train = len(group) - n_val - n_test
-        out["train"] += group[:n_train]
-        out["val"] += group[n_train:n_train + n_val]
-        out["test"] += group[n_train + n_val:]
-    return out
 
 
 def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> dict:
@@ -345,13 +328,10 @@ def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> d
     if any(p.split for p in pairs):
         out, how = _from_column(rest), "the manifest's split column"
     else:
-        fractions = _parse_fractions(spec)
-        keys = _images(rest)
-        if len(fractions) == 2:
-            out, how = _official_shuffle(keys, fractions, seed), f"seeded shuffle {spec}"
-        else:
-            strata = {p.key: p.dataset for p in rest}
-            out, how = stratified_split(keys, strata, fractions, seed), f"{spec} stratified by dataset"
+        fractions = splits.parse_fractions(spec, ManifestError)
+        algorithm, how = ((splits.seeded_shuffle, f"seeded shuffle {spec}") if len(fractions) == 2
+                          else (splits.stratified, f"{spec} stratified by dataset"))
+        out = algorithm(_images(rest), {p.key: p.dataset for p in rest}, fractions, seed)
     return {**out, "held_out": held, "how": how + (f", held out {sorted(hold)}" if hold else "")}
 
 
@@ -360,7 +340,7 @@ def _from_column(pairs: list[Pair]) -> dict:
     if missing:
         raise ManifestError(f"row {missing[0].row}: the split column is empty ({len(missing)} "
                             f"rows are); fill it for every row or drop the column")
-    out, seen = {s: [] for s in SPLITS}, {}
+    out, seen = {s: [] for s in splits.PARTS}, {}
     for p in pairs:
         if seen.setdefault(p.key, p.split) != p.split:
             raise ManifestError(f"row {p.row}: image {p.key} is in both {seen[p.key]} and "
@@ -370,37 +350,26 @@ def _from_column(pairs: list[Pair]) -> dict:
     return out
 
 
-def save_split(path, split: dict, **meta) -> None:
-    """split.json (atomic): the parts plus whatever describes how they were made."""
-    write_json(path, {**meta, **split}, indent=1)
-
-
 def load_split(path, pairs: list[Pair], strict: bool = True) -> dict:
     """A saved split, restricted to the images `pairs` has. With ``strict``, an image of
     `pairs` that the split does not place is an error (the manifest changed since)."""
     path = Path(path)
-    try:
-        saved = json.loads(path.read_text())
-        parts = {k: list(saved[k]) for k in (*SPLITS, "held_out") if k in saved}
-        if "train" not in parts:
-            raise ValueError("no 'train' list")
-    except (ValueError, TypeError) as e:
-        raise ManifestError(f"{path}: not a split file ({e}); delete it to make a new split") from e
-    placed = {k for v in parts.values() for k in v}
+    parts = {k: v for k, v in splits.read_split(path, ("train",), ManifestError).items()
+             if k in splits.ALL_PARTS}
+    placed = splits.placed(parts)
     have = set(_images(pairs))
     unplaced = sorted(have - placed)
     if strict and unplaced:
         raise ManifestError(f"{path}: {len(unplaced)} images of the manifest are in no split "
                             f"(e.g. {unplaced[0]}): the manifest changed since the split was "
                             f"made; delete {path.name} or use a new --out-dir")
-    out = {k: [key for key in v if key in have] for k, v in parts.items()}
-    return {**out, "how": f"reused {path}", "not_in_manifest": len(placed - have)}
+    return {**splits.keep(parts, have), "how": f"reused {path}", "not_in_manifest": len(placed - have)}
 
 
 def split_pairs(pairs: list[Pair], split: dict) -> dict[str, list[Pair]]:
     """{part: [Pair]} with every caption of an image in its image's part, manifest order."""
-    where = {k: part for part in (*SPLITS, "held_out") for k in split.get(part, [])}
-    out = {part: [] for part in (*SPLITS, "held_out")}
+    where = {k: part for part in splits.ALL_PARTS for k in split.get(part, [])}
+    out = {part: [] for part in splits.ALL_PARTS}
     for p in pairs:
         if p.key in where:
             out[where[p.key]].append(p)
@@ -419,12 +388,27 @@ def _relative(image, folder: Path) -> str:
         return p.as_posix()
 
 
+def write_rows(path, columns: list, rows: list) -> None:
+    """CSV, or JSONL when the name ends in .jsonl or .json (as read_rows reads it), written
+    atomically: the columns in order, a row's missing ones empty."""
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
+        text = "".join(json.dumps({c: r.get(c, "") for c in columns}, ensure_ascii=False) + "\n"
+                       for r in rows)
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
+        text = buf.getvalue()
+    write_text(path, text)
+
+
 def write_manifest(path, rows: list[dict]) -> Path:
-    """Write our own manifest (atomic): CSV, or JSONL when `path` ends in .jsonl.
+    """Write our own manifest (atomic) with write_rows.
 
     Each row is a dict with ``image`` (a path; absolute ones are made relative to the manifest)
-    and ``caption``, and optionally organ, label, dataset, split and any attribute keys. CSV
-    columns: COLUMNS that any row has, in that order, then the other keys in first-seen order.
+    and ``caption``, and optionally organ, label, dataset, split and any attribute keys. Columns:
+    COLUMNS that any row has, in that order, then the other keys in first-seen order.
     """
     path = Path(path)
     folder = path.parent.resolve()
@@ -435,21 +419,5 @@ def write_manifest(path, rows: list[dict]) -> Path:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     columns = [c for c in COLUMNS if c in keys or c in ("image", "caption")] + \
         [k for k in keys if k not in COLUMNS]
-    if path.suffix.lower() == ".jsonl":
-        write_text(path, "".join(json.dumps({c: r[c] for c in columns if c in r},
-                                            ensure_ascii=False) + "\n" for r in rows))
-        return path
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({c: _cell(r.get(c, "")) for c in columns})
-    write_text(path, buf.getvalue())
+    write_rows(path, columns, rows)
     return path
-
-
-def _cell(v) -> str:
-    """CSV cell: strings as they are, other values as JSON (lists, numbers, None -> '')."""
-    if v is None:
-        return ""
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)

@@ -1,7 +1,7 @@
 """Training captions for image-text alignment: three tiers of templates, fitting to CLIP's 77
 tokens, and rewriting with a language model through any OpenAI-compatible server.
 
-- Templates follow EchoCare-CLIP (seed 000), which fills part of its captions from three tiers:
+- Templates follow EchoCare-CLIP, which fills part of its captions from three tiers:
   1. organ only; 2. organ and condition; 3. patient, region, findings (shape, margin,
   echogenicity, posterior features) and condition, each with a fallback wording when missing.
   Tiers are drawn 20/30/50 %, as the authors' template documentation says. The wording here is
@@ -11,8 +11,8 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
 - `fit_to_context` shortens a caption to CLIP's 77 tokens (start and end tokens included,
   counted with our tokenizer) at a sentence boundary, else a clause boundary, else a word
   boundary; it never cuts inside a word, a CJK character or an emoji.
-- `refine_manifest` rewrites captions with an LLM: `translate` does what seed 003 §4.1 did with
-  Qwen3-8B on the Chinese CURD captions (English, one clinical sentence within 77 tokens);
+- `refine_manifest` rewrites captions with an LLM: `translate` does what the ultrasound-CLIP paper
+  (§4.1) did with Qwen3-8B on the Chinese CURD captions (English, one clinical sentence within 77 tokens);
   `describe` does what EchoCare-CLIP did with Qwen3-4B-Instruct (three 15-60-word captions from
   a row's metadata, one picked with the seed). The HTTP client, retries and cache are llm.py.
 
@@ -22,14 +22,14 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
         --endpoint http://127.0.0.1:8000/v1 --model Qwen/Qwen3-8B --out curd_en.csv
 
 Manifests are CSV (or JSONL when the name ends in .jsonl or .json): `image` (relative to the
-manifest), `caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns.
-`train_contrastive.py` reads them.
+manifest), `caption`, then `organ`, `label`, `dataset`, `tier` and attribute columns. manifest.py
+reads and writes them for every command here and for `train_contrastive.py`; `phantom_manifest`
+writes the phantom's, the manifest train_contrastive.py and evaluate.py read by default.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import random
@@ -42,17 +42,30 @@ from pathlib import Path
 
 import regex
 
-from ..fileio import write_text
+from .. import data
+from ..config import command_parser, fail, opt, parse_command, required
+from ..fileio import cache_dir
 from ..labels import CLASSES, parse_label
+from ..phantom import ORGANS, PhantomConfig, write_dataset
 from ..tokenizer import default_tokenizer
 from . import llm
+from .manifest import (
+    CAPTION_COLS,
+    IMAGE_COLS,
+    ManifestError,
+    is_mostly_non_ascii,
+    pick_column,
+    read_rows,
+    write_rows,
+)
 
 TIER_WEIGHTS = (0.2, 0.3, 0.5)
 CONTEXT_LENGTH = 77
 
 
-class CaptionError(ValueError):
-    """A caption input is unusable; the message says what to do."""
+# The package's one error: a manifest, metadata file or caption setting is unusable, and the
+# message says what to do (the manifest reader raises it too, as manifest.ManifestError).
+CaptionError = ManifestError
 
 
 # ----------------------------------------------------------------------------- templates
@@ -349,75 +362,7 @@ def fit_to_context(caption: str, context_length: int = CONTEXT_LENGTH, tokenizer
                        f"character alone is longer; raise --context-length")
 
 
-# ----------------------------------------------------------------------------- manifest files
-IMAGE_COLS = ("image", "image_path", "filename", "file_name", "file", "img", "path")
-CAPTION_COLS = ("caption", "text_caption", "text", "report")
-
-
-def _json_rows(path: Path, text: str) -> list:
-    """The objects of a JSONL text, one per non-empty line; a bad line is named."""
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise CaptionError(f"{path}, line {n}: not JSON ({e}); fix the line") from None
-        if not isinstance(rows[-1], dict):
-            raise CaptionError(f"{path}, line {n}: a JSONL manifest needs one JSON object "
-                               f"({{\"image\": ..., \"caption\": ...}}) per line")
-    return rows
-
-
-def read_rows(path) -> tuple[list, list]:
-    """(columns, rows as dicts) of a CSV or JSONL file, every row kept, in order."""
-    path = Path(path)
-    if not path.is_file():
-        raise CaptionError(f"{path}: file not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")   # newlines inside CSV cells kept as-is
-    except UnicodeDecodeError as e:   # CURD-style Chinese files are often GB18030
-        raise CaptionError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8, "
-                           f"e.g. iconv -f GB18030 -t UTF-8") from None
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows = _json_rows(path, text)
-        return list(dict.fromkeys(k for r in rows for k in r)), rows
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [dict(r) for r in reader]
-    except csv.Error as e:
-        raise CaptionError(f"{path}, line {reader.line_num}: not a valid CSV ({e})") from None
-    return list(reader.fieldnames or []), rows
-
-
-def write_rows(path, columns: list, rows: list) -> None:
-    """CSV (JSONL when the name ends in .jsonl or .json, as read_rows and clip_us.captions.manifest read
-    them) written atomically: temp file, then rename."""
-    if Path(path).suffix.lower() in (".jsonl", ".json"):
-        text = "".join(json.dumps({c: r.get(c, "") for c in columns}, ensure_ascii=False) + "\n"
-                       for r in rows)
-    else:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
-        text = buf.getvalue()
-    write_text(path, text)
-
-
-def pick_column(path, columns: list, given: str | None, candidates, what: str,
-                flag: str) -> str:
-    """`given`, else the first candidate present (case-insensitive), among the columns of the
-    file at `path` (named in the error)."""
-    lower = {c.lower(): c for c in columns}
-    name = lower.get((given or "").lower()) if given else \
-        next((lower[c] for c in candidates if c in lower), None)
-    if name is None:
-        raise CaptionError(f"{path}: no {what} column among {columns}; name it with {flag}")
-    return name
-
-
+# ----------------------------------------------------------------------------- manifest paths
 def rebase(value: str, src: Path, dst: Path, must_exist: bool = True) -> str:
     """A manifest path relative to folder `src`, made relative to folder `dst` (paths in a
     manifest are relative to the manifest). Absolute paths and URLs are kept, and with
@@ -477,7 +422,7 @@ def read_metadata(root: Path) -> dict:
     if not path.is_file():
         return {}
     out = {}
-    for rec in _json_rows(path, path.read_text(encoding="utf-8")):
+    for rec in read_rows(path)[1]:
         if "file" not in rec:
             raise CaptionError(f"{path}: a line without \"file\"; rewrite the phantom "
                                f"(python -m clip_us.phantom) or remove the file")
@@ -494,7 +439,6 @@ def scan_labelled(root: Path, layout: str, nextgen_name: str | None, skip_bad: b
     """clip_us.data's Items (key, image, label) of a labelled data set folder, in natural order.
     The layout's own scanner lists them; no split is made (a caption manifest of a handful of
     images is fine) and no image is decoded."""
-    from .. import data  # torchvision only when a folder is read
     if layout in ("folder", "ddti", "tn3k") and not (root / "labels.csv").is_file():
         raise CaptionError(f"{root}: no labels.csv (columns image,label), so no condition to "
                            f"caption; add one, or pass a CSV with an image column and any "
@@ -535,8 +479,8 @@ def csv_records(path, out_dir: Path, image_col: str | None = None,
     paths are rebased onto out_dir (keys keep them as written) and any existing caption is
     kept as `original_caption`."""
     path = Path(path)
-    columns, rows = read_rows(path)
-    icol = pick_column(path, columns, image_col, IMAGE_COLS, "image", "--image-col")
+    columns, rows, _ = read_rows(path)
+    icol = pick_column(path, columns, image_col, IMAGE_COLS, "image")
     if organ is None and "organ" not in record_fields(dict.fromkeys(columns, "x")):
         raise CaptionError(f"{path}: no organ column; pass --organ (e.g. --organ thyroid)")
     records = []
@@ -609,13 +553,41 @@ def template_manifest(data, out, dataset: str | None = None, organ: str | None =
     return {"rows": len(records), "tiers": counts, "out": str(out)}
 
 
+# ----------------------------------------------------------------------------- the phantom's manifest
+def _phantom_root(cfg: PhantomConfig) -> Path:
+    """The cache folder of a captioned phantom, named by its settings."""
+    organs = "+".join(o.replace(" ", "_") for o in cfg.organs)
+    name = f"captions-n{cfg.n}-s{cfg.size}-seed{cfg.seed}-{organs}-normal{cfg.p_normal:g}"
+    return Path(cache_dir()) / "phantom" / name
+
+
+def phantom_manifest(root=None, cfg: PhantomConfig | None = None, caption_seed: int = 0,
+                     tier_weights=TIER_WEIGHTS) -> Path:
+    """The phantom's image-caption manifest (what `train_contrastive.py` and `evaluate.py` read
+    with no --manifest): writes the phantom into `root` (default: a cache folder named by `cfg`)
+    if it is not there yet, then `captions-seed{caption_seed}-tiers{weights}.csv` beside its
+    images with the three-tier templates (an existing one is reused), and returns that CSV's
+    path. The default `cfg` draws all four organs and 17 % normal images, so every tier has
+    something to say."""
+    cfg = cfg or PhantomConfig(organs=ORGANS, p_normal=0.17)
+    root = Path(root) if root else _phantom_root(cfg)
+    if not (root / "metadata.jsonl").is_file():
+        write_dataset(root, cfg)
+    weights = "-".join(f"{w:g}" for w in parse_tier_weights(tier_weights))
+    out = root / f"captions-seed{caption_seed}-tiers{weights}.csv"
+    if not out.is_file():
+        template_manifest(root, out, dataset="busi", dataset_name="phantom", seed=caption_seed,
+                          tier_weights=tier_weights)
+    return out
+
+
 # ----------------------------------------------------------------------------- fit command
 def fit_manifest(src, out, caption_col: str | None = None,
                  context_length: int = CONTEXT_LENGTH) -> dict:
     """Run fit_to_context over a manifest's captions; every row and column is kept, the old
     caption goes to `original_caption`. Returns {rows, changed}."""
-    columns, rows = read_rows(src)
-    ccol = pick_column(src, columns, caption_col, CAPTION_COLS, "caption", "--caption-col")
+    columns, rows, _ = read_rows(src)
+    ccol = pick_column(src, columns, caption_col, CAPTION_COLS, "caption")
     rebase_images(columns, rows, src, out)
     changed = 0
     for row in rows:
@@ -711,11 +683,6 @@ def reply_check(mode: str):
     return check
 
 
-def is_mostly_non_ascii(text: str) -> bool:
-    chars = [c for c in text if not c.isspace()]
-    return bool(chars) and sum(ord(c) > 127 for c in chars) > len(chars) / 2
-
-
 def metadata_lines(row: dict, ccol: str) -> list:
     """'- field: value' lines of a row's metadata columns (describe mode)."""
     skip = NOT_METADATA | {ccol.lower()}
@@ -794,8 +761,8 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
     order, the original caption in `original_caption`, the outcome in `refine_status`.
     Answers go to an append-only cache as they arrive. Returns a summary."""
     t0 = time.perf_counter()
-    columns, rows = read_rows(src)
-    ccol = pick_column(src, columns, rcfg.caption_col, CAPTION_COLS, "caption", "--caption-col")
+    columns, rows, _ = read_rows(src)
+    ccol = pick_column(src, columns, rcfg.caption_col, CAPTION_COLS, "caption")
     keys, bodies = plan_requests(rows, ccol, chat.model, rcfg)
     if rcfg.mode == "describe" and rows and not bodies:
         raise CaptionError(f"{src}: no row has metadata columns besides the image and caption; "
@@ -859,68 +826,94 @@ def _no_key_on_command_line(value: str):
                                      "with --api-key-env (default OPENAI_API_KEY)")
 
 
+def _mode_default(name: str) -> str:
+    """What --mode sets `name` to when it is not given, for the help: 'translate 0.2, ...'."""
+    return ", ".join(f"{mode} {'none' if values[name] is None else values[name]}"
+                     for mode, values in MODE_DEFAULTS.items())
+
+
+@dataclass(kw_only=True)
+class _Output:
+    """What every subcommand writes: a manifest whose captions fit CLIP's context."""
+    out: str = required("manifest to write (.csv, or .jsonl)")
+    context_length: int = opt(CONTEXT_LENGTH, "most CLIP tokens per caption, start and end tokens "
+                              "included")
+
+
+@dataclass(kw_only=True)
+class TemplateCommand(_Output):
+    """template captions for a data set folder or metadata CSV"""
+    data: str = required("data set folder (busi, nextgen, tn3k, folder layouts) or a CSV/JSONL "
+                         "of metadata", positional=True)
+    dataset: str | None = opt(None, "layout of the folder (default: detected)",
+                              choices=["busi", "nextgen", "prostate", "tn3k", "ddti", "folder"])
+    nextgen_name: str | None = opt(None, "<DS> of the nextgen layout (default: the only one "
+                                   "there)")
+    organ: str | None = opt(None, "organ for every row (default: from the data set's name)")
+    dataset_name: str | None = opt(None, "the dataset column (default: the folder's name)")
+    seed: int = opt(0, "random seed of every row's tier and template (drawn with the row and "
+                    "image)")
+    tier_weights: str = opt("20,30,50", "how often tiers 1,2,3 are drawn, in percent")
+    image_col: str | None = opt(None, "image column of a CSV (default: detected)")
+    skip_bad: bool = opt(False, "skip bad files instead of stopping")
+
+
+@dataclass(kw_only=True)
+class _Rewrite(_Output):
+    """fit and refine: they rewrite the captions of a manifest."""
+    manifest: str = required("image-caption manifest to read (CSV or JSONL)", positional=True)
+    caption_col: str | None = opt(None, "caption column (default: detected)")
+
+
+@dataclass(kw_only=True)
+class FitCommand(_Rewrite):
+    """shorten captions to CLIP's 77 tokens (--context-length)"""
+
+
+@dataclass(kw_only=True)
+class RefineCommand(_Rewrite):
+    """rewrite captions with an OpenAI-compatible LLM"""
+    endpoint: str = required("OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str = required("the model the server runs, e.g. Qwen/Qwen3-8B")
+    mode: str = opt("translate", "translate: one English clinical sentence (the ultrasound-CLIP "
+                    "paper's CURD captions); describe: three captions from a row's metadata, "
+                    "one kept (EchoCare-CLIP)", choices=sorted(MODE_DEFAULTS))
+    api_key_env: str | None = opt(None, "environment variable holding the API key, never printed "
+                                  "(default OPENAI_API_KEY if set; a variable named here must "
+                                  "be set)")
+    api_key: str | None = opt(None, argparse.SUPPRESS, type=_no_key_on_command_line)
+    concurrency: int = opt(8, "requests in flight")
+    temperature: float | None = opt(None, f"sampling temperature (default: the mode's, "
+                                    f"{_mode_default('temperature')})", type=float)
+    top_p: float | None = opt(None, f"nucleus sampling's top_p (default: the mode's, "
+                              f"{_mode_default('top_p')})", type=float)
+    repetition_penalty: float | None = opt(
+        None, f"repetition penalty; 'none' leaves it out of the request (default: the mode's, "
+        f"{_mode_default('repetition_penalty')})", type=_penalty)
+    max_tokens: int | None = opt(None, f"most new tokens per reply (default: the mode's, "
+                                 f"{_mode_default('max_tokens')})", type=int)
+    seed: int = opt(0, "random seed: the rows --fraction picks, the describe caption kept")
+    timeout: float = opt(120.0, "seconds per request")
+    retries: int = opt(5, "tries after the first")
+    backoff: float = opt(1.0, "first wait in s, doubled per retry")
+    cache: str | None = opt(None, "reply cache (default: OUT.cache.jsonl)")
+    fraction: float = opt(1.0, "refine a seeded fraction of rows")
+    only_non_ascii: bool = opt(False, "refine only non-English rows")
+    extra_body: dict = opt({}, 'more request fields as JSON, e.g. \'{"chat_template_kwargs": '
+                           '{"enable_thinking": false}}\' (vLLM, Qwen3)', type=_json_object)
+    progress: bool = opt(True, "a progress bar (--no-progress: none)")
+
+
+COMMANDS = {"template": TemplateCommand, "fit": FitCommand, "refine": RefineCommand}
+# allow_abbrev=False: a prefix must not quietly become another flag (--api-key as --api-key-env
+# would take the key for a variable name and send no key)
+PARSER = {"prog": "python -m clip_us.captions", "allow_abbrev": False,
+          "description": "Caption manifests: three-tier templates, fitting to 77 CLIP tokens, "
+                         "LLM refinement."}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: a prefix must not quietly become another flag (--api-key as
-    # --api-key-env would take the key for a variable name and send no key)
-    p = argparse.ArgumentParser(prog="python -m clip_us.captions", allow_abbrev=False,
-                                description="Caption manifests: three-tier templates, "
-                                            "fitting to 77 CLIP tokens, LLM refinement.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("template", allow_abbrev=False,
-                       help="template captions for a data set folder or metadata CSV")
-    t.add_argument("data", help="data set folder (busi, nextgen, tn3k, folder layouts) or a "
-                                "CSV/JSONL of metadata")
-    t.add_argument("--out", required=True, help="manifest to write (.csv, or .jsonl)")
-    t.add_argument("--dataset", choices=("busi", "nextgen", "prostate", "tn3k", "ddti", "folder"),
-                   help="layout of the folder (default: detected)")
-    t.add_argument("--nextgen-name", help="<DS> of the nextgen layout")
-    t.add_argument("--organ", help="organ for every row (default: from the data set's name)")
-    t.add_argument("--dataset-name", help="the dataset column (default: the folder's name)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--tier-weights", default="20,30,50", help="tiers 1,2,3 (default 20,30,50)")
-    t.add_argument("--image-col", help="image column of a CSV (default: detected)")
-    t.add_argument("--skip-bad", action="store_true", help="skip bad files instead of stopping")
-    t.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
-    f = sub.add_parser("fit", allow_abbrev=False,
-                       help=f"shorten captions to {CONTEXT_LENGTH} CLIP tokens")
-    f.add_argument("manifest")
-    f.add_argument("--out", required=True)
-    f.add_argument("--caption-col")
-    f.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
-    _refine_args(sub.add_parser("refine", allow_abbrev=False,
-                                help="rewrite captions with an OpenAI-compatible LLM"))
-    return p
-
-
-def _refine_args(r) -> None:
-    r.add_argument("manifest")
-    r.add_argument("--out", required=True)
-    r.add_argument("--endpoint", required=True,
-                   help="OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
-    r.add_argument("--model", required=True)
-    r.add_argument("--mode", choices=sorted(MODE_DEFAULTS), default="translate")
-    r.add_argument("--api-key-env",
-                   help="environment variable holding the API key, never printed (default "
-                        "OPENAI_API_KEY if set; a variable named here must be set)")
-    r.add_argument("--api-key", type=_no_key_on_command_line, help=argparse.SUPPRESS)
-    r.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    r.add_argument("--temperature", type=float)
-    r.add_argument("--top-p", type=float)
-    r.add_argument("--repetition-penalty", type=_penalty, help="'none' leaves it out")
-    r.add_argument("--max-tokens", type=int, help="most new tokens per reply")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    r.add_argument("--retries", type=int, default=5, help="tries after the first")
-    r.add_argument("--backoff", type=float, default=1.0, help="first wait in s, doubled per retry")
-    r.add_argument("--cache", help="reply cache (default: OUT.cache.jsonl)")
-    r.add_argument("--fraction", type=float, default=1.0, help="refine a seeded fraction of rows")
-    r.add_argument("--only-non-ascii", action="store_true", help="refine only non-English rows")
-    r.add_argument("--extra-body", type=_json_object, default={},
-                   help='more request fields as JSON, e.g. \'{"chat_template_kwargs": '
-                        '{"enable_thinking": false}}\' (vLLM, Qwen3)')
-    r.add_argument("--caption-col")
-    r.add_argument("--context-length", type=int, default=CONTEXT_LENGTH)
-    r.add_argument("--no-progress", action="store_true")
+    return command_parser(COMMANDS, **PARSER)
 
 
 def api_key(env_name: str | None) -> str | None:
@@ -933,7 +926,7 @@ def api_key(env_name: str | None) -> str | None:
     return key
 
 
-def run_refine(a) -> dict:
+def run_refine(a: RefineCommand) -> dict:
     key_env = a.api_key_env or "OPENAI_API_KEY"
     chat = llm.ChatConfig(a.endpoint, a.model, api_key=api_key(a.api_key_env),
                           timeout=a.timeout, retries=a.retries, backoff=a.backoff)
@@ -941,7 +934,7 @@ def run_refine(a) -> dict:
                         repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
                         seed=a.seed, context_length=a.context_length, concurrency=a.concurrency,
                         fraction=a.fraction, only_non_ascii=a.only_non_ascii,
-                        caption_col=a.caption_col, cache=a.cache, progress=not a.no_progress,
+                        caption_col=a.caption_col, cache=a.cache, progress=a.progress,
                         extra_body=a.extra_body)
     key_note = f"key from ${key_env}" if chat.api_key else "no API key"
     print(f"refine {a.manifest} -> {a.out}: {chat.url}, model {chat.model}, mode {rcfg.mode}, "
@@ -952,16 +945,15 @@ def run_refine(a) -> dict:
 
 
 def main(argv=None) -> None:
-    from ..data import DataError
-    a = build_parser().parse_args(argv)
+    a = parse_command(COMMANDS, argv, **PARSER)
     try:
-        if a.command == "template":
+        if isinstance(a, TemplateCommand):
             s = template_manifest(a.data, a.out, a.dataset, a.organ, a.dataset_name, a.seed,
                                   a.tier_weights, a.image_col, a.nextgen_name, a.skip_bad,
                                   a.context_length)
             print(f"wrote {s['rows']} captions to {s['out']} (tiers 1/2/3: "
                   f"{s['tiers'][1]}/{s['tiers'][2]}/{s['tiers'][3]})")
-        elif a.command == "fit":
+        elif isinstance(a, FitCommand):
             s = fit_manifest(a.manifest, a.out, a.caption_col, a.context_length)
             print(f"fitted {s['rows']} captions to {a.context_length} tokens: {s['changed']} "
                   f"changed; wrote {s['out']}")
@@ -972,10 +964,9 @@ def main(argv=None) -> None:
                       f"(requests failed); rerun the same command to retry only those",
                       file=sys.stderr)
                 sys.exit(1)
-    except (CaptionError, DataError, llm.LLMError, OSError, csv.Error,
+    except (CaptionError, data.DataError, llm.LLMError, OSError, csv.Error,
             json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except KeyboardInterrupt:
         print("interrupted; answers received so far are in the cache: rerun the same command "
               "to go on", file=sys.stderr)

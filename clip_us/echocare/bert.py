@@ -1,6 +1,6 @@
 """BERT and its WordPiece tokenizer, written from scratch, reading a Hugging Face BERT folder.
 
-EchoCare-CLIP (seed 000) offers BioClinicalBERT (Alsentzer et al., "Publicly Available Clinical
+EchoCare-CLIP offers BioClinicalBERT (Alsentzer et al., "Publicly Available Clinical
 BERT Embeddings", 2019; the Hugging Face folder `emilyalsentzer/Bio_ClinicalBERT`) as its second
 text encoder, and uses its `pooler_output`. The model is BERT-base (Devlin et al., "BERT:
 Pre-training of Deep Bidirectional Transformers for Language Understanding", 2019): word +

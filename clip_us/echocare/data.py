@@ -19,9 +19,9 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from ..contrastive import CaptionDataset
 from ..transform import open_image, to_working_image
 from .bert import SPECIALS, clean_text, split_punct, strip_accents
 
@@ -62,23 +62,23 @@ def norm_stats(paths, size: int) -> tuple[tuple, tuple]:
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
 
 
-class EchoCareCaptionDataset(Dataset):
-    """manifest.Pair list -> dict(image [3, S, S], text [2, L] (token ids, attention mask),
-    caption, key, index). Captions are tokenised once, here, by the model's own tokenizer."""
+class FromPath:
+    """A PIL-image transform applied to an image file read by `reader` (read_rgb here); a class
+    so DataLoader workers can pickle it."""
 
-    def __init__(self, pairs, tokenize, size: int, train: bool, mean=AUTHORS_MEAN,
-                 std=AUTHORS_STD):
-        self.pairs = list(pairs)
-        self.transform = image_transform(size, train, mean, std)
-        self.tokens = tokenize([p.caption for p in self.pairs]) if self.pairs else None
+    def __init__(self, transform, reader):
+        self.transform, self.reader = transform, reader
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def __call__(self, path):
+        return self.transform(self.reader(path))
 
-    def __getitem__(self, i: int) -> dict:
-        p = self.pairs[i]
-        return {"image": self.transform(read_rgb(p.image)), "text": self.tokens[i],
-                "caption": p.caption, "key": p.key, "index": i}
+
+def caption_dataset(pairs, tokenize, size: int, train: bool, mean=AUTHORS_MEAN,
+                    std=AUTHORS_STD) -> CaptionDataset:
+    """manifest.Pair list -> CaptionDataset of dict(image [3, S, S], text [2, L] (token ids,
+    attention mask), caption, key, index): the authors' pipelines on RGB images, captions
+    tokenised by the model's own tokenizer."""
+    return CaptionDataset(pairs, FromPath(image_transform(size, train, mean, std), read_rgb), tokenize)
 
 
 def tiny_vocab(captions, size: int = 2000) -> list[str]:

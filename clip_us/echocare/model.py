@@ -1,7 +1,7 @@
 """EchoCare-CLIP's dual encoder: the EchoCare Swin image encoder and a CLIP or BERT text encoder,
 MLP heads into a shared 256-d space, and a learnable temperature.
 
-Seed 000 (EchoCare-CLIP), as the authors' released code builds it
+EchoCare-CLIP, as the authors' released code builds it
 (`echocare_clip/models/{image_encoder,text_encoder,echocare_clip}.py`):
 - image: the Swin's last map (B, 2048, 8, 8 at 256 px; swin.py) average-pooled, then
   Linear(2048, 2048) -> ReLU -> Linear(2048, 256), then L2 normalisation;
@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import weights as W
+from ..contrastive import CaptionDataset
 from ..fileio import load_checkpoint, save_checkpoint
 from ..model import ARCHS as CLIP_ARCHS
 from ..model import CLIP, CLIPConfig
 from ..tokenizer import tokenize as clip_tokenize
 from . import bert as B
 from . import swin as S
-from .data import AUTHORS_MEAN, AUTHORS_STD, EchoCareCaptionDataset, image_transform, norm_stats, tiny_vocab
+from .data import AUTHORS_MEAN, AUTHORS_STD, caption_dataset, image_transform, norm_stats, tiny_vocab
 
 PROJECTION_DIM = 256
 TRAIN_MODES = ("heads", "image", "text", "full")
@@ -395,8 +396,7 @@ def save(model: EchoCareCLIP, path, config: dict | None = None, **extra) -> None
 
 
 # ----------------------------------------------------------------------------- the training script
-def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, EchoCareCaptionDataset,
-                                                        EchoCareCaptionDataset]:
+def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, CaptionDataset, CaptionDataset]:
     """`train_contrastive.py --model echocare`: the model (requires_grad set by cfg.train) on
     `device` and its training and validation data sets. Reads cfg.text_encoder, image_weights,
     text_weights, norm_stats, grad_checkpointing, augment, arch, weights ("none" = random),
@@ -417,6 +417,6 @@ def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, EchoCareCap
                   size, mean, std, getattr(cfg, "grad_checkpointing", False))
     set_trainable(model, cfg.train)
     augment = getattr(cfg, "augment", True)
-    train_set = EchoCareCaptionDataset(parts["train"], model.tokenize, size, augment, mean, std)
-    val_set = EchoCareCaptionDataset(parts["val"], model.tokenize, size, False, mean, std)
+    train_set = caption_dataset(parts["train"], model.tokenize, size, augment, mean, std)
+    val_set = caption_dataset(parts["val"], model.tokenize, size, False, mean, std)
     return model.to(device), train_set, val_set

@@ -1,6 +1,6 @@
 """EchoCare's image encoder: MONAI's 2-D SwinTransformer (the "v2" layout), written from scratch.
 
-EchoCare-CLIP (seed 000) encodes images with the EchoCare ultrasound foundation model, which its
+EchoCare-CLIP encodes images with the EchoCare ultrasound foundation model, which its
 authors build as MONAI's `SwinTransformer(spatial_dims=2, use_v2=True, embed_dim=128,
 patch_size=2, window_size=8, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])` (Liu et al.,
 "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", 2021; Hatamizadeh

@@ -6,5 +6,6 @@ Learning"), which `evaluate.py` runs, and the zero-shot prompts of both papers.
 - `protocol.py`: alignment, retrieval, zero-shot, linear probes and few-shot fits;
 - `probe.py`: the logistic-regression probe (scikit-learn's objective, in torch);
 - `prompts.py`: zero-shot prompts;
-- `plots.py`: the figures.
+- `plots.py`: the figures;
+- `run.py`: evaluate.py's steps (models from its flags, test data, the protocol's blocks, table).
 """

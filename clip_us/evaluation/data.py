@@ -1,13 +1,13 @@
 """The labelled image–caption set evaluate.py runs on: classes, organs, the split, the overlap check.
 
-EchoCare-CLIP (seed 000) evaluates on a held-out data set (BUSI: 780 images, three classes) split
+EchoCare-CLIP evaluates on a held-out data set (BUSI: 780 images, three classes) split
 70/15/15; its probes train on the 70 %, pick C on the 15 % validation part and report on the test
 part. Here:
 
 - Pairs come from ``clip_us.manifest.read_manifest`` (every format train_contrastive.py reads).
 - Classes: every label present in the manifest, in clip_us's fixed order (benign, malignant,
   normal) and then alphabetically; ``classes`` restricts them and drops the other images. This
-  differs from the supervised scripts, whose binary default follows seed 003.
+  differs from the supervised scripts, whose binary default follows the ultrasound-CLIP paper.
 - Organ: the manifest's ``organ`` column, else the ``organ`` argument.
 - Split: images a checkpoint's split.json places in train/val/test stay there; the others (held
   out from that run, or unknown to it) get a seeded 70/15/15 split stratified by ``dataset`` and
@@ -17,14 +17,15 @@ part. Here:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..captions.manifest import SPLITS, read_manifest, stratified_split
+from .. import splits
+from ..captions.manifest import read_manifest
 from ..labels import CLASSES, parse_label
 
 FRACTIONS = (0.70, 0.15, 0.15)
+SPLIT = splits.stratified   # a fresh split's algorithm (any of clip_us.splits'; name it in `how`)
 
 
 @dataclass
@@ -90,11 +91,13 @@ def load_eval_set(path, organ: str = "", classes=(), **manifest_kw) -> EvalSet:
 
 
 def read_split(path) -> dict:
-    try:
-        saved = json.loads(Path(path).read_text())
-        return {s: list(saved.get(s, [])) for s in (*SPLITS, "held_out")}
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: cannot read split file ({e})") from e
+    """A split.json's parts, any of them absent: a checkpoint's, a --split-file, or a saved one."""
+    return splits.read_split(path, need=())
+
+
+def _parts(saved: dict) -> dict:
+    """train, val and test of a split (held_out and how it was made left out)."""
+    return {s: saved[s] for s in splits.PARTS}
 
 
 def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | None = None,
@@ -104,22 +107,21 @@ def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | Non
     places, plus the ``saved`` split (when it fits) or a fresh one for the rest."""
     have = set(es.keys)
     if split_file:
-        parts = read_split(split_file)
-        out = {s: [k for k in parts[s] if k in have] for s in SPLITS}
-        lost = have - {k for v in out.values() for k in v}
+        out = splits.keep(_parts(read_split(split_file)), have)
+        lost = have - splits.placed(out)
         if lost:
             raise ValueError(f"--split-file {split_file}: {len(lost)} images of the manifest are "
                              f"in none of train/val/test (e.g. {sorted(lost)[0]})")
         return out, f"--split-file {split_file}", None
-    ckpt = read_split(checkpoint_split) if checkpoint_split else {s: [] for s in SPLITS}
-    out = {s: [k for k in ckpt[s] if k in have] for s in SPLITS}
-    rest = [k for k in es.keys if k not in {k for v in out.values() for k in v}]
+    ckpt = read_split(checkpoint_split) if checkpoint_split else {s: [] for s in splits.PARTS}
+    out = splits.keep(_parts(ckpt), have)
+    rest = [k for k in es.keys if k not in splits.placed(out)]
     placed = len(have) - len(rest)
     how = [f"checkpoint split {checkpoint_split} for {placed} images"] if placed else []
     new = None
     if rest:
         fresh, what, new = _fresh_split(es, rest, seed, saved)
-        out = {s: out[s] + fresh[s] for s in SPLITS}
+        out = {s: out[s] + fresh[s] for s in splits.PARTS}
         how.append(what)
     return out, "; ".join(how), new
 
@@ -127,14 +129,14 @@ def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | Non
 def _reuse(saved: Path, keys, seed: int) -> dict:
     """The saved split's parts, if it places exactly ``keys`` and was made with ``seed``."""
     parts = read_split(saved)
-    if set(k for s in SPLITS for k in parts[s]) != set(keys):
+    if splits.placed(_parts(parts)) != set(keys):
         raise ValueError(f"{saved} was made for other images than this manifest's (or --classes); "
                          f"delete it or use another --out-dir")
-    made_with = json.loads(Path(saved).read_text()).get("seed", seed)  # older files: no seed
+    made_with = parts.get("seed", seed)  # older files: no seed
     if made_with != seed:
         raise ValueError(f"{saved} was made with --seed {made_with}, not {seed}: pass --seed "
                          f"{made_with} to reuse it, or another --out-dir for a new split")
-    return {s: parts[s] for s in SPLITS}
+    return _parts(parts)
 
 
 def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict, str, dict | None]:
@@ -142,7 +144,7 @@ def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict
     if saved is not None and saved.is_file():
         return _reuse(saved, keys, seed), f"reused {saved}", None
     strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
-    parts = stratified_split(keys, strata, FRACTIONS, seed)
+    parts = SPLIT(keys, strata, FRACTIONS, seed)
     how = f"70/15/15 stratified by dataset then label, seed {seed}"
     return parts, how, {"how": how, "seed": seed, **parts}
 

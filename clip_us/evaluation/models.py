@@ -1,8 +1,9 @@
 """The models evaluate.py judges, behind one interface: frozen encoders, then trainable heads.
 
-EchoCare-CLIP's evaluation (seed 000) compares vanilla CLIP, contrastively fine-tuned CLIPs and its
-own dual encoders. Its end-to-end few-shot stage keeps both encoders frozen and trains only the
-heads (projections) and the temperature. So every model is split in two here:
+EchoCare-CLIP's evaluation ("Ultrasound Vision-Language Alignment via Contrastive Learning")
+compares vanilla CLIP, contrastively fine-tuned CLIPs and its own dual encoders. Its end-to-end
+few-shot stage keeps both encoders frozen and trains only the heads (projections) and the
+temperature. So every model is split in two here:
 
 - ``image_features(pixels)`` / ``text_features(texts)``: the frozen encoders' outputs, before any
   head. They are computed once and cached on disk; the probes and every few-shot seed reuse them.
@@ -35,14 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .. import echocare
 from ..adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+from ..captions.manifest import Pair
+from ..contrastive import MAX_LOGIT_SCALE, CaptionDataset
+from ..echocare.data import FromPath, read_rgb
 from ..fileio import atomic_path, load_checkpoint
 from ..precision import inference, resolve_precision
 from ..taskmodel import build_clip
 from ..tokenizer import tokenize
 from ..transform import CLIP_MEAN, CLIP_STD, Preprocess
-
-MAX_SCALE = 100.0  # CLIP's cap on exp(logit_scale); EchoCare-CLIP's evaluation caps 1/τ alike
+from .data import read_split
 
 
 class CLIPHeads(nn.Module):
@@ -61,7 +65,7 @@ class CLIPHeads(nn.Module):
         return F.normalize(f @ self.text_projection, dim=-1)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=MAX_SCALE)
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
 class ModuleHeads(nn.Module):
@@ -79,7 +83,7 @@ class ModuleHeads(nn.Module):
         return F.normalize(self.text_head(f), dim=-1)
 
     def scale(self):
-        return (-self.log_temperature).exp().clamp(max=MAX_SCALE)  # 1/τ, capped
+        return (-self.log_temperature).exp().clamp(max=MAX_LOGIT_SCALE)  # 1/τ, capped alike
 
 
 @dataclass
@@ -172,8 +176,8 @@ def trained_keys(split_path) -> set:
     """The images a run trained on or selected its checkpoint with: its train and val lists."""
     if split_path is None:
         return set()
-    saved = json.loads(Path(split_path).read_text())
-    return set(saved.get("train", [])) | set(saved.get("val", []))
+    saved = read_split(split_path)
+    return set(saved["train"]) | set(saved["val"])
 
 
 def _contrastive(ckpt: dict, path: str, device, name: str, precision: str) -> EvalModel:
@@ -198,7 +202,7 @@ def _contrastive(ckpt: dict, path: str, device, name: str, precision: str) -> Ev
     norm = cfg.get("clip_norm", True)
     mean, std = (CLIP_MEAN, CLIP_STD) if norm else ((0.0,) * 3, (1.0,) * 3)
     kind = {"lora": "LoRA", "mona": "Mona"}.get(adapter.kind, cfg.get("train", "adapter"))
-    row = name or ckpt.get("row") or f"CLIP ({kind}, ft.)"  # seed 003's "CLIP (Mona, ft.)" style
+    row = name or ckpt.get("row") or f"CLIP ({kind}, ft.)"  # the ultrasound-CLIP paper's row style
     ev = clip_model(model, row, "contrastive", False, Preprocess(size, mean, std),
                     {"checkpoint": _file_identity(path)}, device,
                     {"checkpoint": str(path), "adapter": adapter.kind, "train": cfg.get("train")},
@@ -241,21 +245,8 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
                      identity, source=source)
 
 
-class FromPath:
-    """A PIL-image transform applied to an image file; a class so DataLoader workers can pickle it."""
-
-    def __init__(self, transform, reader):
-        self.transform, self.reader = transform, reader
-
-    def __call__(self, path):
-        return self.transform(self.reader(path))
-
-
 def _echocare(path: str, device, name: str, precision: str) -> EvalModel:
     """An EchoCare-CLIP dual-encoder checkpoint through clip_us.echocare.load."""
-    # imported here: the Swin and BERT towers are only needed for EchoCare-CLIP checkpoints
-    from .. import echocare
-    from ..echocare.data import read_rgb
     model = echocare.load(path)
     # The authors' evaluation transform (bilinear resize of the shorter side to 256, centre crop,
     # their mean/std), not CLIP's bicubic one.
@@ -279,19 +270,6 @@ def from_checkpoint(path: str, device, name: str = "", precision: str = "fp32") 
 
 
 # ----------------------------------------------------------------------------- the feature cache
-class _Images(torch.utils.data.Dataset):
-    """Image files through one model's preprocessing."""
-
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = list(paths), preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.preprocess(self.paths[i])
-
-
 def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int = 32,
                     workers: int = 0) -> tuple[dict, dict]:
     """({image key: feature}, {text: feature}) of the frozen encoders, read from the cache file
@@ -305,11 +283,11 @@ def cached_features(model: EvalModel, path, keys, paths, texts, batch_size: int 
         cache = {"fingerprint": model.fingerprint(), "images": {}, "texts": {}}
     files = cache.setdefault("files", {})
     todo = [(k, p) for k, p in zip(keys, paths) if files.get(k) != _file_identity(p)]
-    loader = torch.utils.data.DataLoader(_Images([p for _, p in todo], model.preprocess), batch_size,
-                                         num_workers=workers)
+    images = CaptionDataset([Pair(k, p, "", 0) for k, p in todo], model.preprocess)  # no captions
+    loader = torch.utils.data.DataLoader(images, batch_size, num_workers=workers)
     done = 0
     for batch in tqdm(loader, f"embedding images ({model.name})", disable=not todo):
-        feats = model.image_features(batch)
+        feats = model.image_features(batch["image"])
         cache["images"].update(zip([k for k, _ in todo[done:done + len(feats)]], feats))
         done += len(feats)
     files.update({k: _file_identity(p) for k, p in todo})

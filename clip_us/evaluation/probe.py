@@ -1,6 +1,6 @@
 """Linear probe on frozen embeddings: a standard scaler and logistic regression, in torch.
 
-EchoCare-CLIP (seed 000, "linear probing") fits scikit-learn's ``StandardScaler`` and
+EchoCare-CLIP ("linear probing") fits scikit-learn's ``StandardScaler`` and
 ``LogisticRegression(solver="lbfgs", class_weight="balanced", max_iter=3000)``, with C picked from
 {0.01, 0.1, 1, 10} by validation weighted F1. This file rebuilds both without scikit-learn:
 

@@ -1,9 +1,10 @@
-"""Zero-shot prompts: seed 003's detailed prompts, EchoCare-CLIP's template, and ensemble files.
+"""Zero-shot prompts: the ultrasound-CLIP paper's detailed prompts, EchoCare-CLIP's template,
+and ensemble files.
 
 Class order is fixed across clip_us: benign = 0, malignant = 1 (positive), normal = 2 (optional).
 
-- Seed 003 §4.3 prints one combined prompt per dataset (LN and BUSI), at most 77 tokens, ending in
-  "The abnormality in this ... scan is {benign/malignant}". We fill the slot per class.
+- The ultrasound-CLIP paper (§4.3) prints one combined prompt per dataset (LN and BUSI), at most
+  77 tokens, ending in "The abnormality in this ... scan is {benign/malignant}". We fill the slot per class.
 - The official code encodes a set of prompts per class (10 in the code); the logit is 100·cos
   averaged over a class's prompts, softmax, P(malignant) > 0.5. `ensemble` below is our own set of
   ten paraphrases per class, in that spirit.
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from ..labels import CLASSES
 
-# Seed 003 §4.3, verbatim (the missing space after "margins." in the LN prompt is the paper's).
+# The ultrasound-CLIP paper (§4.3), verbatim (the missing space after "margins." in the LN prompt is
+# the paper's).
 PAPER_PROMPTS = {
     "ln": ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. Malignant: "
            "Round, absent hilum, thickened/heterogeneous cortex, microcalcifications, irregular "
@@ -48,7 +50,7 @@ DATASET_ORGAN = {"busi": "breast", "ln1": "lymph node", "ln2": "lymph node", "dd
 
 
 def paper_prompts(dataset: str, classes=CLASSES[:2]) -> dict[str, list[str]]:
-    """Seed 003's combined prompt for an LN or BUSI dataset, one per class."""
+    """The ultrasound-CLIP paper's combined prompt for an LN or BUSI dataset, one per class."""
     key = "ln" if dataset.startswith("ln") else dataset
     if key not in PAPER_PROMPTS:
         raise KeyError(f"the paper prints prompts for LN and BUSI only, not {dataset!r}; "

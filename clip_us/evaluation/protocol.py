@@ -1,7 +1,8 @@
-"""EchoCare-CLIP's evaluation protocol (seed 000) on cached features: alignment, retrieval,
-zero-shot, linear probe, few-shot probe, end-to-end few-shot, bootstrap CIs.
+"""EchoCare-CLIP's evaluation protocol ("Ultrasound Vision-Language Alignment via Contrastive
+Learning") on cached features: alignment, retrieval, zero-shot, linear probe, few-shot probe,
+end-to-end few-shot, bootstrap CIs.
 
-Every function takes features already computed by the frozen encoders (see evalmodels.py) and a
+Every function takes features already computed by the frozen encoders (see models.py) and a
 model's ``heads`` (``embed_image``, ``embed_text``, ``scale``), so nothing here runs an encoder:
 
 - alignment: paired / cross / gap (metrics.alignment_scores), on (image, caption) pairs;
@@ -33,15 +34,14 @@ from .. import metrics
 from .probe import PROBE_CS, StandardScaler, select_C
 
 CLS_METRICS = ("acc", "f1", "auroc")
-FEWSHOT_SEEDS = (42, 43, 44, 45, 46)
 
 
 # ----------------------------------------------------------------------------- alignment, retrieval
 def alignment_and_retrieval(img: torch.Tensor, txt: torch.Tensor, captions) -> dict:
     """Paired/cross/gap plus strict_* and dup_* retrieval keys, on paired [N, D] embeddings."""
     out = metrics.alignment_scores(img, txt)
-    out.update({f"strict_{k}": v for k, v in metrics.retrieval_ranked(img, txt).items()})
-    out.update({f"dup_{k}": v for k, v in metrics.retrieval_ranked(img, txt, captions=captions).items()})
+    out.update(metrics.strict_retrieval(img, txt))
+    out.update(metrics.dup_retrieval(img, txt, captions))
     return out
 
 
@@ -179,20 +179,12 @@ def e2e_fewshot(heads, train, val, test, prompt_feat, fractions, seeds, lr, epoc
 
 
 # ----------------------------------------------------------------------------- summaries and bootstrap
-def summary(values) -> dict:
-    """{mean, std, per_seed} over seeds (population std), None entries left out of mean/std."""
-    vals = [None if v is None else float(v) for v in values]
-    kept = [v for v in vals if v is not None]
-    return {"mean": float(np.mean(kept)) if kept else None, "std": float(np.std(kept)) if kept else None,
-            "per_seed": vals}
-
-
 def fewshot_summary(runs: dict, prefix: str, organ: str | None = None) -> dict:
     """{prefix_metric: {fraction: {mean, std, per_seed}}} from {fraction: [report per seed]},
     over all test images or (``organ``) over that organ's."""
     pick = (lambda r: r["per_organ"][organ]) if organ else (lambda r: r)  # noqa: E731
-    return {f"{prefix}_{m}": {f"{f:g}": summary([pick(r)[m] for r in reps]) for f, reps in runs.items()}
-            for m in CLS_METRICS}
+    return {f"{prefix}_{m}": {f"{f:g}": metrics.seed_summary([pick(r)[m] for r in reps])
+                              for f, reps in runs.items()} for m in CLS_METRICS}
 
 
 def bootstrap_cls(probs, labels, n: int, seed: int, bar=None) -> dict:

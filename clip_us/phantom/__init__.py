@@ -8,7 +8,8 @@ linear rectangle or a convex sector on black, and overlays (text, a grey bar, a 
 ruler, a body marker, calipers) sit outside and inside it, as on scanner screenshots, so that
 `data.py`'s crop has something to remove.
 
-Lesions follow the descriptors of the zero-shot prompts of seed 003 §4.3 (BI-RADS lexicon):
+Lesions follow the descriptors of the zero-shot prompts of the ultrasound-CLIP paper (§4.3) (BI-RADS
+lexicon):
 - benign: oval, circumscribed, parallel (wider than tall), homogeneous hypoechoic, posterior
   enhancement;
 - malignant: irregular with spiculated / angular / microlobulated margins, not parallel (taller
@@ -19,17 +20,15 @@ depend on how many came before it. `write_dataset` writes the BUSI layout
 (`benign/benign (1).png`, `benign/benign (1)_mask.png`, a second lesion as `_mask_1.png`) plus a
 `metadata.jsonl` sidecar, atomically.
 
-    python -m clip_us.phantom --out data/phantom --n 647 --seed 0
+    python -m clip_us.phantom --out data/phantom --n 647 --seed 0    # its __main__.py
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from .labels import CLASSES
+from ..labels import CLASSES
 
 ORGANS = ("breast", "thyroid", "lymph node", "liver")
 
@@ -417,59 +416,3 @@ def _write_all(tmp: Path, cfg: PhantomConfig) -> None:
             f.write(json.dumps(rec) + "\n")
     with open(tmp / "phantom_config.json", "w") as f:
         json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}, f)
-
-
-def caption_root(cfg: PhantomConfig) -> Path:
-    """The cache folder of a captioned phantom, named by its settings."""
-    from .fileio import cache_dir
-    organs = "+".join(o.replace(" ", "_") for o in cfg.organs)
-    name = f"captions-n{cfg.n}-s{cfg.size}-seed{cfg.seed}-{organs}-normal{cfg.p_normal:g}"
-    return Path(cache_dir()) / "phantom" / name
-
-
-def caption_manifest(root=None, cfg: PhantomConfig | None = None, caption_seed: int = 0,
-                     tier_weights=(0.2, 0.3, 0.5)) -> Path:
-    """The phantom's image-caption manifest (what `train_contrastive.py` reads with no
-    arguments): writes the phantom into `root` (default: a cache folder named by `cfg`) if it
-    is not there yet, then `captions-seed{caption_seed}-tiers{weights}.csv` beside its images
-    with clip_us.captions' three-tier templates (an existing one is reused), and returns that
-    CSV's path. The default `cfg` draws all four organs and 17 % normal images, so every tier
-    has something to say."""
-    from . import captions  # here, not at the top: writing images needs no tokenizer
-    cfg = cfg or PhantomConfig(organs=ORGANS, p_normal=0.17)
-    root = Path(root) if root else caption_root(cfg)
-    if not (root / "metadata.jsonl").is_file():
-        write_dataset(root, cfg)
-    weights = "-".join(f"{w:g}" for w in captions.parse_tier_weights(tier_weights))
-    out = root / f"captions-seed{caption_seed}-tiers{weights}.csv"
-    if not out.is_file():
-        captions.template_manifest(root, out, dataset="busi", dataset_name="phantom",
-                                   seed=caption_seed, tier_weights=tier_weights)
-    return out
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write a synthetic B-mode ultrasound data set "
-                                            "in the BUSI layout.")
-    p.add_argument("--out", required=True, help="new folder to create")
-    p.add_argument("--n", type=int, default=PhantomConfig.n)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=PhantomConfig.size)
-    p.add_argument("--organs", nargs="+", default=list(ORGANS), choices=ORGANS)
-    p.add_argument("--p-malignant", type=float, default=PhantomConfig.p_malignant)
-    p.add_argument("--p-normal", type=float, default=PhantomConfig.p_normal)
-    p.add_argument("--captions", action="store_true",
-                   help="also write a three-tier template caption manifest (clip_us.captions)")
-    a = p.parse_args(argv)
-    cfg = PhantomConfig(size=a.size, n=a.n, seed=a.seed, organs=tuple(a.organs),
-                        p_malignant=a.p_malignant, p_normal=a.p_normal)
-    t0 = time.perf_counter()
-    root = write_dataset(a.out, cfg)
-    dt = time.perf_counter() - t0
-    print(f"wrote {cfg.n} images to {root} in {dt:.1f} s ({1000 * dt / max(1, cfg.n):.1f} ms/image)")
-    if a.captions:
-        print(f"wrote the caption manifest {caption_manifest(root, cfg, caption_seed=a.seed)}")
-
-
-if __name__ == "__main__":
-    main()
