@@ -85,9 +85,10 @@ per_seed = []
 for seed in cfg.seeds:  # --eval-only: the checkpoint's own seed, its weights loaded
     model = run.task_model(seed, "cls", adapter_cfg,
                            num_classes=3 if cfg.keep_normal else 2)
-    if not cfg.eval_only:
-        loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, seed, run.rank,
-                                   run.world)
+    loader = None if cfg.eval_only else \
+        loop.train_loader(train_set, cfg.batch_size, cfg.workers, seed, run.rank, run.world)
+    run.begin()  # all of the above was validation: the run folder is made at the first batch
+    if loader is not None:
         loop.train(model, loader, loss_step, partial(evaluate, dataset=val_set),
                    **run.train_args(seed, adapter_cfg, "acc"))
     rows = predict(model, test_set)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 import clip_us
 from clip_us import echocare, loop, phantom, tables
-from clip_us.adapters import AdapterConfig, apply_adapter, count_parameters
+from clip_us.adapters import AdapterConfig, apply_adapter, count_parameters, identity
 from clip_us.captions import manifest, phantom_manifest
 from clip_us.config import (
     ContrastiveConfig,
@@ -41,11 +41,10 @@ from clip_us.config import (
     report_errors,
 )
 from clip_us.contrastive import ContrastiveCLIP, caption_dataset, set_trainable, validate
-from clip_us.fileio import write_json
 from clip_us.loop import barrier, gather_list, setup_distributed, shard
 from clip_us.losses import clip_loss
 from clip_us.precision import resolve_precision
-from clip_us.runs import JsonlLogger, fmt, make_results, read_jsonl, summarize_seeds
+from clip_us.runs import JsonlLogger, RunFolder, fmt, make_results, read_jsonl, summarize_seeds
 from clip_us.taskmodel import build_clip
 from clip_us.transform import CLIP_MEAN, CLIP_STD
 from clip_us.viz import save_curves_svg, save_training_curves
@@ -98,10 +97,11 @@ row = f"CLIP ({name or cfg.train}, ft.)" if cfg.model == "clip" else "EchoCare-C
 dataset_name = Path(cfg.manifest).stem if cfg.manifest else "phantom"
 out = Path(cfg.out_dir or Path("runs") / "train_contrastive" /
            f"{dataset_name}-{cfg.train}-{cfg.adapter}-{time.strftime('%Y%m%d-%H%M%S')}")
+what = identity("train_contrastive", "contrastive", cfg.model, cfg.adapter, cfg.train)  # its record
+folder = RunFolder(out, cfg.resume, given=bool(cfg.out_dir), main=is_main, expect=what)
+folder.check()  # the folder is made at the first batch
 if is_main:
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
 log = JsonlLogger(out / "log.jsonl", enabled=is_main).log
 torch.manual_seed(cfg.seed)
 
@@ -117,8 +117,8 @@ def manifest_path() -> Path:
 
 
 def read_split(pairs: list, path: Path) -> dict:
-    """--split-file, else the run's own split.json (a resumed run), else a new one (its record
-    names the manifest `path`)."""
+    """--split-file, else the run's own split.json (a resumed run), else a new one, which the run
+    folder saves when the run begins (its record names the manifest `path`)."""
     saved = Path(cfg.split_file) if cfg.split_file else out / "split.json"
     if saved.is_file():
         return manifest.load_split(saved, pairs)
@@ -127,13 +127,12 @@ def read_split(pairs: list, path: Path) -> dict:
     if "hold_out" not in given:  # a recipe default: hold out only the data sets this manifest has
         hold = [h for h in hold if h.lower() in {p.dataset.lower() for p in pairs}]
     split = manifest.make_split(pairs, cfg.split, seed, hold)
-    if is_main:
-        manifest.save_split(out / "split.json", split, manifest=str(path), seed=seed,
-                            spec=cfg.split, hold_out=cfg.hold_out)
+    folder.split = {"manifest": str(path), "seed": seed, "spec": cfg.split,
+                    "hold_out": cfg.hold_out, **split}
     return split
 
 
-if not is_main:  # rank 0 writes the phantom first; the other ranks then read it
+if not is_main:  # rank 0 writes the phantom first; the other ranks then read it (same split)
     barrier()
 path = manifest_path()
 pairs, report = manifest.read_manifest(path, cfg.image_col or None, cfg.caption_col or None,
@@ -201,18 +200,20 @@ def evaluate(model) -> tuple[float, dict]:
     return metrics["loss"], metrics
 
 
+settings = loop.Settings.of(cfg, eval_every=1, best="min", nonfinite="skip", metric="loss",
+                            unit="pairs")
+loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, cfg.seed, rank, world)
+folder.begin(cfg)  # all of the above was validation: the run folder is made at the first batch
 untrained = evaluate(model)[1]
 log(untrained=untrained)
 if is_main:
     print("untrained: " + ", ".join(f"{k} {fmt(untrained.get(k))}" for k in METRICS))
-settings = loop.Settings.of(cfg, eval_every=1, best="min", nonfinite="skip", metric="loss",
-                            unit="pairs")
-loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, cfg.seed, rank, world)
 start = time.time()
 # too many non-finite batches in a row raise FloatingPointError (a user error); best.pt is kept
 state = loop.train(model, loader, loss_step, evaluate, seed=cfg.seed, out_dir=out,
                    settings=settings, log=log, is_main=is_main, resume=cfg.resume,
                    extra={"config": dataclasses.asdict(cfg), "script": "train_contrastive",
+                          "what": what,
                           "seed": cfg.seed, "adapter_config": dataclasses.asdict(adapter_cfg),
                           "train_mode": cfg.train, "temperature": temperature or None,
                           "normalisation": norm, "version": clip_us.__version__})
@@ -247,4 +248,7 @@ if is_main:
           f"{state['best_epoch']} of {state['epoch']}, {state['skipped']} non-finite batches "
           f"skipped")
     print("best: " + ", ".join(f"{k} {fmt(final.get(k))}" for k in METRICS))
-    print(f"checkpoint (for --init): {out / 'best.pt'}\nresults: {out / 'results.json'}")
+    # where the checkpoint can be used: --init takes a CLIP; EchoCare-CLIP has no CLIP adapter
+    use = "for --init, or evaluate.py --checkpoint" if cfg.model == "clip" else \
+        "for evaluate.py --checkpoint; it has no CLIP adapter for --init"
+    print(f"checkpoint ({use}): {out / 'best.pt'}\nresults: {out / 'results.json'}")

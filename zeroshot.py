@@ -12,7 +12,6 @@ per class) or a JSON file {class: [prompts]}.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +29,15 @@ from clip_us.evaluation.protocol import class_logits
 from clip_us.fileio import write_json
 from clip_us.loop import setup_distributed
 from clip_us.precision import inference, resolve_precision
-from clip_us.runs import CROP, default_out_dir, make_results, row_name, summarize_seeds
+from clip_us.runs import (
+    CROP,
+    RunFolder,
+    default_out_dir,
+    init_checkpoint,
+    make_results,
+    row_name,
+    summarize_seeds,
+)
 from clip_us.taskmodel import adapt, build_clip
 from clip_us.tokenizer import tokenize
 
@@ -43,9 +50,12 @@ EXAMPLES = """examples:
 
 cfg = parse_config(ZeroShotConfig, description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
 report_errors(cfg.debug)
+cfg, init_from = init_checkpoint(cfg)  # --init checked; its adapter, unless --adapter was given
 _, _, device = setup_distributed(cfg.device)
-row = row_name("clip", cfg.adapter, bool(cfg.init))
+row = row_name("clip", cfg.adapter, bool(init_from), init_by=(init_from or {}).get("script", ""))
 out = Path(cfg.out_dir or default_out_dir("zeroshot", cfg.dataset, row))
+folder = RunFolder(out, given=bool(cfg.out_dir))  # written once, when the scoring starts
+folder.check()
 print(f"zeroshot.py: {row} on {cfg.dataset} ({cfg.split} images), {device}; output {out} "
       f"(config.json has every setting)")
 
@@ -86,13 +96,14 @@ every = cfg.split == "all"
 data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
                       size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
                       nextgen_name=cfg.nextgen_name or None, crop=CROP[cfg.crop],
-                      split_path=None if every else str(out / "split.json"),
+                      split_path=None if every else str(out / "split.json"), write_split=False,
                       split_file=cfg.split_file or None, require_split=not every,
                       train_aug=False, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
 train_set, val_set, test_set, info = build_datasets(data_cfg)
-write_json(out / "config.json", dataclasses.asdict(cfg))  # once the data passed their checks
+folder.split = info.pop("new_split")
 dataset = torch.utils.data.ConcatDataset([train_set, val_set, test_set]) if every else test_set
 print(f"data: {len(dataset)} images scored ({cfg.split})")
+folder.begin(cfg)  # all of the above was validation: the run folder is made now
 rows = []
 with inference(model, precision, device):  # folded QuickGELU, --precision (clip_us/precision.py)
     for batch in tqdm(DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers), "zero-shot"):
@@ -110,7 +121,7 @@ print(f"{row} zero-shot on {cfg.dataset} ({len(rows)} images, prompts: {source})
 print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
 results = make_results(
     script="zeroshot.py", task="zeroshot", dataset=cfg.dataset, row=row, backbone="clip",
-    adapter=cfg.adapter, init=cfg.init or None, seeds=[],
+    adapter=cfg.adapter, init=cfg.init or None, init_from=init_from, seeds=[],
     metrics=summarize_seeds([report], ZS_METRICS), units={k: "fraction" for k in ZS_METRICS},
     n_test=len(rows), n_dropped=0, precision=precision, data=info.get("health", {}), config=cfg,
     random_weights=cfg.weights == "none",

@@ -12,13 +12,16 @@ adapter-checkpoint format:
 - a task model's checkpoint adds `head_state_dict` and, when backbone weights train,
   `model_state_dict` (`checkpoint_tensors` / `load_task_state`);
 - `load_adapter(model, path)` reads such a file, adds the adapter when the model lacks it, checks
-  the settings and loads the tensors. Other file formats plug in at `read_adapter`.
+  the settings and loads the tensors. Other file formats plug in at `read_adapter`;
+- every checkpoint records what it is (`what`: script, task, backbone, adapter, what trained);
+  `checkpoint_identity` reads it from any file (inferring it for older ones and the official
+  files), and each consumer checks it before any work (`check_init`, `check_identity`).
 """
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -26,11 +29,12 @@ import torch.nn as nn
 from .fileio import load_checkpoint
 from .lora import DEFAULT_TARGETS, LORA_TYPES, TARGETS, add_lora, lora_settings, mark_only_trainable
 from .model import CLIP, ResidualAttentionBlock, Transformer, VisionTransformer
-from .mona import Mona
+from .mona import VARIANTS, Mona
 
 __all__ = ["AdapterConfig", "apply_adapter", "adapter_config_of", "load_adapter",
            "load_adapter_state_dict", "adapter_state_dict", "freeze_backbone",
-           "checkpoint_tensors", "load_task_state", "count_parameters", "format_count"]
+           "checkpoint_tensors", "load_task_state", "count_parameters", "format_count",
+           "checkpoint_identity", "check_identity", "check_init"]
 
 KINDS = ("none", "lora", "mona")
 # The one list of adapter key patterns: LoRA's tensors contain "lora_", Mona's "mona".
@@ -38,7 +42,8 @@ ADAPTER_KEYS = ("lora_", "mona")
 HEAD = "head."  # a task model's head (heads.TaskModel.head)
 # Settings that change the tensors or what they compute. Dropout does not, so a checkpoint may
 # be loaded with another dropout rate.
-CHECKED = {"lora": ("r", "alpha", "scaling", "targets"), "mona": ("bottleneck", "placement")}
+CHECKED = {"lora": ("r", "alpha", "scaling", "targets"),
+           "mona": ("bottleneck", "placement", "mona_variant")}
 
 
 # ----------------------------------------------------------------------------- Mona inside our CLIP
@@ -51,7 +56,7 @@ class MonaBlock(ResidualAttentionBlock):
     `mona2` after the MLP. It keeps the block's ln_1, attn, ln_2 and mlp (same keys)."""
 
     def __init__(self, block: ResidualAttentionBlock, bottleneck: int = 64,
-                 placement: str = "after_block", dropout: float = 0.1):
+                 placement: str = "after_block", dropout: float = 0.1, variant: str = "baseline"):
         nn.Module.__init__(self)  # not ResidualAttentionBlock's: it would build fresh weights
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -59,8 +64,8 @@ class MonaBlock(ResidualAttentionBlock):
         like = block.ln_1.weight
         self.placement = placement
         if placement == "attn_and_mlp":
-            self.mona1 = Mona(width, bottleneck, dropout).to(like.device, like.dtype)
-        self.mona2 = Mona(width, bottleneck, dropout).to(like.device, like.dtype)
+            self.mona1 = Mona(width, bottleneck, dropout, variant).to(like.device, like.dtype)
+        self.mona2 = Mona(width, bottleneck, dropout, variant).to(like.device, like.dtype)
         self.train(block.training)
 
     def forward(self, x: torch.Tensor, causal: bool = False, grid: tuple | None = None):
@@ -89,8 +94,9 @@ def _vision_tower(model: nn.Module) -> VisionTransformer:
 
 
 def add_mona(model: nn.Module, bottleneck: int = 64, placement: str = "after_block",
-             dropout: float = 0.1) -> nn.Module:
-    """Add Mona to every block of the vision tower of `model` (a CLIP or VisionTransformer).
+             dropout: float = 0.1, variant: str = "baseline") -> nn.Module:
+    """Add Mona (one of mona.VARIANTS) to every block of the vision tower of `model` (a CLIP or
+    VisionTransformer).
 
     In place; returns `model`. Base weights are not frozen here: adapters.freeze_backbone does.
     """
@@ -102,27 +108,26 @@ def add_mona(model: nn.Module, bottleneck: int = 64, placement: str = "after_blo
     if any(isinstance(b, MonaBlock) for b in blocks):
         raise ValueError("this vision tower already has Mona; build a fresh model to re-add it")
     for i, block in enumerate(blocks):
-        blocks[i] = MonaBlock(block, bottleneck, placement, dropout)
+        blocks[i] = MonaBlock(block, bottleneck, placement, dropout, variant)
     return model
 
 
 def mona_settings(model: nn.Module) -> dict | None:
-    """The Mona settings found in `model` (bottleneck, placement, dropout), or None."""
+    """The Mona settings found in `model` (bottleneck, placement, dropout, variant), or None."""
     block = next((m for m in model.modules() if isinstance(m, MonaBlock)), None)
     if block is None:
         return None
     return {"bottleneck": block.mona2.project1.out_features, "placement": block.placement,
-            "dropout": block.mona2.dropout.p}
+            "dropout": block.mona2.dropout.p, "variant": block.mona2.variant}
 
 
 # ----------------------------------------------------------------------------- official adapter files
 # The official NextGen-UIA Mona and LoRA files, in our key names.
 MONA_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.mona\.(.+)$")
-MONA_PARTS = {"norm.weight", "norm.bias", "gamma", "gammax", "project1.weight", "project1.bias",
-              "project2.weight", "project2.bias", "adapter_conv.projector.weight",
-              "adapter_conv.projector.bias"} | {
-    f"adapter_conv.conv{i}.{t}" for i in (1, 2, 3) for t in ("weight", "bias")}
-VARIANT_HINTS = {"noise_estimator": "noise_aware", "freq_filter": "freq_enhanced"}
+# Each variant's parts: our Mona's tensor names, which are the official ones (mona.py).
+MONA_PARTS = {v: frozenset(Mona(4, 4, variant=v).state_dict()) for v in VARIANTS}
+# The parts only some variants have, and the variant each marks (both together: hybrid).
+VARIANT_MARKS = {"adapter_conv.noise_estimator.": "noise_aware", "adapter_conv.freq_filter": "freq_enhanced"}
 LORA_KEY = re.compile(r"^(.*\.attn)\.(q|k|v)?_?proj\.w_lora_(A|B)$")
 
 
@@ -136,26 +141,47 @@ def is_official_lora(obj) -> bool:
     return isinstance(obj, dict) and obj.get("adapter_type") == "lora" and "lora_state_dict" in obj
 
 
-def _variant(keys) -> str:
-    found = {v for k in keys for hint, v in VARIANT_HINTS.items() if hint in k}
-    return " or ".join(sorted(found)) or "an unknown variant"
+def _marked_variant(parts) -> str:
+    """The variant an official block's parts point to: noise_estimator -> noise_aware,
+    freq_filter -> freq_enhanced, both -> hybrid, neither -> baseline."""
+    marks = {v for mark, v in VARIANT_MARKS.items() if any(p.startswith(mark) for p in parts)}
+    return "hybrid" if len(marks) == 2 else next(iter(marks), "baseline")
+
+
+def _official_block_variant(block: int, parts) -> str:
+    """The variant of one block of an official Mona file; its parts must be exactly that
+    variant's (the official code injects one class whole, `inject_mona_variant_to_clip`)."""
+    variant, key = _marked_variant(parts), f"visual.transformer.resblocks.{block}.mona."
+    missing = sorted(key + p for p in MONA_PARTS[variant] - set(parts))
+    foreign = sorted(key + p for p in set(parts) - MONA_PARTS[variant])
+    if missing or foreign:
+        wrong = ([f"lacks {len(missing)} of its keys {missing[:4]}"] if missing else []) + (
+            [f"has {len(foreign)} keys no variant has {foreign[:4]}"] if foreign else [])
+        raise ValueError(
+            f"official Mona file: block {block} fits none of the official variants {VARIANTS}: "
+            f"its keys point to the {variant} Mona, but it {' and '.join(wrong)}. Is the file "
+            f"complete, and a best_model.pth of the official fine-tuning (src/models/clip/finetune.py)?")
+    return variant
 
 
 def convert_official_mona(sd: dict) -> tuple[dict, dict]:
-    """best_model.pth -> (Mona settings, state dict with `...resblocks.N.mona2.<part>` keys)."""
-    unknown = [k for k in sd if MONA_KEY.match(k).group(2) not in MONA_PARTS]
-    if unknown:
-        raise ValueError(
-            f"this Mona file is the official code's {_variant(unknown)} Mona, not the baseline "
-            f"Mona of the ultrasound-CLIP paper that clip_us builds: {len(unknown)} keys do not fit, e.g. "
-            f"{unknown[:4]}. Re-run the official fine-tuning with --mona_variant baseline, or "
-            f"use a clip_us checkpoint.")
+    """best_model.pth of any official variant -> (Mona settings with the variant told from the
+    keys, state dict with `...resblocks.N.mona2.<part>` keys: Mona after each block)."""
+    parts: dict[int, set] = {}
+    for k in sd:
+        block, part = MONA_KEY.match(k).groups()
+        parts.setdefault(int(block), set()).add(part)
+    variants = {b: _official_block_variant(b, p) for b, p in sorted(parts.items())}
+    if len(set(variants.values())) > 1:
+        raise ValueError(f"official Mona file: its blocks are of different variants {variants}; "
+                         f"the official code builds one variant in every block")
     out = {}
     for k, v in sd.items():
         block, part = MONA_KEY.match(k).groups()
         out[f"visual.transformer.resblocks.{block}.mona2.{part}"] = v
     first = next(k for k in sd if k.endswith("project1.weight"))
-    settings = {"kind": "mona", "bottleneck": int(sd[first].shape[0]), "placement": "after_block"}
+    settings = {"kind": "mona", "bottleneck": int(sd[first].shape[0]), "placement": "after_block",
+                "mona_variant": next(iter(variants.values()))}
     return settings, out
 
 
@@ -201,6 +227,7 @@ class AdapterConfig:
     bottleneck: int = 64                    # Mona down-projection width
     placement: str = "after_block"          # Mona: after_block (official code) | attn_and_mlp
     mona_dropout: float = 0.1
+    mona_variant: str = "baseline"          # Mona: baseline | noise_aware | freq_enhanced | hybrid
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -251,7 +278,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, freeze: bool = True) -> 
                  shared_dropout=cfg.lora_shared_dropout)
     elif cfg.kind == "mona":
         add_mona(visual, bottleneck=cfg.bottleneck, placement=cfg.placement,
-                 dropout=cfg.mona_dropout)
+                 dropout=cfg.mona_dropout, variant=cfg.mona_variant)
     if freeze and cfg.kind != "none":
         freeze_backbone(model)
     return model
@@ -269,7 +296,8 @@ def adapter_config_of(model: nn.Module) -> AdapterConfig:
                              lora_shared_dropout=lora["shared_dropout"])
     if mona:
         return AdapterConfig(kind="mona", bottleneck=mona["bottleneck"],
-                             placement=mona["placement"], mona_dropout=mona["dropout"])
+                             placement=mona["placement"], mona_dropout=mona["dropout"],
+                             mona_variant=mona["variant"])
     return AdapterConfig()
 
 
@@ -330,19 +358,141 @@ def load_adapter_state_dict(model: nn.Module, sd: dict, adapter_config) -> nn.Mo
     return model
 
 
+# ----------------------------------------------------------------------------- what a checkpoint is
+# Every checkpoint records what it is as `what` (`identity`): the script that wrote it, its task
+# (seg, cls, contrastive), the backbone, the adapter kind, what trained (train_contrastive.py's
+# --train mode; for train_seg/train_cls "adapter+head" or "head") and, for a run started from
+# --init, that file's record with its path. Each consumer checks it before any work.
+SUPERVISED = {"train_seg": "seg", "train_cls": "cls"}  # script -> task
+TASK_NAMES = {"seg": "segmentation", "cls": "classification"}
+OFFICIAL = "NextGen-UIA"  # the official code's adapter files
+ADAPTER_NAMES = {"none": "no adapter", "lora": "a LoRA adapter", "mona": "a Mona adapter"}
+
+
+def identity(script: str, task: str, backbone: str, adapter: str, train: str,
+             init: dict | None = None) -> dict:
+    """The `what` record a checkpoint holds (see above)."""
+    return {"script": script, "task": task, "backbone": backbone, "adapter": adapter,
+            "train": train, "init": init}
+
+
+def supervised_train(adapter: str, adapter_train: str = "auto") -> str:
+    """`what.train` of a train_seg/train_cls checkpoint: whether its adapter trained too."""
+    return "adapter+head" if adapter_trains(adapter, adapter_train) else "head"
+
+
+def _older_identity(ckpt: dict, path) -> dict:
+    """The record of a clip_us checkpoint written before `what` existed, from its keys."""
+    cfg = ckpt.get("config") or {}
+    adapter = (ckpt.get("adapter_config") or {}).get("kind", "none")
+    script = ckpt.get("script") or ("train_contrastive" if "train_mode" in ckpt else None)
+    if script is None and "head_state_dict" in ckpt:
+        script = "train_cls" if "cls_head" in cfg else "train_seg"
+    if script in SUPERVISED:
+        init = {"path": cfg["init"], "script": "unknown"} if cfg.get("init") else None
+        return identity(script, SUPERVISED[script], cfg.get("backbone", "clip"), adapter,
+                        supervised_train(adapter, cfg.get("adapter_train", "auto")), init)
+    if script == "train_contrastive":
+        return identity(script, "contrastive", cfg.get("model", "clip"), adapter,
+                        ckpt.get("train_mode") or cfg.get("train", "adapter"))
+    if "adapter_config" in ckpt:  # adapter tensors saved from Python, no record of their training
+        return identity("unknown", "adapter", "clip", adapter, "adapter")
+    raise ValueError(f"{path} is not a checkpoint clip_us knows: it has no adapter_config and is "
+                     f"neither an official NextGen-UIA Mona/LoRA file nor an EchoCare-CLIP "
+                     f"checkpoint. --init and --checkpoint take a best.pt written by train_seg.py, "
+                     f"train_cls.py or train_contrastive.py")
+
+
+def checkpoint_identity(ckpt: dict, path="checkpoint") -> dict:
+    """What any checkpoint is (`identity`'s record): ours (its `what`, or inferred from the
+    keys of one written before it), an official NextGen-UIA Mona/LoRA file, or an EchoCare-CLIP
+    dual encoder. A file that is none of them is an error naming what is expected."""
+    if isinstance(ckpt.get("what"), dict):
+        return ckpt["what"]
+    for is_official, kind in ((is_official_mona, "mona"), (is_official_lora, "lora")):
+        if is_official(ckpt):
+            return identity(OFFICIAL, "contrastive", "clip", kind, "adapter")
+    if ckpt.get("model") == "echocare":
+        return identity(ckpt.get("script", "unknown"), "contrastive", "echocare", "none",
+                        ckpt.get("train", "heads"))
+    return _older_identity(ckpt, path)
+
+
+def describe(what: dict) -> str:
+    """E.g. "a train_contrastive.py checkpoint (--train adapter, a Mona adapter)"."""
+    adapter = ADAPTER_NAMES[what["adapter"]]
+    if what["backbone"] == "echocare":
+        return f"an EchoCare-CLIP dual-encoder checkpoint (--train {what['train']})"
+    if what["script"] == OFFICIAL:
+        return f"an official NextGen-UIA {ADAPTER_NAMES[what['adapter']][2:]} file"
+    if what["task"] in TASK_NAMES:
+        return (f"a {what['script']}.py checkpoint ({TASK_NAMES[what['task']]}, --backbone "
+                f"{what['backbone']}, {adapter})")
+    if what["task"] == "contrastive":
+        return f"a train_contrastive.py checkpoint (--train {what['train']}, {adapter})"
+    return f"an adapter file ({adapter}) with no record of the script that wrote it"
+
+
+def check_identity(ckpt, hint: str = "", **expected) -> dict:
+    """The record of `ckpt` (a checkpoint file, or (path, dict) already read), refused with one
+    line naming each field that differs from `expected` (e.g. script="train_seg",
+    adapter="mona"), then `hint` (what to type instead). What --resume checks of a last.pt."""
+    path, ckpt = ckpt if isinstance(ckpt, tuple) else (ckpt, load_checkpoint(ckpt))
+    what = checkpoint_identity(ckpt, path)
+    diffs = [f"its {k} is {what.get(k)}, not {v}" for k, v in expected.items() if what.get(k) != v]
+    if diffs:
+        raise ValueError(f"{path} is {describe(what)}, which does not fit here: "
+                         f"{'; '.join(diffs)}" + (f". {hint}" if hint else ""))
+    return what
+
+
+def adapter_mismatch(path, held: str, given: str) -> str:
+    """The message for --init PATH holding adapter `held` while --adapter `given` was given."""
+    return (f"--init {path} holds {ADAPTER_NAMES[held]} but --adapter {given} was given: drop "
+            f"--adapter ({path}'s adapter is used) or pass --adapter {held}")
+
+
+def check_init(path, backbone: str, arch: str, adapter: str | None = None) -> dict:
+    """--init PATH checked before any work, for a model of `backbone` and `arch` and the
+    --adapter given (None: not given, the file's is used); its record, with its path.
+    Contrastive fine-tunes (train_contrastive.py, every --train mode; the official NextGen-UIA
+    files) and supervised checkpoints of the same backbone are taken; an EchoCare-CLIP dual
+    encoder is refused, pointing at evaluate.py."""
+    ckpt = load_checkpoint(path)
+    what = checkpoint_identity(ckpt, path)
+    if what["backbone"] == "echocare":
+        raise ValueError(f"--init {path} is {describe(what)}: it has no CLIP adapter or tower to "
+                         f"start from; evaluate it with evaluate.py --checkpoint {path}")
+    if what["backbone"] != backbone:
+        raise ValueError(f"--init {path} is {describe(what)}, for --backbone {what['backbone']}, "
+                         f"not {backbone}: pass --backbone {what['backbone']}")
+    trained_arch = (ckpt.get("config") or {}).get("arch", arch)
+    if trained_arch != arch:
+        raise ValueError(f"--init {path} was trained with --arch {trained_arch}, not {arch}: "
+                         f"pass --arch {trained_arch}")
+    if adapter is not None and adapter != what["adapter"]:
+        raise ValueError(adapter_mismatch(path, what["adapter"], adapter))
+    return {"path": str(path), **what}
+
+
 def _read(path) -> tuple[AdapterConfig, dict, dict, bool | None]:
     """(adapter settings, adapter tensors, fine-tuned backbone tensors, clip_norm) of a file:
-    a clip_us checkpoint, or the official NextGen-UIA Mona (`best_model.pth`) or LoRA dict."""
+    a clip_us checkpoint, or the official NextGen-UIA Mona (`best_model.pth`) or LoRA dict; an
+    EchoCare-CLIP checkpoint, which has no CLIP adapter, is refused."""
     ckpt = load_checkpoint(path)
     for is_official, convert in ((is_official_mona, convert_official_mona),
                                  (is_official_lora, convert_official_lora)):
         if is_official(ckpt):
             settings, sd = convert(ckpt)
             return AdapterConfig(**settings), sd, {}, False  # the official code fed [0, 1] pixels
+    what = checkpoint_identity(ckpt, path)
+    if what["backbone"] == "echocare":
+        raise ValueError(f"{path} is {describe(what)}: it holds no CLIP adapter to load; evaluate "
+                         f"it with evaluate.py --checkpoint {path} (from Python: "
+                         f"clip_us.echocare.load)")
     if "adapter_config" not in ckpt or "adapter_state_dict" not in ckpt:
-        raise KeyError(f"{path} has no adapter_config/adapter_state_dict and is not an official "
-                       f"NextGen-UIA Mona or LoRA file; it must be a checkpoint written by a "
-                       f"clip_us script")
+        raise KeyError(f"{path} is {describe(what)} but has no adapter_config/adapter_state_dict: "
+                       f"is it complete?")
     norm = (ckpt.get("normalisation") or {}).get("clip_norm",
                                                  (ckpt.get("config") or {}).get("clip_norm"))
     return (AdapterConfig.from_dict(dict(ckpt["adapter_config"])), ckpt["adapter_state_dict"],
@@ -352,8 +502,7 @@ def _read(path) -> tuple[AdapterConfig, dict, dict, bool | None]:
 def read_adapter(path) -> tuple[AdapterConfig, dict]:
     """(adapter settings, adapter tensors) from a file: checkpoints written by clip_us (any
     script's best.pt / last.pt), or the official NextGen-UIA Mona / LoRA files
-    (convert_official_mona / convert_official_lora above; other Mona variants than the baseline
-    are refused)."""
+    (convert_official_mona / convert_official_lora above; an official Mona file of any variant)."""
     cfg, sd, _, _ = _read(path)
     return cfg, sd
 
@@ -376,7 +525,16 @@ def load_backbone_state(model: nn.Module, sd: dict, path) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, path, clip_norm: bool | None = None) -> nn.Module:
+def _run_settings(saved: AdapterConfig, run: AdapterConfig, path) -> AdapterConfig:
+    """The adapter a run adds for --init `path`: the file's kind and the settings that shape its
+    tensors (CHECKED), the run's own elsewhere (dropout). A kind the file lacks is refused."""
+    if run.kind != saved.kind:
+        raise ValueError(adapter_mismatch(path, saved.kind, run.kind))
+    return replace(run, **{k: getattr(saved, k) for k in CHECKED.get(saved.kind, ())})
+
+
+def load_adapter(model: nn.Module, path, clip_norm: bool | None = None,
+                 settings: AdapterConfig | None = None) -> nn.Module:
     """Give `model` (a CLIP or its vision tower) the adapter saved at `path`, with its weights,
     and the fine-tuned backbone weights when the checkpoint has them (train_contrastive.py
     --train heads|image|text|full, or any script whose backbone trained).
@@ -384,9 +542,13 @@ def load_adapter(model: nn.Module, path, clip_norm: bool | None = None) -> nn.Mo
     The adapter is added (unfrozen: requires_grad is left as it is) when the model has none;
     a model that has a different adapter, or other settings, is an error naming them. With
     `clip_norm` (the run's normalisation), a checkpoint trained with the other one is warned
-    about: its weights saw differently scaled pixels.
+    about: its weights saw differently scaled pixels. `settings`: the run's adapter (--init): its
+    kind must be the file's; the file's settings shape the tensors, the run's set the dropout.
+    Files that are no adapter (an EchoCare-CLIP checkpoint) are refused with one line.
     """
     cfg, sd, backbone, norm = _read(path)
+    if settings is not None:
+        cfg = _run_settings(cfg, settings, path)
     if cfg.kind != "none" and adapter_config_of(model).kind == "none":
         apply_adapter(model, cfg, freeze=False)
     load_adapter_state_dict(model, sd, cfg)
@@ -410,14 +572,16 @@ def backbone_trains(model: nn.Module) -> bool:
 
 
 def checkpoint_tensors(model: nn.Module) -> dict:
-    """A model's tensors in the checkpoint layout: `adapter_state_dict` (CLIP key names, so
+    """A model's tensors in the checkpoint layout: `adapter_config` (the settings the model's
+    adapter has, which an --init file may have set), `adapter_state_dict` (CLIP key names, so
     `--init` works across scripts), `head_state_dict`, and `model_state_dict` (everything but
     the head) only when backbone weights train. A model that owns its checkpoint layout (e.g.
     echocare.EchoCareCLIP) has a `checkpoint_tensors()` method, which decides instead."""
     if hasattr(model, "checkpoint_tensors"):
         return model.checkpoint_tensors()
     sd = model.state_dict()
-    out = {"adapter_state_dict": adapter_state_dict(model),
+    out = {"adapter_config": asdict(adapter_config_of(model)),
+           "adapter_state_dict": adapter_state_dict(model),
            "head_state_dict": {k[len(HEAD):]: v for k, v in sd.items() if k.startswith(HEAD)}}
     if backbone_trains(model):
         out["model_state_dict"] = {k: v for k, v in sd.items() if not k.startswith(HEAD)}

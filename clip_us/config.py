@@ -27,12 +27,15 @@ line here.
 Errors: a user's mistake (a missing folder, a bad file, a wrong flag combination) raises an
 exception whose message says what to do. `report_errors` makes a script print that message alone
 and exit with status 2 (`--debug` shows the traceback instead); `fail` does the same at once.
+Ctrl-C prints one line instead of a traceback: what the run saved and the command that goes on
+(`on_interrupt`), and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -218,13 +221,43 @@ def fail(message):
     sys.exit(2)
 
 
+def command_line(*more: str) -> str:
+    """The command that started this process, as it was typed (sys.orig_argv), with `more`
+    after it: what a message tells the user to run again."""
+    return shlex.join([*sys.orig_argv, *more])
+
+
+_interrupt_note = None  # what the Ctrl-C line says (on_interrupt); None: the command alone
+
+
+def on_interrupt(note) -> None:
+    """Ctrl-C prints `interrupted: <note()>`: what was saved and the command that goes on. The
+    run folder sets it (runs.RunFolder), as soon as it knows where the run writes."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def _interrupted():
+    note = _interrupt_note() if _interrupt_note else f"to run it again: {command_line()}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")  # after the terminal's ^C and any progress bar
+    print(f"interrupted: {note}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # the shell's status for Ctrl-C
+
+
 def report_errors(debug: bool = False):
     """From here on, an uncaught user error prints `error: <message>` alone and exits with
-    status 2 (other exceptions, bugs, keep their traceback). `debug=True` changes nothing."""
+    status 2 (other exceptions, bugs, keep their traceback), and Ctrl-C prints one line (what
+    was saved, how to go on: on_interrupt) and exits with status 130. `debug=True` changes
+    nothing: both show their traceback."""
     if debug:
         return
 
     def hook(kind, err, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            _interrupted()
         if not issubclass(kind, USER_ERRORS):
             return sys.__excepthook__(kind, err, tb)
         print(f"error: {_message(err)}\n(--debug shows where it happened)", file=sys.stderr)

@@ -83,6 +83,8 @@ class DataConfig:
     keep_normal: bool = False         # BUSI normal images as class 2 (else left out, counted)
     skip_bad: bool = False            # skip bad files (counted in info) instead of raising
     split_path: str | None = None     # the run's split.json: reused if made for this data, else written
+    write_split: bool = True          # False: not written here; info["new_split"] holds it for the
+    #                                   caller, who writes it when the run starts (runs.RunFolder)
     split_file: str | None = None     # a split JSON to use as it is, whatever data it was made for
     require_split: bool = True        # train, val, test all non-empty (False: evaluate every image)
     nextgen_name: str | None = None   # <DS> of the nextgen layout (default: the only one)
@@ -116,7 +118,7 @@ class Tally:
 
     def fault(self, msg: str) -> None:
         if not self.skip:
-            raise DataError(msg + ". Fix or remove the file, or pass skip_bad=True (--skip-bad) "
+            raise DataError(msg + ". Fix or remove the file, or pass --skip-bad (skip_bad=True) "
                                   "to skip bad files.")
         self.messages.append(msg)
 
@@ -267,13 +269,29 @@ def missing_masks(images: list[Path], mask_dir: Path | None, tally: Tally) -> No
 
 
 # ----------------------------------------------------------------------------- labels.csv
+def _is_header(path: Path, first: list[str]) -> bool:
+    """Whether labels.csv's first row is its header image,label. A row whose label is known, or
+    whose first cell is an image file, is data (a bad label there is that row's fault); any other
+    first row names columns, and columns other than image,label are an error, not a bad label."""
+    cells = [c.strip() for c in first]
+    if [c.lower() for c in cells[:2]] == ["image", "label"]:
+        return True
+    labelled = len(cells) > 1 and parse_label(cells[1]) is not None
+    if labelled or Path(cells[0]).suffix.lower() in IMAGE_EXTS:
+        return False
+    raise DataError(f"{path}: columns {', '.join(cells)} found, expected image,label (the image "
+                    f"file name, then benign, malignant or normal, or 0, 1, 2); rename the header "
+                    f"row to image,label")
+
+
 def read_labels_csv(path: Path, tally: Tally) -> list[tuple[int, str, int, str]]:
     """labels.csv (image,label; header optional; a byte-order mark is removed) as rows
-    (row number, NFC image name, label, row text); a row with an unknown label is a bad row."""
+    (row number, NFC image name, label, row text); a row with an unknown label is a bad row,
+    other column names than image,label an error."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["image", "label"]:
+    if rows and _is_header(path, rows[0][1]):
         rows = rows[1:]
     out = []
     for n, row in rows:
@@ -410,7 +428,7 @@ def _nextgen_name(root: Path, cfg: DataConfig) -> str:
     match = [n for n in names if want is None or n.lower() == want.lower()]
     if len(match) != 1:
         raise DataError(f"{root / kind}: cannot pick the data set (asked {want!r}, found {names}); "
-                        f"pass nextgen_name (--nextgen-name)")
+                        f"pass --nextgen-name (nextgen_name)")
     return match[0]
 
 
@@ -770,7 +788,7 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError(f"image size {cfg.size} is smaller than one {MIN_SIDE}-pixel patch; "
                         f"use --image-size 224 (the paper's) or another size >= {MIN_SIDE}")
     if not 0 <= cfg.mask_threshold <= 1:
-        raise DataError(f"mask_threshold {cfg.mask_threshold} is not a fraction of the mask's "
+        raise DataError(f"--mask-threshold {cfg.mask_threshold} is not a fraction of the mask's "
                         f"maximum; use a value in [0, 1] (0.5 by default)")
     if cfg.dataset == "phantom" and cfg.require_split and cfg.phantom_n < MIN_IMAGES:
         raise DataError(f"--phantom-n {cfg.phantom_n} is too few images to split 8:1:1 into "
@@ -803,7 +821,9 @@ def _check_split_sizes(sets: dict, how: str, cfg: DataConfig) -> None:
 def build_datasets(cfg: DataConfig):
     """(train, val, test, info): three UltrasoundDatasets (augmentation on train only) and a
     summary dict: root, split source, counts per split and class, and info["health"], the
-    count of every image dropped or repaired (see health())."""
+    count of every image dropped or repaired (see health()), and info["new_split"]: a new split
+    for `split_path` (its record and parts; None when the split was reused or there is no path),
+    written there once every check has passed, unless `write_split` is False."""
     check_config(cfg)
     root = resolve_root(cfg)
     cfg = dataclasses.replace(cfg, crop=cfg.dataset not in PRECROPPED if cfg.crop is None else cfg.crop)
@@ -825,9 +845,10 @@ def build_datasets(cfg: DataConfig):
     sets = {k: UltrasoundDataset([by_key[key] for key in split[k]], cfg, train=k == "train")
             for k in ("train", "val", "test")}
     _check_split_sizes(sets, how, cfg)
-    if save:                                   # only once every check has passed
-        splits.save_split(Path(cfg.split_path), split, **split_record(how, items, root, cfg))
     info = _summary(cfg, root, how, sets, tally)
+    info["new_split"] = {**split_record(how, items, root, cfg), **split} if save else None
+    if save and cfg.write_split:
+        splits.save_split(Path(cfg.split_path), info["new_split"])
     info["health"] = health(tally, stats, sets, len(items), cfg)
     for line in health_lines(info["health"], tally, stats, cfg):
         warnings.warn(line, stacklevel=2)
@@ -859,13 +880,13 @@ def health_lines(h: dict, tally: Tally, stats: dict, cfg: DataConfig) -> list[st
             ("missing_split_entries", "split entries naming missing files")) if h[k]]
         out.append(f"skipped {', '.join(parts)} (--skip-bad), e.g. {tally.messages[0]}")
     if h["left_out_normal"]:
-        out.append(f"left out {h['left_out_normal']} normal image(s); keep_normal "
-                   f"(--keep-normal) uses them as class 2")
+        out.append(f"left out {h['left_out_normal']} normal image(s); --keep-normal "
+                   f"(keep_normal=True) uses them as class 2")
     if h["duplicate_label_rows"]:
         out.append(f"{h['duplicate_label_rows']} exact duplicate labels.csv row(s) ignored")
     if h["masks_repaired"]:
         out.append(f"{h['masks_repaired']} mask(s) are not binary (e.g. {stats['repaired']}); "
-                   f"thresholded at {cfg.mask_threshold} x each mask's maximum (mask_threshold)")
+                   f"thresholded at {cfg.mask_threshold} x each mask's maximum (--mask-threshold)")
     if h["empty_masks"]:
         out.append(f"{h['empty_masks']} image(s) have an empty mask (e.g. {stats['empty']}); "
                    f"kept, and counted in the results")

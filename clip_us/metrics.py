@@ -3,6 +3,9 @@ ROC curve, binary report, bootstrap CI), and image–text retrieval / alignment 
 
 Stand-alone: numpy, scipy and torch only, nothing else from clip_us, so the file can be copied.
 
+The segmentation metrics take one image (2-D) or one volume (3-D): a [B, H, W] batch is scored as
+one volume. :func:`dice_per_image` scores a batch image by image, as the scripts do.
+
 Segmentation follows MONAI's definitions (``monai.metrics``), which the official code
 (jinggqu/NextGen-UIA) of the ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation
 Model for Next Generation Medical Ultrasound Image Analysis") used, per image, in pixels unless
@@ -88,12 +91,25 @@ def _spacing(spacing, ndim: int):
 # ----------------------------------------------------------------------------- overlap
 def dice(pred, gt, ignore_empty: bool = True) -> float:
     """2|P∩G| / (|P|+|G|), as MONAI DiceMetric. Empty gt: nan (``ignore_empty``), else 1 if pred is
-    empty too and 0 otherwise."""
+    empty too and 0 otherwise. A [B, H, W] batch is one 3-D volume here: one Dice over all its
+    pixels, which is not the mean of its images' Dice; :func:`dice_per_image` gives those."""
     p, g = _pair(pred, gt)
     n_p, n_g = np.count_nonzero(p), np.count_nonzero(g)
     if n_g == 0:
         return math.nan if ignore_empty else float(n_p == 0)
     return 2.0 * np.count_nonzero(p & g) / (n_p + n_g)
+
+
+def dice_per_image(pred, gt, ignore_empty: bool = True) -> np.ndarray:
+    """[B] float64: :func:`dice` of each image of a [B, H, W] (or [B, D, H, W]) batch, MONAI
+    DiceMetric's per-item values. An empty gt gives nan (``ignore_empty``); the scripts average
+    the finite values (:func:`summarize`, as :func:`segmentation_report` does) and count the rest."""
+    p, g = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    if p.shape != g.shape or p.ndim not in (3, 4):
+        raise ValueError(f"dice_per_image: pred and gt must be batches [B, H, W] or [B, D, H, W] "
+                         f"of the same shape, got {p.shape} and {g.shape}; squeeze a channel "
+                         f"axis, or use dice() for one image.")
+    return np.array([dice(a, b, ignore_empty) for a, b in zip(p, g)], dtype=np.float64)
 
 
 def iou(pred, gt, ignore_empty: bool = True) -> float:

@@ -98,12 +98,14 @@ def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
 
 def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None,
           clip_norm: bool | None = None):
-    """Apply adapters to `model` (a CLIP) and load `--init` adapter weights when given (and
-    its fine-tuned backbone, if it has one); warns when --init's normalisation differs."""
-    apply_adapter(model, adapter_cfg)
-    if init:
-        load_adapter(model, init, clip_norm)
-    return model
+    """Apply `adapter_cfg`'s adapter to `model` (a CLIP) and freeze the rest. With `--init`, the
+    adapter is the file's (its kind must be adapter_cfg's; its settings are the file's), with
+    its weights and its fine-tuned backbone, if it has one; warns when --init's normalisation
+    differs."""
+    if not init:
+        return apply_adapter(model, adapter_cfg)
+    load_adapter(model, init, clip_norm, settings=adapter_cfg)
+    return freeze_backbone(model) if adapter_cfg.kind != "none" else model
 
 
 def freeze_blocks_after(visual: nn.Module, deepest: int):

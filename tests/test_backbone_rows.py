@@ -150,7 +150,7 @@ def test_lora_shared_dropout_flag_builds_shared_lora():
     from clip_us.lora import LoRAAttention
     from clip_us.runs import Run
     cfg = SupervisedConfig(adapter="lora", lora_shared_dropout=True, arch="tiny", weights="none")
-    adapter_cfg = Run.adapter_config(SimpleNamespace(cfg=cfg))
+    adapter_cfg = Run.adapter_config(SimpleNamespace(cfg=cfg, ckpt=None))
     assert adapter_cfg.lora_shared_dropout
     model = make_task_model(model_spec(cfg, adapter_cfg), "seg", {}, torch.device("cpu"), seed=1)
     attns = [m for m in model.modules() if isinstance(m, LoRAAttention)]

@@ -3,15 +3,18 @@ its weights, reproducibility across processes, fit_to_context (long clinical tex
 the template/fit commands on data set layouts and metadata CSVs, the phantom's manifest, and LLM
 refinement against a fake OpenAI-compatible server on 127.0.0.1: HTTP 500s, a timeout, malformed
 JSON, an over-long reply, an empty reply, a killed run resumed, a rerun with no calls, N requests
-in flight, describe mode's settings, the API key kept out of every output, a refused key."""
+in flight, describe mode's settings, the API key kept out of every output, a refused key, a
+server that is not running (no retries)."""
 import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -711,17 +714,6 @@ def test_refused_key_stops_the_run(tmp_path, serve, capsys):
     assert len(server.requests) < 5 and not (tmp_path / "o.csv").exists()
 
 
-def test_refused_connection_is_retried_then_kept(tmp_path, no_proxy):
-    import socket
-    with socket.socket() as s:                          # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    write_manifest(tmp_path / "m.csv", ["a"])
-    s = refine(tmp_path / "m.csv", tmp_path / "o.csv", f"http://127.0.0.1:{port}/v1", retries=1)
-    assert s["failed_rows"] == [0] and "refused" in s["errors"][0].lower()
-    assert read_csv(tmp_path / "o.csv")[0]["caption"] == "a"
-
-
 def test_refine_flags_reach_the_request_and_the_row_choice(tmp_path, serve):
     server = serve(lambda text, attempt, body: (200, chat_reply(f"EN {len(text)}"), 0))
     caps = [f"caption number {i}" for i in range(40)] + ["左乳低回声结节", "甲状腺结节，边界清"]
@@ -755,6 +747,25 @@ def test_retry_waits_double_up_to_the_cap(monkeypatch):
     with pytest.raises(llm.LLMError, match="5 tries.*not JSON"):
         llm.complete(chat, {"messages": []}, stats=stats)
     assert waits == [0.5, 1.0, 2.0, 3.0] and stats.retries == 4
+
+
+@pytest.mark.parametrize("reason,fatal", [
+    (socket.gaierror(-2, "Name or service not known"), "host nowhere.invalid not found"),
+    (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+    (TimeoutError("timed out"), None), (ConnectionResetError(104, "reset"), None)])
+def test_unreachable_server_stops_at_once_but_timeouts_retry(monkeypatch, reason, fatal):
+    waits = []
+    monkeypatch.setattr(llm.time, "sleep", waits.append)
+    monkeypatch.setattr(llm, "post_chat", lambda cfg, body: (_ for _ in ()).throw(
+        urllib.error.URLError(reason)))
+    chat = llm.ChatConfig("http://nowhere.invalid/v1", "m", retries=3, backoff=0.5)
+    with pytest.raises(llm.FatalLLMError if fatal else llm.LLMError) as e:
+        llm.complete(chat, {"messages": []})
+    if fatal:
+        assert str(e.value).startswith("cannot connect to http://nowhere.invalid/v1 (") and \
+            fatal in str(e.value) and waits == []
+    else:
+        assert not isinstance(e.value, llm.FatalLLMError) and len(waits) == 3
 
 
 def test_progress_bar_shows_rate_and_errors(tmp_path, monkeypatch, capsys):
@@ -819,6 +830,24 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
     assert "NOT_SET_KEY" in cli_error(capsys, refine + url + ["--api-key-env", "NOT_SET_KEY"])
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "r.csv").exists()
+
+
+def closed_port() -> int:
+    """A port with nobody listening: bound, then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_connection_fails_fast_naming_the_endpoint(tmp_path, capsys, no_proxy):
+    write_manifest(tmp_path / "m.csv", [f"c{i}" for i in range(14)])
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    t0 = time.perf_counter()
+    err = cli_error(capsys, ["refine", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv"),
+                             "--endpoint", url, "--model", "m", "--no-progress"])  # --retries 5
+    assert time.perf_counter() - t0 < 3, "retried a refused connection"
+    assert err == f"error: cannot connect to {url} (connection refused): is the server running?\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]   # no output, no cache
 
 
 def test_template_flags_pick_layout_name_and_skip(tmp_path):

@@ -167,7 +167,8 @@ def test_official_mona_keys_map_onto_ours_and_other_variants_are_refused():
     sd = official_mona_file(model)
     assert is_official_mona(sd) and not is_official_mona({"adapter_config": 1})
     settings, ours = convert_official_mona(sd)
-    assert settings == {"kind": "mona", "bottleneck": 64, "placement": "after_block"}
+    assert settings == {"kind": "mona", "bottleneck": 64, "placement": "after_block",
+                        "mona_variant": "baseline"}
     assert set(ours) == {n for n, _ in model.named_parameters() if "mona" in n}
     noisy = official_mona_file(model, extra=["visual.transformer.resblocks.0.mona.adapter_conv."
                                              "noise_estimator.1.weight"])

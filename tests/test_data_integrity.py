@@ -4,6 +4,7 @@ refused, every image dropped or repaired is counted in info["health"], tiny data
 front, names match across BOM / NFD spellings, and the crop keeps dark tissue. Every test builds
 its own tiny data."""
 import json
+import re
 import unicodedata
 import warnings
 from pathlib import Path
@@ -245,6 +246,27 @@ def test_every_image_found_is_used_or_counted(tmp_path):
                                        + h["duplicates"] + h["not_in_split"])
     text = " | ".join(str(w.message) for w in rec)
     assert f"left out {n_normal} normal image(s)" in text and "skipped 1 bad image(s)" in text
+
+
+def test_labels_csv_with_other_columns_names_them(tmp_path):
+    root = lesion_set(tmp_path / "d")
+    csv = root / "labels.csv"
+    csv.write_text(csv.read_text().replace("image,label\n", "file,class\n"))
+    for skip_bad in (False, True):          # a header is no bad row that --skip-bad could skip
+        with pytest.raises(DataError, match=rf"^{re.escape(str(csv))}: columns file, class found, "
+                                            rf"expected image,label"):
+            build_datasets(cfg(root, task="cls", skip_bad=skip_bad))
+    # no header, and the first row's label mistyped: that row is bad, the columns are fine
+    csv.write_text(csv.read_text().replace("file,class\n", "").replace("00.png,benign", "00.png,benin"))
+    with pytest.raises(DataError, match=r"\(row 1: case00\.png,benin\): unknown .*, or pass --skip-bad "):
+        build_datasets(cfg(root, task="cls"))
+
+
+def test_command_line_messages_name_the_flag(tmp_path, run_script):
+    args = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--phantom-n", "24",
+            "--phantom-size", "128", "--workers", "0", "--out-dir", tmp_path / "run"]
+    with pytest.raises(DataError, match=r"^--mask-threshold 1\.5 is not a fraction"):
+        run_script("train_seg.py", args + ["--mask-threshold", "1.5"])
 
 
 def test_normal_rows_of_labels_csv_are_counted(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_us import phantom
+from clip_us import phantom, splits
 from clip_us.captions import phantom_manifest
 from clip_us.evaluation import data as evaldata
 from clip_us.evaluation import models as evalmodels
@@ -179,16 +179,16 @@ def test_feature_cache_computes_each_image_and_text_once(tmp_path, manifest, one
     assert calls["img"] == 8
 
 
-def test_split_stratified_by_dataset_then_label_and_classes(manifest):
+def test_split_is_the_authors_by_dataset_and_classes(manifest):
     es = evaldata.load_eval_set(manifest)
     assert es.classes == ["benign", "malignant", "normal"]  # every label present, fixed order
     split, how, new = evaldata.choose_split(es, seed=42)
     assert new["seed"] == 42 and all(new[s] == split[s] for s in ("train", "val", "test"))  # to save
     assert sorted(k for s in ("train", "val", "test") for k in split[s]) == sorted(es.keys)
-    for c in range(3):
-        n = sum(1 for k in es.keys if es.label[k] == c)
-        n_test = sum(1 for k in split["test"] if es.label[k] == c)
-        assert n_test == round(0.15 * n)
+    # EchoCare-CLIP's split, stratified by data set only (tests/test_splits.py: = scikit-learn's):
+    # 40 phantom images, one data set: ceil(0.15 * 40) = 6 test, ceil(0.15 / 0.85 * 34) = 6 val.
+    assert [len(split[s]) for s in ("train", "val", "test")] == [28, 6, 6]
+    assert split == splits.train_test_split_twice(es.keys, es.dataset, evaldata.FRACTIONS, 42)
     two = evaldata.load_eval_set(manifest, classes=["malignant", "benign"])
     assert two.classes == ["benign", "malignant"] and len(two.keys) < len(es.keys)
     with pytest.raises(ValueError, match="not in the manifest"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from medpy.metric import binary as medpy_binary
 from monai.metrics import (
+    DiceMetric,
     compute_average_surface_distance,
     compute_dice,
     compute_hausdorff_distance,
@@ -139,6 +140,26 @@ def test_dice_iou_match_monai(ignore_empty):
         ref_d = compute_dice(batch(p), batch(g), include_background=True, ignore_empty=ignore_empty).item()
         ref_i = compute_iou(batch(p), batch(g), include_background=True, ignore_empty=ignore_empty).item()
         assert_same((metrics.dice(p, g, ignore_empty), metrics.iou(p, g, ignore_empty)), (ref_d, ref_i), 1e-6)
+
+
+def test_dice_per_image_is_monai_per_item_and_the_batch_is_one_volume():
+    pairs = random_pairs(6, (40, 40), seed=4)
+    pairs[2] = (pairs[2][0], np.zeros((40, 40), bool))          # an empty gt: nan, then dropped
+    pairs[4] = (np.zeros((40, 40), bool), pairs[4][1])          # an empty prediction: 0
+    p, g = np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+    ours = metrics.dice_per_image(torch.as_tensor(p), g)
+    items = [torch.as_tensor(m)[:, None].float() for m in (p, g)]  # [B, 1, H, W]: MONAI's items
+    ref = DiceMetric(include_background=True, reduction="none")(*items).reshape(-1).numpy()
+    assert ours.shape == ref.shape == (6,) and np.isnan(ours[2]) and ours[4] == 0
+    assert_same(ours, ref, 1e-6)
+    one_by_one = [metrics.dice(a, b) for a, b in pairs]
+    np.testing.assert_array_equal(ours, one_by_one)                 # nan at the same place
+    per_image_mean = metrics.summarize(ours)                        # how train_seg.py averages
+    assert per_image_mean["n_dropped"] == 1
+    assert per_image_mean["mean"] == pytest.approx(np.nanmean(one_by_one))
+    assert abs(metrics.dice(p, g) - per_image_mean["mean"]) > 1e-3   # [B, H, W] to dice(): one volume
+    with pytest.raises(ValueError, match="batches"):
+        metrics.dice_per_image(p[0], g[0])
 
 
 def test_torch_and_integer_inputs_equal_numpy():

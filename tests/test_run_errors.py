@@ -147,5 +147,6 @@ def test_results_json_counts_every_drop_and_a_stale_split_stops_the_next_run(tmp
     other = lesion_set(tmp_path / "other", n=24, seed=5)
     proc = train_seg(other)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "made for other data" in proc.stdout + proc.stderr and "--split-file" in proc.stdout + proc.stderr
+    # a finished folder is refused before its split.json is read (tests/test_run_folders.py)
+    assert "holds a finished run" in proc.stderr and "new --out-dir" in proc.stderr
     assert (out / "config.json").read_text() == config, "the failed run left config.json alone"

@@ -1,10 +1,13 @@
-"""Splits: every caller's split pinned to what it was before the three split makers (data.py,
-the caption manifests, evaluate.py's data) became clip_us/splits.py, so the same images and seed
-land in the same parts; the split.json reader and writer; the algorithms' shared signature."""
+"""Splits: the supervised scripts' and the caption manifests' splits pinned to what they were
+before the split makers became clip_us/splits.py, so the same images and seed land in the same
+parts; evaluate.py's split, EchoCare-CLIP's (scikit-learn's train_test_split twice), against
+scikit-learn itself (a test-only peer); the split.json reader and writer; the algorithms' shared
+signature."""
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clip_us import data, splits
@@ -30,13 +33,6 @@ def pairs(n, datasets=("busi", "thyroid", "liver")):
                        dataset=datasets[i * 7 % 11 % len(datasets)])
     return [pair(i, f"caption {i} " * 3, i + 2) for i in range(n)] + \
         [pair(i, "second caption", n + i + 2) for i in range(0, n, 5)]
-
-
-def evalset(n):
-    keys = [f"case{i:03d}.png" for i in range(n)]
-    dataset = {k: ("busi", "udiat")[i % 4 == 0] for i, k in enumerate(keys)}
-    label = {k: i * 5 % 13 % 3 for i, k in enumerate(keys)}
-    return evaldata.EvalSet([], keys, label, {}, dataset, ["benign", "malignant", "normal"], {})
 
 
 def sizes(parts, names=splits.PARTS):
@@ -94,21 +90,94 @@ def test_manifest_small_split_keys():
         "held_out": [], "how": "70,15,15 stratified by dataset"}
 
 
-# ----------------------------------------------------------------------------- pinned: evaluate.py
-@pytest.mark.parametrize("seed,expected", [(0, "22d71d7cec197ef4"), (42, "0a4d7566dc1b4a89")])
-def test_evaluation_split_is_unchanged(seed, expected):
-    parts, how, new = evaldata.choose_split(evalset(89), seed)
-    assert (digest(parts), sizes(parts)) == (expected, [63, 13, 13])
-    assert how == f"70/15/15 stratified by dataset then label, seed {seed}"
-    assert new == {"how": how, "seed": seed, **parts}
+# ----------------------------------------------------------------------------- evaluate.py: the authors'
+def authors_split(keys, dataset, seed, test_size=0.15, val_size=0.15):
+    """training_experiments/prepare_data.py's split, as its authors ran it: safe_split twice,
+    train_test_split(df, test_size, stratify=df["dataset"], random_state=seed), the second on the
+    first's train part (in the order it returned) with val_size / (1 - test_size)."""
+    from sklearn.model_selection import train_test_split
+    rows = np.array(keys, dtype=object)
+    y = np.array([dataset[k] for k in keys], dtype=object)
+    train_val, test, y_train_val, _ = train_test_split(rows, y, test_size=test_size, stratify=y,
+                                                       random_state=seed)
+    train, val = train_test_split(train_val, test_size=val_size / (1.0 - test_size),
+                                  stratify=y_train_val, random_state=seed)
+    return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
 
 
-def test_evaluation_small_split_keys():
-    parts, _, _ = evaldata.choose_split(evalset(14), 42)
-    assert parts == {"train": ["case013.png", "case009.png", "case011.png", "case006.png",
-                               "case002.png", "case001.png", "case003.png", "case010.png",
-                               "case000.png", "case008.png", "case004.png", "case012.png"],
-                     "val": ["case007.png"], "test": ["case005.png"]}
+def busi_like(n=780):
+    """Shaped like the authors' BUSI held-out set: one data set, 437 benign, 210 malignant and
+    133 normal images, listed class by class as BUSI's folders are."""
+    keys = [f"{c} ({i}).png" for c, m in (("benign", 437), ("malignant", 210), ("normal", 133))
+            for i in range(1, m + 1)][:n]
+    return keys, {k: "Dataset_BUSI_with_GT" for k in keys}
+
+
+def uneven(sizes, seed=0):
+    """Data sets of uneven sizes, their rows interleaved at random."""
+    names = np.repeat([f"set_{chr(97 + i)}" for i in range(len(sizes))], sizes)
+    np.random.default_rng(seed).shuffle(names)
+    keys = [f"img{i:04d}.png" for i in range(len(names))]
+    return keys, dict(zip(keys, names.tolist()))
+
+
+def test_busi_held_out_split_is_the_authors():
+    pytest.importorskip("sklearn")
+    keys, dataset = busi_like()
+    parts = splits.train_test_split_twice(keys, dataset, (0.70, 0.15, 0.15), 42)
+    assert sizes(parts) == [545, 118, 117]  # 117 test, then ceil(0.15 / 0.85 * 663) = 118 val
+    assert parts == authors_split(keys, dataset, 42)  # the same images, in the same order
+
+
+@pytest.mark.parametrize("shape,seed", [((500, 37, 1210, 2, 96), 42), ((3, 3, 40), 0),
+                                        ((250, 251), 7), ((61, 900, 17, 17), 2024)])
+def test_several_data_sets_split_as_scikit_learn(shape, seed):
+    pytest.importorskip("sklearn")
+    keys, dataset = uneven(shape, seed)
+    parts = splits.train_test_split_twice(keys, dataset, (0.70, 0.15, 0.15), seed)
+    assert parts == authors_split(keys, dataset, seed)
+    # The authors concatenate data sets in name order; only each data set's own row order counts.
+    by_name = sorted(keys, key=dataset.__getitem__)
+    assert splits.train_test_split_twice(by_name, dataset, (0.70, 0.15, 0.15), seed) == parts
+
+
+def test_other_shares_split_as_scikit_learn():
+    pytest.importorskip("sklearn")
+    keys, dataset = uneven((120, 45, 300), 3)
+    parts = splits.train_test_split_twice(keys, dataset, (0.6, 0.1, 0.3), 5)
+    assert parts == authors_split(keys, dataset, 5, test_size=0.3, val_size=0.1)
+    two = splits.train_test_split_twice(keys, dataset, (0.8, 0.2), 5)  # no test part: one call
+    from sklearn.model_selection import train_test_split
+    train, val = train_test_split(np.array(keys), test_size=0.2, random_state=5,
+                                  stratify=[dataset[k] for k in keys])
+    assert two == {"train": train.tolist(), "val": val.tolist(), "test": []}
+
+
+def test_too_small_for_scikit_learns_rules_fails_saying_what_to_do():
+    keys, dataset = uneven((40, 1))
+    with pytest.raises(ValueError, match=r"at least 2 images per stratum; \['set_b'\] have 1.*--split-file"):
+        splits.train_test_split_twice(keys, dataset, (0.70, 0.15, 0.15), 42)
+    keys, dataset = uneven((10, 2, 2, 2))  # 16 images: 3 test images for 4 data sets
+    with pytest.raises(ValueError, match=r"gives the test part 3 images, fewer than the 4 strata"):
+        splits.train_test_split_twice(keys, dataset, (0.70, 0.15, 0.15), 42)
+    with pytest.raises(ValueError, match="leaves the train part empty"):
+        splits.train_test_split_twice(keys, dataset, (0, 0.5, 0.5), 42)
+
+
+def test_evaluation_split_is_the_authors(tmp_path):
+    pytest.importorskip("sklearn")
+    keys, dataset = busi_like()
+    es = evaldata.EvalSet([], keys, {k: i % 3 for i, k in enumerate(keys)}, {}, dataset,
+                          ["benign", "malignant", "normal"], {})
+    parts, how, new = evaldata.choose_split(es, 42, saved=tmp_path / "split.json")
+    assert parts == authors_split(keys, dataset, 42) and sizes(parts) == [545, 118, 117]
+    assert how.startswith("the authors' split: scikit-learn's train_test_split twice, stratified by "
+                          "dataset") and how.endswith("random_state 42")
+    assert new == {"how": how, "seed": 42, **parts}
+    splits.save_split(tmp_path / "split.json", parts, seed=42, how="70/15/15 stratified by "
+                      "dataset then label, seed 42")  # an older clip_us's split: other images
+    with pytest.raises(ValueError, match="was made as '70/15/15 stratified.*delete it"):
+        evaldata.choose_split(es, 42, saved=tmp_path / "split.json")
 
 
 # ----------------------------------------------------------------------------- the module itself
@@ -117,7 +186,9 @@ def test_algorithms_share_one_signature_and_place_every_key_once():
     strata = {k: i % 3 for i, k in enumerate(keys)}
     for algorithm, fractions in ((splits.stratified, (0.7, 0.15, 0.15)),
                                  (splits.stratified, (0.8, 0.2)),
-                                 (splits.seeded_shuffle, (0.9, 0.1))):
+                                 (splits.seeded_shuffle, (0.9, 0.1)),
+                                 (splits.train_test_split_twice, (0.7, 0.15, 0.15)),
+                                 (splits.train_test_split_twice, (0.8, 0.2))):
         parts = algorithm(keys, strata, fractions, 0)
         assert set(parts) == set(splits.PARTS) and sorted(sum(parts.values(), [])) == sorted(keys)
         assert parts == algorithm(keys, strata, fractions, 0) != algorithm(keys, strata, fractions, 1)

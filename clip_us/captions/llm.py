@@ -6,9 +6,9 @@ Qwen3-4B-Instruct served by vLLM. Any server that speaks OpenAI's `POST {base}/c
 works: vLLM, Ollama, llama.cpp's server, hosted APIs.
 
 - `complete` sends one request and retries with exponential backoff (or the server's
-  Retry-After, capped at max_backoff) on HTTP errors, timeouts,
-  refused or dropped connections, malformed JSON and replies the caller rejects (an empty one,
-  say). 401/403/404 stop the whole run: every other request would fail the same way.
+  Retry-After, capped at max_backoff) on HTTP errors, timeouts, dropped connections, malformed
+  JSON and replies the caller rejects (an empty one, say). 401/403/404, a refused connection and
+  an unknown host stop the whole run at once: every other request would fail the same way.
 - `ReplyCache` is an append-only JSONL file of answers keyed by a hash of the request body, so a
   killed run resumes without repeating a call and a rerun makes none.
 - `run_requests` keeps `concurrency` requests in flight with threads and shows a progress bar
@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import random
+import socket
 import threading
 import time
 import urllib.error
@@ -50,7 +51,8 @@ class LLMError(RuntimeError):
 
 
 class FatalLLMError(LLMError):
-    """The server refuses every request (bad key, model or URL): stop the run."""
+    """The server refuses every request (bad key, model or URL) or cannot be reached: stop the
+    run."""
 
 
 class BadReply(ValueError):
@@ -164,10 +166,23 @@ class Stats:
             setattr(self, name, getattr(self, name) + 1)
 
 
+def _unreachable(cfg: ChatConfig, e: Exception) -> str | None:
+    """Why no request can reach the server (nothing listens on the port, or the host name does
+    not resolve), else None. Retrying those only delays the error by a minute; timeouts and
+    resets stay retried, as a busy or restarting server gives them."""
+    reason = getattr(e, "reason", e)  # URLError wraps the socket's error
+    if isinstance(reason, ConnectionRefusedError):
+        return f"cannot connect to {cfg.endpoint} (connection refused): is the server running?"
+    if isinstance(reason, socket.gaierror):
+        host = urllib.parse.urlsplit(cfg.endpoint).hostname
+        return f"cannot connect to {cfg.endpoint} (host {host} not found): check --endpoint"
+    return None
+
+
 def complete(cfg: ChatConfig, body: dict, check=None, stats: Stats | None = None) -> str:
     """The reply text of one request, after `check(text)` (which raises BadReply to reject it)
     passes. Retries with exponential backoff; raises LLMError after the last try, FatalLLMError
-    at once on 401/403/404."""
+    at once on 401/403/404 and when the server cannot be reached at all."""
     error, asked_wait = "", 0.0
     for attempt in range(cfg.retries + 1):
         if attempt:
@@ -188,6 +203,9 @@ def complete(cfg: ChatConfig, body: dict, check=None, stats: Stats | None = None
                 raise LLMError(error) from None   # this request is wrong; asking again won't help
         except (OSError, http.client.HTTPException) as e:
             # URLError (refused, DNS), timeouts, resets, TLS errors: all OSErrors
+            unreachable = _unreachable(cfg, e)
+            if unreachable:
+                raise FatalLLMError(unreachable) from None
             error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         except BadReply as e:
             error = str(e)

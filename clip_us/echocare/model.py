@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import weights as W
+from ..adapters import identity
 from ..contrastive import CaptionDataset
 from ..fileio import load_checkpoint, save_checkpoint
 from ..model import ARCHS as CLIP_ARCHS
@@ -288,6 +289,16 @@ def expected_counts(image_cfg: S.SwinConfig, text_family: str, text_cfg, mode: s
 
 
 # ----------------------------------------------------------------------------- building
+def _encoder_file(image_weights: str | None, download_root: str | None) -> str:
+    """The EchoCare Swin file (swin.find_echocare_encoder); when missing, the message also names
+    the flag that passes it."""
+    try:
+        return S.find_echocare_encoder(image_weights, download_root)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (train_contrastive.py --model echocare: --image-weights "
+                                f"PATH; or --weights none for random encoders, tests only)") from e
+
+
 def build(text_encoder: str = "clip", arch: str = "echocare", random_weights: bool = False,
           image_weights: str | None = None, text_weights: str | None = None, captions=(),
           image_size: int = 256, mean=AUTHORS_MEAN, std=AUTHORS_STD,
@@ -309,7 +320,7 @@ def build(text_encoder: str = "clip", arch: str = "echocare", random_weights: bo
         image_source = {"family": "echocare-swin", "arch": arch, "config": cfg.to_dict(),
                         "path": None, "sha256": None}
     else:
-        path = S.find_echocare_encoder(image_weights, download_root)
+        path = _encoder_file(image_weights, download_root)
         image = S.load_echocare_encoder(path, gradient_checkpointing=gradient_checkpointing)
         image_source = {"family": "echocare-swin", "arch": "echocare", "config": image.config.to_dict(),
                         "path": os.path.abspath(path), "sha256": W.file_sha256(path)}
@@ -391,8 +402,12 @@ def load(path, image_weights: str | None = None, text_weights: str | None = None
 
 
 def save(model: EchoCareCLIP, path, config: dict | None = None, **extra) -> None:
-    """Write an EchoCare-CLIP checkpoint atomically (what train_contrastive.py's best.pt holds)."""
-    save_checkpoint(path, {**extra, **model.checkpoint_tensors(), "config": config or {}})
+    """Write an EchoCare-CLIP checkpoint atomically (what train_contrastive.py's best.pt holds),
+    with its record (`what`, adapters.identity; `extra` may give its own): evaluate.py
+    --checkpoint takes it, --init refuses it."""
+    what = identity("clip_us.echocare.save", "contrastive", "echocare", "none", model.train_mode)
+    save_checkpoint(path, {"what": what, **extra, **model.checkpoint_tensors(),
+                           "config": config or {}})
 
 
 # ----------------------------------------------------------------------------- the training script

@@ -1,8 +1,8 @@
 """The labelled image–caption set evaluate.py runs on: classes, organs, the split, the overlap check.
 
 EchoCare-CLIP evaluates on a held-out data set (BUSI: 780 images, three classes) split
-70/15/15; its probes train on the 70 %, pick C on the 15 % validation part and report on the test
-part. Here:
+70/15/15 (117 test, 118 validation, 545 training images); its probes train on the 70 %, pick C on
+the 15 % validation part and report on the test part. Here:
 
 - Pairs come from ``clip_us.manifest.read_manifest`` (every format train_contrastive.py reads).
 - Classes: every label present in the manifest, in clip_us's fixed order (benign, malignant,
@@ -10,9 +10,12 @@ part. Here:
   differs from the supervised scripts, whose binary default follows the ultrasound-CLIP paper.
 - Organ: the manifest's ``organ`` column, else the ``organ`` argument.
 - Split: images a checkpoint's split.json places in train/val/test stay there; the others (held
-  out from that run, or unknown to it) get a seeded 70/15/15 split stratified by ``dataset`` and
-  then label, which the caller saves as split.json (once its checks pass) and which is reused
-  when it places the same images with the same seed. A ``split_file`` replaces both.
+  out from that run, or unknown to it) get the authors' split (``clip_us.splits.
+  train_test_split_twice``: scikit-learn's train_test_split, stratified by ``dataset``, 15 % test,
+  then 15 % of the whole as validation, random_state = the seed), in manifest order, so the same
+  rows and seed give the authors' very test images. The caller saves it as split.json (once its
+  checks pass); it is reused when it places the same images, with the same seed and algorithm.
+  A ``split_file`` replaces both.
 - Overlap: test images a model trained on (its split's train and val) are refused unless allowed.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..captions.manifest import read_manifest
 from ..labels import CLASSES, parse_label
 
 FRACTIONS = (0.70, 0.15, 0.15)
-SPLIT = splits.stratified   # a fresh split's algorithm (any of clip_us.splits'; name it in `how`)
+SPLIT = splits.train_test_split_twice   # a fresh split's algorithm (name it in `how`)
 
 
 @dataclass
@@ -126,8 +129,14 @@ def choose_split(es: EvalSet, seed: int, split_file: str = "", saved: Path | Non
     return out, "; ".join(how), new
 
 
+def _how(seed: int) -> str:
+    return (f"the authors' split: scikit-learn's train_test_split twice, stratified by dataset, "
+            f"15 % test, then 15 % of the whole as val, random_state {seed}")
+
+
 def _reuse(saved: Path, keys, seed: int) -> dict:
-    """The saved split's parts, if it places exactly ``keys`` and was made with ``seed``."""
+    """The saved split's parts, if it places exactly ``keys`` and was made with ``seed`` by this
+    algorithm (a file of an older clip_us, made otherwise, would give other test images)."""
     parts = read_split(saved)
     if splits.placed(_parts(parts)) != set(keys):
         raise ValueError(f"{saved} was made for other images than this manifest's (or --classes); "
@@ -136,6 +145,9 @@ def _reuse(saved: Path, keys, seed: int) -> dict:
     if made_with != seed:
         raise ValueError(f"{saved} was made with --seed {made_with}, not {seed}: pass --seed "
                          f"{made_with} to reuse it, or another --out-dir for a new split")
+    if parts.get("how", _how(seed)) != _how(seed):
+        raise ValueError(f"{saved} was made as {parts['how']!r}, not as {_how(seed)!r}: delete it "
+                         f"for a new split, or pass it as --split-file to keep its parts")
     return _parts(parts)
 
 
@@ -143,9 +155,9 @@ def _fresh_split(es: EvalSet, keys, seed: int, saved: Path | None) -> tuple[dict
     """(parts, how, what to save): ``saved`` reused when it fits, else a new seeded split."""
     if saved is not None and saved.is_file():
         return _reuse(saved, keys, seed), f"reused {saved}", None
-    strata = {k: (es.dataset.get(k, ""), es.label.get(k, -1)) for k in keys}
+    strata = {k: es.dataset.get(k, "") for k in keys}   # prepare_data.py: stratify=df["dataset"]
     parts = SPLIT(keys, strata, FRACTIONS, seed)
-    how = f"70/15/15 stratified by dataset then label, seed {seed}"
+    how = _how(seed)
     return parts, how, {"how": how, "seed": seed, **parts}
 
 

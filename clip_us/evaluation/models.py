@@ -37,7 +37,15 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import echocare
-from ..adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
+from ..adapters import (
+    OFFICIAL,
+    SUPERVISED,
+    AdapterConfig,
+    apply_adapter,
+    checkpoint_identity,
+    describe,
+    load_adapter_state_dict,
+)
 from ..captions.manifest import Pair
 from ..contrastive import MAX_LOGIT_SCALE, CaptionDataset
 from ..echocare.data import FromPath, read_rgb
@@ -258,11 +266,29 @@ def _echocare(path: str, device, name: str, precision: str) -> EvalModel:
     return ev
 
 
+def _refusal(what: dict, path) -> str | None:
+    """Why evaluate.py does not take a checkpoint (adapters.checkpoint_identity's record), and
+    what to type instead; None when it does (a contrastive model: CLIP or EchoCare-CLIP)."""
+    if what["task"] in SUPERVISED.values():
+        return (f"{path} is {describe(what)}: evaluate.py compares contrastive models "
+                f"(train_contrastive.py, EchoCare-CLIP); score it with {what['script']}.py "
+                f"--eval-only --checkpoint {path}")
+    if what["script"] == OFFICIAL:
+        return (f"{path} is {describe(what)}, with no record of the CLIP it adapts: use it as "
+                f"--init of train_seg.py, train_cls.py or zeroshot.py")
+    return None
+
+
 def from_checkpoint(path: str, device, name: str = "", precision: str = "fp32") -> EvalModel:
     """A train_contrastive.py checkpoint, CLIP-based or EchoCare-CLIP, with its run's split;
-    its encoders run under `precision` (an already resolved --precision)."""
+    its encoders run under `precision` (an already resolved --precision). Other checkpoints
+    (train_seg/train_cls models, the official adapter files) are refused before any work."""
     ckpt = load_checkpoint(path)
-    model = _echocare(path, device, name, precision) if ckpt.get("model") == "echocare" else \
+    what = checkpoint_identity(ckpt, path)
+    refused = _refusal(what, path)
+    if refused:
+        raise ValueError(refused)
+    model = _echocare(path, device, name, precision) if what["backbone"] == "echocare" else \
         _contrastive(ckpt, path, device, name, precision)
     split = find_split(path)
     model.split_path, model.trained_on = (str(split) if split else None), trained_keys(split)
