@@ -1,8 +1,8 @@
-"""train_cls.py: one row of the ultrasound-CLIP paper's Table 3, supervised group (benign vs
-malignant).
+"""train_cls.py: one row of Table 3, supervised group (benign vs malignant), of Qu et al.,
+"Adapting Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis"
+(the ultrasound-CLIP paper).
 
-The paper: Qu et al., "Adapting Vision-Language Foundation Model for Next Generation Medical
-Ultrasound Image Analysis" (official code jinggqu/NextGen-UIA). CLIP ViT-B/16's vision tower
+As its official code (jinggqu/NextGen-UIA) runs it: CLIP ViT-B/16's vision tower
 with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature reducer, then the official
 code's MLP head (`--cls-head mlp`) or the paper's pooling head
 (`--cls-head pool`, §3.2). Focal loss as MONAI's FocalLoss(to_onehot_y=True), AdamW, cosine

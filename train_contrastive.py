@@ -44,10 +44,19 @@ from clip_us.contrastive import ContrastiveCLIP, caption_dataset, set_trainable,
 from clip_us.loop import barrier, gather_list, setup_distributed, shard
 from clip_us.losses import clip_loss
 from clip_us.precision import resolve_precision
-from clip_us.runs import JsonlLogger, RunFolder, fmt, make_results, read_jsonl, summarize_seeds
-from clip_us.taskmodel import build_clip
-from clip_us.transform import CLIP_MEAN, CLIP_STD
+from clip_us.runs import (
+    JsonlLogger,
+    RunFolder,
+    default_out_dir,
+    fmt,
+    make_results,
+    read_jsonl,
+    row_name,
+    summarize_seeds,
+)
+from clip_us.transform import mean_std
 from clip_us.viz import save_curves_svg, save_training_curves
+from clip_us.weights import build_clip
 
 # retrieval as evaluate.py reports it (metrics.strict_retrieval, metrics.dup_retrieval)
 METRICS = ("loss", *(f"{rule}_{way}_{m}" for rule in ("strict", "dup") for way in ("i2t", "t2i")
@@ -58,22 +67,29 @@ METRICS = ("loss", *(f"{rule}_{way}_{m}" for rule in ("strict", "dup") for way i
 ECHOCARE_ONLY = [f.name for f in dataclasses.fields(EchoCareOptions)]
 
 
-def resolve(cfg: ContrastiveConfig, given: set) -> ContrastiveConfig:
-    """Check the flag combinations and fill the defaults that depend on --model and --train."""
+def resolve_clip(cfg: ContrastiveConfig) -> ContrastiveConfig:
+    """--model clip: no EchoCare-CLIP flag, an adapter only with --train adapter (its default,
+    Mona, then); refusals say what to type instead."""
     defaults = ContrastiveConfig()
+    stray = [f"--{k.replace('_', '-')}" for k in ECHOCARE_ONLY
+             if getattr(cfg, k) != getattr(defaults, k)]
+    if stray:
+        fail(f"{', '.join(stray)} only apply to --model echocare")
+    if cfg.train != "adapter" and cfg.adapter not in ("", "none"):
+        fail(f"--adapter {cfg.adapter} with --train {cfg.train}: the partial fine-tuning "
+             f"modes train CLIP's own weights; drop --adapter (or use --train adapter)")
+    if cfg.train == "adapter" and cfg.adapter == "none":
+        fail("--train adapter with --adapter none trains nothing; choose --adapter mona|lora "
+             "or --train heads|image|text|full")
+    cfg.adapter = cfg.adapter or ("mona" if cfg.train == "adapter" else "none")
+    return cfg
+
+
+def resolve(cfg: ContrastiveConfig, given: set) -> ContrastiveConfig:
+    """Check the flag combinations and fill the defaults that depend on --model and --train:
+    for --model echocare, the authors' recipe (echocare.RECIPE) where a flag was not given."""
     if cfg.model == "clip":
-        stray = [f"--{k.replace('_', '-')}" for k in ECHOCARE_ONLY
-                 if getattr(cfg, k) != getattr(defaults, k)]
-        if stray:
-            fail(f"{', '.join(stray)} only apply to --model echocare")
-        if cfg.train != "adapter" and cfg.adapter not in ("", "none"):
-            fail(f"--adapter {cfg.adapter} with --train {cfg.train}: the partial fine-tuning "
-                 f"modes train CLIP's own weights; drop --adapter (or use --train adapter)")
-        if cfg.train == "adapter" and cfg.adapter == "none":
-            fail("--train adapter with --adapter none trains nothing; choose --adapter mona|lora "
-                 "or --train heads|image|text|full")
-        cfg.adapter = cfg.adapter or ("mona" if cfg.train == "adapter" else "none")
-        return cfg
+        return resolve_clip(cfg)
     if cfg.adapter not in ("", "none") or ("train" in given and cfg.train == "adapter"):
         fail("--model echocare has no adapters: use --train heads|image|text|full")
     recipe = {**echocare.RECIPE, "train": "heads", "adapter": "none"}
@@ -92,11 +108,11 @@ temperature = cfg.temperature or (0.07 if cfg.train == "adapter" else 0.0)  # 0.
 rank, world, device = setup_distributed(cfg.device)
 is_main = rank == 0
 precision = resolve_precision(cfg.precision, device, verbose=is_main)  # what validation runs in
-name = {"none": "", "lora": "LoRA", "mona": "Mona"}[cfg.adapter]
-row = f"CLIP ({name or cfg.train}, ft.)" if cfg.model == "clip" else "EchoCare-CLIP"
+row = "EchoCare-CLIP" if cfg.model == "echocare" else row_name("clip", cfg.adapter, True,
+                                                                train=cfg.train)
 dataset_name = Path(cfg.manifest).stem if cfg.manifest else "phantom"
-out = Path(cfg.out_dir or Path("runs") / "train_contrastive" /
-           f"{dataset_name}-{cfg.train}-{cfg.adapter}-{time.strftime('%Y%m%d-%H%M%S')}")
+out = Path(cfg.out_dir or default_out_dir("train_contrastive", dataset_name, cfg.train,
+                                          cfg.adapter))
 what = identity("train_contrastive", "contrastive", cfg.model, cfg.adapter, cfg.train)  # its record
 folder = RunFolder(out, cfg.resume, given=bool(cfg.out_dir), main=is_main, expect=what)
 folder.check()  # the folder is made at the first batch
@@ -124,8 +140,10 @@ def read_split(pairs: list, path: Path) -> dict:
         return manifest.load_split(saved, pairs)
     seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
     hold = [h.strip() for h in cfg.hold_out.split(",") if h.strip()]
-    if "hold_out" not in given:  # a recipe default: hold out only the data sets this manifest has
-        hold = [h for h in hold if h.lower() in {p.dataset.lower() for p in pairs}]
+    if "hold_out" not in given and hold:  # the recipe's: those the manifest has, said either way
+        hold, said = echocare.recipe_hold_out(cfg.hold_out, {p.dataset for p in pairs})
+        if is_main:
+            print(said)
     split = manifest.make_split(pairs, cfg.split, seed, hold)
     folder.split = {"manifest": str(path), "seed": seed, "spec": cfg.split,
                     "hold_out": cfg.hold_out, **split}
@@ -156,23 +174,33 @@ if is_main:
 def clip_model() -> ContrastiveCLIP:
     """CLIP (weights or random tiny), the adapter, and requires_grad as --train names it."""
     clip = build_clip(cfg.weights, cfg.arch)
-    apply_adapter(clip, AdapterConfig(kind=cfg.adapter), freeze=False)
+    apply_adapter(clip, AdapterConfig(kind=cfg.adapter, mona_variant=cfg.mona_variant), freeze=False)
     model = ContrastiveCLIP(clip, temperature)
     set_trainable(model, cfg.train, learn_temperature=temperature == 0.0)
     return model
 
 
+def echocare_model():
+    """EchoCare-CLIP's dual encoder (Swin + CLIP/BERT text, MLP heads), with the same forward, and
+    data sets of its own (its transform and statistics): docs/contrastive.md."""
+    return echocare.for_contrastive(
+        parts, device, cfg.train, text_encoder=cfg.text_encoder,
+        arch="tiny" if cfg.arch == "tiny" else "echocare",
+        random_weights=cfg.weights.lower() == "none",
+        image_weights=cfg.image_weights or None, text_weights=cfg.text_weights or None,
+        norm=cfg.norm_stats, image_size=cfg.image_size, grad_checkpointing=cfg.grad_checkpointing,
+        augment=cfg.augment)
+
+
 if cfg.model == "echocare":
-    # EchoCare-CLIP's dual encoder (Swin + CLIP/BERT text, MLP heads), with the same forward and
-    # data sets of its own (its transform and statistics): docs/contrastive.md.
-    model, train_set, val_set = echocare.for_contrastive(cfg, parts, device)
+    model, train_set, val_set = echocare_model()
 else:
     model = clip_model().to(device)
-adapter_cfg = AdapterConfig(kind=cfg.adapter)
+adapter_cfg = AdapterConfig(kind=cfg.adapter, mona_variant=cfg.mona_variant)
 trainable, total = count_parameters(model)
 captions = [p.caption for p in val_set.pairs]
-norm = {"clip_norm": cfg.clip_norm, "mean": list(CLIP_MEAN if cfg.clip_norm else (0.0,) * 3),
-        "std": list(CLIP_STD if cfg.clip_norm else (1.0,) * 3)}
+mean, std = mean_std(cfg.clip_norm)
+norm = {"clip_norm": cfg.clip_norm, "mean": list(mean), "std": list(std)}
 if cfg.model == "echocare":  # its own statistics (the authors' or this run's training split)
     norm = {"clip_norm": False, "mean": list(model.mean), "std": list(model.std)}
 if is_main:
@@ -196,16 +224,26 @@ def evaluate(model) -> tuple[float, dict]:
     # The validation loss over batches of the global training batch, so 2 ranks x B equal 1 x 2B.
     metrics = validate(model, val_loader, captions, cfg.batch_size * world, device,
                        gather=gather_list if world > 1 else None,
-                       precision=precision)
+                       precision=precision, stable_ties=cfg.stable_ties)
     return metrics["loss"], metrics
+
+
+def untrained_metrics() -> dict:
+    """The validation before training, logged once: a resumed run reads it from its log.jsonl
+    (every rank alike), so the log never holds it twice."""
+    logged = [r["untrained"] for r in read_jsonl(out / "log.jsonl") if "untrained" in r]
+    if cfg.resume and logged:
+        return logged[0]
+    metrics = evaluate(model)[1]
+    log(untrained=metrics)
+    return metrics
 
 
 settings = loop.Settings.of(cfg, eval_every=1, best="min", nonfinite="skip", metric="loss",
                             unit="pairs")
 loader = loop.train_loader(train_set, cfg.batch_size, cfg.workers, cfg.seed, rank, world)
 folder.begin(cfg)  # all of the above was validation: the run folder is made at the first batch
-untrained = evaluate(model)[1]
-log(untrained=untrained)
+untrained = untrained_metrics()
 if is_main:
     print("untrained: " + ", ".join(f"{k} {fmt(untrained.get(k))}" for k in METRICS))
 start = time.time()

@@ -1,7 +1,7 @@
-"""train_seg.py: one row of the ultrasound-CLIP paper's Table 2 (lesion segmentation).
+"""train_seg.py: one row of Table 2 (lesion segmentation) of Qu et al., "Adapting Vision-Language
+Foundation Model for Next Generation Medical Ultrasound Image Analysis" (the ultrasound-CLIP paper).
 
-The paper: Qu et al., "Adapting Vision-Language Foundation Model for Next Generation Medical
-Ultrasound Image Analysis" (official code jinggqu/NextGen-UIA). CLIP ViT-B/16's vision tower,
+As its official code (jinggqu/NextGen-UIA) runs it: CLIP ViT-B/16's vision tower,
 with LoRA or Mona (or neither), blocks 3/6/9 fused by the feature reducer, bilinear up-sampling
 and a 1x1 conv (§3.2). Dice-CE loss, AdamW, cosine schedule, best
 validation Dice picks the checkpoint, seeds 1, 2, 3 averaged (§4.2). The training loop itself is

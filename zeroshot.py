@@ -1,14 +1,14 @@
-"""zeroshot.py: one row of the ultrasound-CLIP paper's Table 3, zero-shot group (or EchoCare-CLIP's
-prompt).
+"""zeroshot.py: one row of Table 3, zero-shot group, of Qu et al., "Adapting Vision-Language
+Foundation Model for Next Generation Medical Ultrasound Image Analysis" (the ultrasound-CLIP
+paper), or with the prompt of "Ultrasound Vision-Language Alignment via Contrastive Learning"
+(EchoCare-CLIP).
 
 Per class, a set of prompts is encoded and L2-normalised; an image's logit for a class is
 100·cos(image, prompt) averaged over that class's prompts; softmax, then P(malignant) > 0.5
 (the official code's zero-shot evaluation, which scores every image of the data set: `--split
-all`). Prompts: `paper` (§4.3 of the ultrasound-CLIP paper, Qu et al., "Adapting
-Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis": LN and
-BUSI), `echocare` ("An ultrasound image of {organ} with {label} findings.", EchoCare-CLIP's,
-"Ultrasound Vision-Language Alignment via Contrastive Learning"), `ensemble` (ten paraphrases
-per class) or a JSON file {class: [prompts]}.
+all`). Prompts: `paper` (§4.3 of the ultrasound-CLIP paper: LN and BUSI), `echocare` ("An
+ultrasound image of {organ} with {label} findings.", EchoCare-CLIP's), `ensemble` (ten
+paraphrases per class) or a JSON file {class: [prompts]}.
 """
 from __future__ import annotations
 
@@ -23,23 +23,24 @@ from tqdm import tqdm
 from clip_us import metrics, tables, viz
 from clip_us.adapters import AdapterConfig
 from clip_us.config import ZeroShotConfig, parse_config, report_errors
-from clip_us.data import DataConfig, build_datasets
+from clip_us.data import build_datasets
 from clip_us.evaluation import prompts
 from clip_us.evaluation.protocol import class_logits
 from clip_us.fileio import write_json
 from clip_us.loop import setup_distributed
 from clip_us.precision import inference, resolve_precision
 from clip_us.runs import (
-    CROP,
     RunFolder,
+    data_config,
     default_out_dir,
     init_checkpoint,
     make_results,
     row_name,
     summarize_seeds,
 )
-from clip_us.taskmodel import adapt, build_clip
+from clip_us.taskmodel import adapt
 from clip_us.tokenizer import tokenize
+from clip_us.weights import build_clip
 
 ZS_METRICS = ("acc", "auc", "sensitivity", "specificity", "f1")
 EXAMPLES = """examples:
@@ -60,7 +61,7 @@ print(f"zeroshot.py: {row} on {cfg.dataset} ({cfg.split} images), {device}; outp
       f"(config.json has every setting)")
 
 # ----------------------------------------------------------------------------- model and prompts
-adapter_cfg = AdapterConfig(kind=cfg.adapter)
+adapter_cfg = AdapterConfig(kind=cfg.adapter, mona_variant=cfg.mona_variant)
 model = adapt(build_clip(cfg.weights, cfg.arch), adapter_cfg, cfg.init or None,
               cfg.clip_norm).eval()
 model = model.to(device)
@@ -71,7 +72,7 @@ prompt_key = (cfg.prompt_set or cfg.nextgen_name or cfg.dataset).lower().replace
 prompt_key = "busi" if prompt_key == "phantom" else prompt_key
 source = cfg.prompts
 if source == "auto":
-    source = "paper" if prompt_key == "busi" or prompt_key.startswith("ln") else "echocare"
+    source = "official" if prompt_key == "busi" or prompt_key.startswith("ln") else "echocare"
 class_prompts = prompts.get_prompts(source, prompt_key, organ=cfg.organ or None)
 print("prompts:", json.dumps(class_prompts, indent=2))
 
@@ -93,12 +94,8 @@ text = encode_prompts(class_prompts)
 # ----------------------------------------------------------------------------- images
 # --split all (the official evaluation) scores every image, so no split is needed or saved.
 every = cfg.split == "all"
-data_cfg = DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task="cls",
-                      size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
-                      nextgen_name=cfg.nextgen_name or None, crop=CROP[cfg.crop],
-                      split_path=None if every else str(out / "split.json"), write_split=False,
-                      split_file=cfg.split_file or None, require_split=not every,
-                      train_aug=False, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
+data_cfg = data_config(cfg, "cls", None if every else str(out / "split.json"),
+                       require_split=not every, train_aug=False)
 train_set, val_set, test_set, info = build_datasets(data_cfg)
 folder.split = info.pop("new_split")
 dataset = torch.utils.data.ConcatDataset([train_set, val_set, test_set]) if every else test_set

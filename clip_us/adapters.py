@@ -301,6 +301,9 @@ def adapter_config_of(model: nn.Module) -> AdapterConfig:
     return AdapterConfig()
 
 
+ADAPTER_LABELS = {"none": "vanilla", "lora": "LoRA", "mona": "Mona"}  # --adapter -> row names
+
+
 def check_adapter_config(saved: AdapterConfig, model: nn.Module) -> None:
     """Raise ValueError naming every setting where `saved` and the model's adapters differ."""
     have = adapter_config_of(model)
@@ -311,8 +314,7 @@ def check_adapter_config(saved: AdapterConfig, model: nn.Module) -> None:
              for k in CHECKED.get(saved.kind, ())
              if _norm(getattr(saved, k)) != _norm(getattr(have, k))]
     if diffs:
-        name = {"lora": "LoRA", "mona": "Mona"}[saved.kind]
-        raise ValueError(f"checkpoint has {name} " + "; ".join(diffs) +
+        raise ValueError(f"checkpoint has {ADAPTER_LABELS[saved.kind]} " + "; ".join(diffs) +
                          ": add the adapter with the checkpoint's settings")
 
 

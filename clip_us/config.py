@@ -214,11 +214,12 @@ def _message(err) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
-def fail(message):
-    """A usage or data error: `error: <message>` on stderr, no traceback, exit status 2.
-    `message` is a text or the exception that carries it."""
+def fail(message, status: int = 2):
+    """A usage or data error: `error: <message>` on stderr, no traceback, exit status `status`
+    (2; 1 for a run that wrote its output but not all of it). `message` is a text or the
+    exception that carries it."""
     print(f"error: {_message(message)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def command_line(*more: str) -> str:
@@ -301,7 +302,7 @@ class RunOptions:
                          "(autocast on CUDA and on CPUs with native bf16; elsewhere fp32, with a "
                          "message)", choices=["fp32", "bf16"])
     out_dir: str = opt("", "run folder ('' = a new one in runs/<script>/, named by the data and "
-                       "the time); a folder given again keeps its split.json")
+                       "the time)")
     debug: bool = opt(False, "show the traceback of an error")
 
 
@@ -345,12 +346,22 @@ class FolderOptions:
                     "prostate (their images come cropped)", choices=["auto", "yes", "no"])
 
 
+MONA_VARIANTS = ["baseline", "noise_aware", "freq_enhanced", "hybrid"]  # mona.VARIANTS (tested)
+
+
 @option_group
 class AdapterOptions:
     """adapter (in CLIP's vision tower)"""
-    adapter: str = opt("mona", "adapter in the vision tower", choices=["none", "lora", "mona"])
-    init: str = opt("", "a train_contrastive.py best.pt whose adapter (and fine-tuned backbone) "
-                    "the model starts from: the ft. rows ('' = none)")
+    adapter: str = opt("mona", "adapter in the vision tower; with --init, the file's adapter "
+                       "(another one given is refused)", choices=["none", "lora", "mona"])
+    init: str = opt("", "a checkpoint whose adapter (and fine-tuned backbone) the model starts "
+                    "from: a train_contrastive.py best.pt (the ft. rows), an official NextGen-UIA "
+                    "file, or a train_seg.py / train_cls.py checkpoint ('' = none)")
+    mona_variant: str = opt("noise_aware", "--adapter mona: which of the official Mona variants "
+                            "(baseline is the one the paper's text describes); with --init, the "
+                            "file's unless given; the default is the official script's "
+                            "--mona_variant, here src/models/clip/segmentation.py's (zero-shot: "
+                            "zero_shot.py's)", choices=MONA_VARIANTS)
 
 
 @option_group
@@ -371,7 +382,8 @@ class TrainOptions:
     decay: str = opt("all", "which parameters decay: all trainable ones (official code) or "
                      "matrices (none on norms, biases, embeddings)", choices=["all", "matrices"])
     grad_clip: float = opt(0.0, "clip the gradient norm to this (0 = off)")
-    amp: bool = opt(True, "training steps: bf16 autocast on CUDA (no effect on the CPU)")
+    amp: bool = opt(False, "training steps in bf16 autocast on CUDA: faster; off = fp32, as the "
+                    "official code trains (no effect on the CPU)")
     resume: bool = opt(False, "continue a killed run from its last.pt in --out-dir")
 
 
@@ -383,13 +395,31 @@ class ManifestOptions:
     image_col: str = opt("", "the manifest's image column ('' = detected)")
     caption_col: str = opt("", "the manifest's caption column ('' = detected)")
     # manifest.NOT_WHITELISTED: the official fine-tuning code's whitelist, verbatim
-    ascii_only: bool = opt(False, "delete the characters outside the official code's whitelist "
+    ascii_only: bool = opt(True, "delete the characters outside the official code's whitelist "
                            "(ASCII letters, digits, whitespace and punctuation but the percent "
-                           "sign, plus … ± ° µ μ ≤ ≥ ≈ → – — •) before the 20-character rule")
+                           "sign, plus … ± ° µ μ ≤ ≥ ≈ → – — •) before the 20-character rule, "
+                           "as src/datasets/finetune.py does; --no-ascii-only keeps every "
+                           "character")
     seed: int = opt(1, "random seed: the split, initialisation, batch order, bootstrap")
 
 
 # ----------------------------------------------------------------------------- the scripts' configs
+# The official code's argparse defaults per row of Tables 2 and 3 (NextGen-UIA commit 2e5fd63):
+# --epochs 1000 in src/models/{clip,metaclip,unimedclip,dino,clipseg}/segmentation.py (and
+# classification.py), 200 in src/models/{biomedclip,baselines}/*.py and scripts/*.sh; --batch_size
+# 24 in src/models/dino/*.py, 32 elsewhere. --epochs 0 / --batch-size 0 (the defaults) mean these.
+OFFICIAL_EPOCHS = {"clip": 1000, "metaclip": 1000, "unimedclip": 1000, "dinov2": 1000,
+                   "clipseg": 1000, "biomedclip": 200, "unet": 200, "resnet18": 200}
+OFFICIAL_BATCH = {"dinov2": 24}  # every other row: 32
+
+
+def row_defaults(cfg):
+    """A train_seg/train_cls config with --epochs 0 and --batch-size 0 (the defaults) replaced by
+    the official values of its row (--backbone), as config.json then records them."""
+    return dataclasses.replace(cfg, epochs=cfg.epochs or OFFICIAL_EPOCHS[cfg.backbone],
+                               batch_size=cfg.batch_size or OFFICIAL_BATCH.get(cfg.backbone, 32))
+
+
 @dataclass
 class SupervisedConfig(RunOptions, TrainOptions, AdapterOptions, ModelOptions, DataOptions,
                        PhantomOptions, FolderOptions):
@@ -415,7 +445,11 @@ class SupervisedConfig(RunOptions, TrainOptions, AdapterOptions, ModelOptions, D
     clipseg_weights: str = opt("default", "CLIPSeg decoder: a Hugging Face "
                                "CIDAS/clipseg-rd64-refined folder, default (the cache's) or none "
                                "(random)")
-    prompt: str = opt("", "CLIPSeg prompt ('' = the data set's benign/malignant description)")
+    prompt: str = opt("", "CLIPSeg prompt: free text in place of --clipseg-prompts' text for "
+                      "the data set ('' = that text)")
+    clipseg_prompts: str = opt("official", "CLIPSeg prompts per data set: official "
+                               "(NextGen-UIA's src/models/clipseg/prompt.py) or ours (the paper's "
+                               "§4.3 wording)", choices=["official", "ours"])
     layers: list = opt([3, 6, 9], "vision blocks (0-based) the head reads")
     reduce_dim: int = opt(512, "feature reducer width")
     fuse: str = opt("sum", "how the reduced blocks are fused: sum (official code) or concat "
@@ -427,6 +461,14 @@ class SupervisedConfig(RunOptions, TrainOptions, AdapterOptions, ModelOptions, D
                           "the checkpoint")
     checkpoint: str = opt("", "the seed<N>/best.pt that --eval-only evaluates ('' = none)")
     n_figures: int = opt(8, "test cases drawn in the overlay figure")
+    # the official scripts' per-row recipe (OFFICIAL_EPOCHS, OFFICIAL_BATCH above)
+    epochs: int = default_of(TrainOptions, "epochs", 0, min=0,
+                             note="0 = the row's official default: 1000 for clip, metaclip, "
+                             "unimedclip, dinov2, clipseg (src/models/<row>/*.py), 200 for "
+                             "biomedclip, unet, resnet18 (their argparse, scripts/*.sh)")
+    batch_size: int = default_of(RunOptions, "batch_size", 0, min=0,
+                                 note="0 = the row's official default: 24 for dinov2 "
+                                 "(src/models/dino/*.py), 32 for the others")
 
 
 @dataclass
@@ -438,6 +480,11 @@ class ClsConfig(DecisionOptions, SupervisedConfig):
                         choices=["auto", "mlp", "pool", "linear"])
     focal: str = opt("sigmoid", "MONAI FocalLoss variant: sigmoid (its default) or softmax",
                      choices=["sigmoid", "softmax"])
+    mona_variant: str = opt("freq_enhanced", "--adapter mona: which of the official Mona "
+                            "variants (baseline is the one the paper's text describes); with "
+                            "--init, the file's unless given; the default is the official "
+                            "script's --mona_variant, here src/models/clip/classification.py's",
+                            choices=MONA_VARIANTS)
 
 
 @dataclass
@@ -448,8 +495,10 @@ class ZeroShotConfig(RunOptions, DecisionOptions, AdapterOptions, ModelOptions, 
     split: str = opt("all", "images scored: all (every image, as the official evaluation) or "
                      "test (the test part of --split-file or of a new 8:1:1 split)",
                      choices=["all", "test"])
-    prompts: str = opt("auto", "auto (the paper's where it has one, else echocare), paper, "
-                       "echocare, ensemble, or a JSON file {class: [prompts]}")
+    prompts: str = opt("auto", "auto (official for LN and BUSI, else echocare), official (the "
+                       "official zero-shot script's ten prompts per class, "
+                       "src/models/zero_shot_prompt.py), paper (its §4.3 prompt), echocare, "
+                       "ensemble (our own ten templates), or a JSON file {class: [prompts]}")
     prompt_set: str = opt("", "whose prompts: busi, ln1, tn3k, ... ('' = --nextgen-name or "
                           "--dataset)")
     organ: str = opt("", "organ named in the echocare/ensemble prompts ('' = the data set's)")
@@ -490,14 +539,23 @@ class ContrastiveConfig(RunOptions, EchoCareOptions, TrainOptions, ModelOptions,
     split: str = opt("90,10", "without a split column: train,val (seeded shuffle, the official "
                      "code) or train,val,test (stratified by data set, EchoCare-CLIP)")
     split_seed: int = opt(-1, "seed of the split (-1 = --seed)")
-    hold_out: str = opt("", "data sets kept out of training, comma-separated ('' = none; "
-                        "EchoCare-CLIP: busi,liver)")
+    hold_out: str = opt("", "data sets kept out of training, comma-separated, matched "
+                        "case-insensitively ('' = none; --model echocare: the authors' "
+                        "Dataset_BUSI_with_GT,Liver_ultrasound, those the manifest has)")
+    stable_ties: bool = opt(False, "validation's strict_* retrieval ranks with a stable sort "
+                            "(ties in column order) instead of the authors' np.argsort(-sim, "
+                            "axis=1) on float32")
     min_lr: float = opt(1e-8, "the learning rate where the cosine schedule ends")
     schedule: str = opt("iter", "cosine stepped per iteration (the ultrasound-CLIP paper) or per "
                         "epoch (EchoCare-CLIP)", choices=["iter", "epoch"])
     max_skips: int = opt(5, "non-finite batches in a row that stop the run (single ones are "
                          "skipped, counted)")
     # the official fine-tuning code's recipe where it differs from the supervised scripts'
+    mona_variant: str = opt("noise_aware", "--adapter mona: which of the official Mona variants "
+                            "(baseline is the one the paper's text describes); the default is "
+                            "src/models/clip/finetune.py's --mona_variant", choices=MONA_VARIANTS)
+    batch_size: int = default_of(RunOptions, "batch_size", 32, note="32 is the paper's; the "
+                                 "official src/models/clip/finetune.py's is 64")
     phantom_n: int = default_of(PhantomOptions, "phantom_n", 400)
     epochs: int = default_of(TrainOptions, "epochs", 1000)
     patience: int = default_of(TrainOptions, "patience", 10)
@@ -514,9 +572,10 @@ class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
                         "benign/malignant)")
     checkpoint: list = opt([], "a train_contrastive.py or EchoCare-CLIP checkpoint to evaluate "
                            "(default: none; repeatable)", repeat=True)
-    weights: list = opt([], "vanilla CLIP to evaluate: a name, a file or none (default: --arch's "
-                        "published weights when no --checkpoint is given; repeatable)",
-                        repeat=True)
+    weights: list = opt([], "vanilla model to evaluate: a CLIP name, file or none, or "
+                        "BiomedCLIP (biomedclip = the cache's folder, or a folder with "
+                        "open_clip_config.json) (default: --arch's published weights when no "
+                        "--checkpoint is given; repeatable)", repeat=True)
     image_size: int = default_of(ModelOptions, "image_size", 224,
                                  note="--weights models only: a checkpoint uses its own")
     clip_norm: bool = default_of(ModelOptions, "clip_norm", True,
@@ -524,21 +583,46 @@ class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
     name: list = opt([], "row names, checkpoints first, then weights (default: each model's "
                      "own; repeatable)", repeat=True)
     allow_overlap: bool = opt(False, "evaluate even on images a model trained on")
+    split: str = opt("test", "images scored: test (the split's test part) or all (every image: "
+                     "alignment, retrieval and zero-shot only, as the authors scored their liver "
+                     "set; the probes and few-shot stages need a split and are skipped)",
+                     choices=["test", "all"])
+    prompt_organ: str = opt("", "zero-shot: the organ every prompt names ('' = each image's own; "
+                            "breast = the authors' in-distribution prompt, which says breast for "
+                            "every organ)")
+    stable_ties: bool = opt(False, "strict_* retrieval ranks with a stable sort (ties in column "
+                            "order) instead of the authors' np.argsort(-sim, axis=1) on float32")
     probe_fractions: list = opt([0.01, 0.05, 0.10], "few-shot probe: fractions of each class's "
                                 "training images", fraction=True)
     probe_seeds: list = opt([42, 43, 44, 45, 46], "few-shot probe: one subset per seed (the "
                             "authors' five)")
-    e2e_fractions: list = opt([0.005, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.30], "end-to-end "
-                              "few-shot: fractions of each class's training images",
+    fit: str = opt("organ", "linear probe, few-shot probe and end-to-end: organ = one fit per "
+                   "organ (organs in train, val and test; classes with >= 2 training rows), "
+                   "reported per organ and as the macro and test-count-weighted means across "
+                   "organs (the authors'); pooled = one fit on all organs (ours)",
+                   choices=["organ", "pooled"])
+    e2e: str = opt("whole", "end-to-end few-shot: whole = a copy of the whole model trains (both "
+                   "encoders, heads, temperature; the authors'). One run (4 epochs, 16 images "
+                   "per step) costs per training step, batch 16, fp32: ViT-B/16 at 224 about "
+                   "7 s on a 2-core AVX2 CPU and about 0.1 s on one A100/H100-class GPU "
+                   "(estimate); the EchoCare Swin at 256 about 12 s on that CPU, about 0.15 s on "
+                   "such a GPU (estimate); bench/bench_e2e.py, BENCHMARKS.md. heads = only the "
+                   "heads and temperature on cached features (ours, far cheaper)",
+                   choices=["whole", "heads"])
+    e2e_fractions: list = opt([0.01, 0.05, 0.10], "end-to-end few-shot: fractions of each "
+                              "class's training images (the authors' published settings)",
                               fraction=True)
-    e2e_seeds: list = opt([42, 43, 44], "end-to-end few-shot: one subset and batch order per "
-                          "seed")
-    e2e_epochs: int = opt(8, "end-to-end few-shot epochs", min=1)
+    e2e_seeds: list = opt([42], "end-to-end few-shot: one subset and batch order per seed "
+                          "(the authors': 42)")
+    e2e_epochs: int = opt(4, "end-to-end few-shot epochs (the authors': 4)", min=1)
     e2e_batch_size: int = opt(16, "end-to-end few-shot batch", min=1)
     e2e_lr: float = opt(0.0, "0 = 1e-5 for trained models, 5e-6 for vanilla", min=0)
     bootstrap: int = opt(1000, "resamples (0 = no CIs)", min=0)
     seed: int = default_of(ManifestOptions, "seed", 42)
-    out_dir: str = default_of(RunOptions, "out_dir", "", note="its cached features too")
+    ascii_only: bool = default_of(ManifestOptions, "ascii_only", False,
+                                  note="off here: EchoCare-CLIP's evaluation keeps every character")
+    out_dir: str = default_of(RunOptions, "out_dir", "", note="given again, it keeps its "
+                              "split.json and its cached features")
 
 
 # ----------------------------------------------------------------------------- --eval-only

@@ -33,7 +33,7 @@ from .losses import clip_loss
 from .model import CLIP
 from .precision import inference
 from .tokenizer import tokenize
-from .transform import CLIP_MEAN, CLIP_STD, Preprocess
+from .transform import Preprocess, mean_std
 
 __all__ = ["TRAIN_MODES", "CaptionDataset", "caption_dataset", "ContrastiveCLIP", "set_trainable",
            "trainable_names", "validate", "MAX_LOGIT_SCALE"]
@@ -75,8 +75,7 @@ def caption_dataset(pairs, size: int = 224, clip_norm: bool = True,
     ``clip_norm=False`` as the official fine-tuning fed them. Captions: CLIP's tokenizer,
     truncated to the context with the end-of-text token kept last.
     """
-    mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
-    return CaptionDataset(pairs, Preprocess(size, mean, std),
+    return CaptionDataset(pairs, Preprocess(size, *mean_std(clip_norm)),
                           functools.partial(tokenize, context_length=context_length, truncate=True))
 
 
@@ -180,10 +179,10 @@ def batch_losses(img: torch.Tensor, txt: torch.Tensor, scale: float, batch_size:
 
 
 def validate(model, loader, captions: list[str], batch_size: int, device,
-             gather=None, precision: str = "fp32") -> dict:
+             gather=None, precision: str = "fp32", stable_ties: bool = False) -> dict:
     """Loss, strict_* and dup_* retrieval both ways and alignment on the whole validation set.
 
-    `loader` yields this rank's shard; `gather` (engine.gather_list under DDP) collects every
+    `loader` yields this rank's shard; `gather` (loop.gather_list under DDP) collects every
     rank's rows, which are put back in data set order, so every rank returns the same numbers.
     """
     idx, img, txt = embed(model, loader, device, precision)
@@ -196,8 +195,6 @@ def validate(model, loader, captions: list[str], batch_size: int, device,
     out = {"loss": batch_losses(img, txt, scale, batch_size), "n": len(idx),
            "temperature": 1.0 / scale}
     if len(idx) >= 2:
-        out.update(metrics.strict_retrieval(img, txt))
-        out.update(metrics.dup_retrieval(img, txt, [captions[i] for i in idx]))
-        out.update(metrics.alignment_scores(img, txt))
+        out.update(metrics.pair_scores(img, txt, [captions[i] for i in idx], stable_ties))
     out["loss"] = out["loss"] if math.isfinite(out["loss"]) else float("inf")
     return out

@@ -59,7 +59,7 @@ from torch.utils.data import Dataset
 from . import phantom, splits
 from .fileio import cache_dir
 from .labels import CLASSES, parse_label
-from .transform import CLIP_MEAN, CLIP_STD, HIGH_DEPTH_MODES, open_image, to_working_image
+from .transform import HIGH_DEPTH_MODES, mean_std, open_image, to_working_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LAYOUTS = ("busi", "nextgen", "prostate", "tn3k", "ddti", "folder", "phantom")
@@ -733,13 +733,13 @@ def augment(im: Image.Image, mask: Image.Image | None, size: int):
 def to_tensor(im: Image.Image, clip_norm: bool) -> torch.Tensor:
     """uint8 grayscale [S, S] -> float [3, S, S], CLIP-normalised or in [0, 1]."""
     # In numpy, in one pass: small torch ops in a loader process cost more than the maths.
-    mean, std = (_MEAN_STD if clip_norm else _RAW)
+    mean, std = _NORM[bool(clip_norm)]
     x = np.asarray(im, dtype=np.float32)[None] / 255.0         # [S, S] -> [1, S, S]
     return torch.from_numpy((x - mean) / std)                  # [1, S, S] -> [3, S, S]
 
 
-_MEAN_STD = (np.float32(CLIP_MEAN).reshape(3, 1, 1), np.float32(CLIP_STD).reshape(3, 1, 1))
-_RAW = (np.zeros((3, 1, 1), np.float32), np.ones((3, 1, 1), np.float32))
+_NORM = {norm: tuple(np.float32(v).reshape(3, 1, 1) for v in mean_std(norm))  # clip_norm -> arrays
+         for norm in (True, False)}
 
 
 class UltrasoundDataset(Dataset):

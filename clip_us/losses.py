@@ -1,5 +1,7 @@
-"""Training losses: Dice-CE and focal (supervised heads, paper 003 §3.3 / NextGen-UIA's MONAI losses)
-and the symmetric InfoNCE contrastive loss of CLIP (DDP-aware, following open_clip's gathering).
+"""Training losses: Dice-CE and focal (the supervised heads: §3.3 of Qu et al., "Adapting
+Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis", as
+NextGen-UIA's MONAI losses compute them) and the symmetric InfoNCE contrastive loss of CLIP
+(DDP-aware, following open_clip's gathering).
 
 Stand-alone: torch only, nothing else from clip_us, so the file can be copied.
 

@@ -403,29 +403,32 @@ def alignment_scores(img, txt) -> dict:
 
 # Retrieval is ranked as in the code of "Ultrasound Vision-Language Alignment via Contrastive
 # Learning" (EchoCare-CLIP); train_contrastive.py's validation and evaluate.py both report it.
-def _best_first(sim: np.ndarray) -> np.ndarray:
-    """[rows, N] column indices of each row, best first: the one place where retrieval breaks ties,
-    strict and duplicate-aware alike. A stable sort, so equal scores keep column order (this
-    flatters collapsed embeddings, which is why the alignment gap is reported beside recall).
-    EchoCare-CLIP's authors call numpy's default ``np.argsort(-sim, axis=1)`` on float32."""
-    return np.argsort(-sim, axis=1, kind="stable")
+def _best_first(sim: np.ndarray, stable: bool) -> np.ndarray:
+    """[rows, N] column indices of each row, best first: the one place where retrieval breaks
+    ties. ``stable=False`` is the authors' call, ``np.argsort(-sim, axis=1)``: numpy's default
+    (unstable) sort, whose order among equal scores depends on the dtype and on numpy's sorting
+    kernel, so `sim` must be their float32 matrix. ``stable=True`` keeps equal scores in column
+    order (this flatters collapsed embeddings, which is why the alignment gap is reported beside
+    recall)."""
+    return np.argsort(-sim, axis=1, kind="stable") if stable else np.argsort(-sim, axis=1)
 
 
-def _first_match(sim: np.ndarray, match: np.ndarray) -> np.ndarray:
+def _first_match(sim: np.ndarray, match: np.ndarray, stable: bool) -> np.ndarray:
     """0-based position of each row's first matching column in the order of :func:`_best_first`."""
-    hits = np.take_along_axis(match, _best_first(sim), axis=1)  # [rows, N] bool, True at a match
+    hits = np.take_along_axis(match, _best_first(sim, stable), axis=1)  # [rows, N] bool, True at a match
     return hits.argmax(axis=1)
 
 
-def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int) -> dict:
+def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int, stable: bool) -> dict:
     """{"i2t", "t2i"}: each row's rank, where columns with the row's group id match.
-    [chunk, N] similarity blocks keep memory O(chunk·N)."""
+    [chunk, N] similarity blocks keep memory O(chunk·N). Text-to-image ranks the transposed
+    image-text products, as the authors rank ``sim.T`` (up to `chunk` pairs, the very matrix)."""
     ranks = {"i2t": [], "t2i": []}
     for start in range(0, len(a), chunk):
         rows = slice(start, start + chunk)
         match = g[rows, None] == g[None, :]  # [chunk, N]
-        ranks["i2t"].append(_first_match(a[rows] @ b.T, match))
-        ranks["t2i"].append(_first_match(b[rows] @ a.T, match))
+        ranks["i2t"].append(_first_match(a[rows] @ b.T, match, stable))
+        ranks["t2i"].append(_first_match((a @ b[rows].T).T, match, stable))  # [N, chunk] -> [chunk, N]
     return {d: np.concatenate(r) for d, r in ranks.items()}
 
 
@@ -435,33 +438,48 @@ def _retrieval_report(ranks: dict, ks) -> dict:
     return out
 
 
-def retrieval_ranked(img, txt, ks: Sequence[int] = (1, 5, 10), captions=None, chunk: int = 1024) -> dict:
+def retrieval_ranked(img, txt, ks: Sequence[int] = (1, 5, 10), captions=None, chunk: int = 1024,
+                     stable: bool = False) -> dict:
     """Recall@K both ways and the mean (1-based) rank, ranked as EchoCare-CLIP's code does.
 
-    Strict (``captions=None``): row i matches only column i; each row is ordered by
-    :func:`_best_first`, so ties fall in column order. Duplicate-aware (``captions`` = the caption
-    texts, one per pair): every column whose caption text equals row i's counts, and the first of
-    them in the same order gives the rank, so duplicate-aware recall >= strict recall.
-    Keys: ``i2t_R@1`` ... ``t2i_R@10``, ``i2t_mean_rank``, ``t2i_mean_rank``; the scripts report
-    them through :func:`strict_retrieval` and :func:`dup_retrieval`.
+    Strict (``captions=None``): row i matches only column i. Duplicate-aware (``captions`` = the
+    caption texts, one per pair): every column whose caption text equals row i's counts, and the
+    first of them in the same order gives the rank, so duplicate-aware recall >= strict recall
+    (under one order). The order is :func:`_best_first`'s: by default the authors' (numpy's
+    default sort on the float32 similarities), with ``stable`` a stable sort on float64 ones
+    (ties in column order). Keys: ``i2t_R@1`` ... ``t2i_R@10``, ``i2t_mean_rank``,
+    ``t2i_mean_rank``; the scripts report them through :func:`strict_retrieval` and
+    :func:`dup_retrieval`.
     """
     a, b = _embeddings(img, txt)
+    if not stable:  # the authors' similarity matrix is float32, and their tie order depends on it
+        a, b = a.astype(np.float32), b.astype(np.float32)
     g = np.arange(len(a)) if captions is None else np.unique(np.asarray(captions), return_inverse=True)[1]
     if len(g) != len(a):
         raise ValueError(f"retrieval_ranked: {len(g)} captions for {len(a)} pairs.")
-    return _retrieval_report(_chunked_ranks(a, b, g.reshape(-1), chunk), ks)
+    return _retrieval_report(_chunked_ranks(a, b, g.reshape(-1), chunk, stable), ks)
 
 
-def strict_retrieval(img, txt, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
+def strict_retrieval(img, txt, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
+                     stable: bool = False) -> dict:
     """``strict_i2t_R@1`` ... ``strict_t2i_R@10`` and ``strict_*_mean_rank``: row i of `img`
-    matches only row i of `txt` (:func:`retrieval_ranked` without captions)."""
-    return {f"strict_{k}": v for k, v in retrieval_ranked(img, txt, ks, chunk=chunk).items()}
+    matches only row i of `txt` (:func:`retrieval_ranked` without captions), in the authors'
+    order unless ``stable`` (evaluate.py and train_contrastive.py: --stable-ties)."""
+    return {f"strict_{k}": v for k, v in retrieval_ranked(img, txt, ks, chunk=chunk, stable=stable).items()}
 
 
 def dup_retrieval(img, txt, captions, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
     """``dup_i2t_R@1`` ... ``dup_t2i_R@10`` and ``dup_*_mean_rank``: pairs with identical caption
-    texts are interchangeable (:func:`retrieval_ranked` with ``captions``)."""
-    return {f"dup_{k}": v for k, v in retrieval_ranked(img, txt, ks, captions, chunk).items()}
+    texts are interchangeable (:func:`retrieval_ranked` with ``captions``), ranked in the stable
+    order: the family is ours, and column order makes it the same on every machine."""
+    return {f"dup_{k}": v for k, v in retrieval_ranked(img, txt, ks, captions, chunk, stable=True).items()}
+
+
+def pair_scores(img, txt, captions, stable: bool = False) -> dict:
+    """Alignment (paired, cross, gap), strict_* and dup_* retrieval of paired [N, D] embeddings:
+    what train_contrastive.py's validation and evaluate.py both report, composed here once."""
+    return {**alignment_scores(img, txt), **strict_retrieval(img, txt, stable=stable),
+            **dup_retrieval(img, txt, captions)}
 
 
 # ----------------------------------------------------------------------------- EchoCare-CLIP classification

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from . import __version__, loop
 from .adapters import (
+    ADAPTER_LABELS,
     SUPERVISED,
     AdapterConfig,
     adapter_trains,
@@ -29,10 +31,18 @@ from .adapters import (
     format_count,
     identity,
     load_task_state,
+    read_adapter,
     supervised_train,
 )
 from .baselines.backbones import row_label
-from .config import command_line, eval_only_config, given_fields, on_interrupt, report_errors
+from .config import (
+    command_line,
+    eval_only_config,
+    given_fields,
+    on_interrupt,
+    report_errors,
+    row_defaults,
+)
 from .data import DataConfig, build_datasets
 from .fileio import load_checkpoint, write_json
 from .loop import barrier, setup_distributed
@@ -65,7 +75,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def row_name(backbone: str, adapter: str, finetuned: bool, trained: bool | None = None,
-             init_by: str = "") -> str:
+             init_by: str = "", train: str = "") -> str:
     """The table row a run fills, e.g. "CLIP (Mona, ft.)".
 
     `finetuned`: the run started from --init; `init_by`: the script that wrote that file. A
@@ -74,7 +84,8 @@ def row_name(backbone: str, adapter: str, finetuned: bool, trained: bool | None 
     `trained`: whether the adapter trained in the supervised stage (None: no such stage, as in
     zero-shot). The paper's rows follow the official code's rule (adapters.adapter_trains): Mona
     trains, LoRA does not; a run that differs gets its own row, "CLIP (LoRA, trained)" or
-    "CLIP (Mona, frozen)", so it never fills the paper's row.
+    "CLIP (Mona, frozen)", so it never fills the paper's row. `train`: a contrastive
+    fine-tune's --train mode, which names a row without an adapter, "CLIP (full, ft.)".
     """
     note = f"init: {init_by}" if init_by in SUPERVISED else "ft."
     if backbone != "clip":  # "BiomedCLIP", "BiomedCLIP (Mona)", "ResNet18", "unet", ...
@@ -82,17 +93,22 @@ def row_name(backbone: str, adapter: str, finetuned: bool, trained: bool | None 
         if not finetuned:
             return label
         return f"{label[:-1]}, {note})" if label.endswith(")") else f"{label} ({note})"
-    name = {"none": "vanilla", "lora": "LoRA", "mona": "Mona"}[adapter]
+    name = train if adapter == "none" and train else ADAPTER_LABELS[adapter]
     if trained is not None and adapter != "none" and trained != adapter_trains(adapter):
         name += ", trained" if trained else ", frozen"
     return f"CLIP ({name}{', ' + note if finetuned else ''})"
 
 
-def default_out_dir(script: str, dataset: str, row: str) -> Path:
-    slug = row.replace("CLIP (", "clip-").replace(" (", "-").replace(", ", "-").replace(")", "") \
-        .replace(".", "")
+def slug(name: str) -> str:
+    """A folder name from a row or data set name: lower case, each run of characters other than
+    [a-z0-9_] as one '-' ("CLIP (Mona, init: train_seg)" -> "clip-mona-init-train_seg")."""
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "model"
+
+
+def default_out_dir(script: str, *names: str) -> Path:
+    """The default --out-dir of every script: runs/<script>/<names, slugged>-<time>."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / script / f"{dataset}-{slug.lower().replace(' ', '-')}-{stamp}"
+    return Path("runs") / script / "-".join([*map(slug, names), stamp])
 
 
 def summarize_seeds(per_seed: list[dict], keys) -> dict:
@@ -266,7 +282,8 @@ class Run:
         if self.ckpt is not None and "adapter_config" in self.ckpt:
             saved = AdapterConfig.from_dict(dict(self.ckpt["adapter_config"]))
             return dataclasses.replace(saved, lora_shared_dropout=shared)
-        return AdapterConfig(kind=self.cfg.adapter, lora_shared_dropout=shared)
+        return AdapterConfig(kind=self.cfg.adapter, lora_shared_dropout=shared,
+                             mona_variant=self.cfg.mona_variant)
 
     def task_model(self, seed: int, task: str, adapter_cfg, **kw):
         """The seed's model (taskmodel.make_task_model), its parameter count on the console, and
@@ -356,7 +373,24 @@ def init_checkpoint(cfg, ckpt: dict | None = None):
     given = given_fields(type(cfg))
     init_from = check_init(cfg.init, getattr(cfg, "backbone", "clip"), cfg.arch,
                            cfg.adapter if "adapter" in given else None)
-    return dataclasses.replace(cfg, adapter=init_from["adapter"]), init_from
+    cfg = dataclasses.replace(cfg, adapter=init_from["adapter"])
+    return init_variant(cfg, "mona_variant" in given), init_from
+
+
+def init_variant(cfg, given: bool):
+    """With --init of a Mona file, the run's Mona is the file's variant; a --mona-variant `given`
+    that differs is refused. (The official classification script loads its noise_aware
+    fine-tune by name into its freq_enhanced Mona: noise_estimator is dropped and freq_filter
+    stays at ones, so it computes the baseline Mona with the fine-tuned weights. We do not repeat
+    that: docs/reproducing.md.)"""
+    if cfg.adapter != "mona":
+        return cfg
+    variant = read_adapter(cfg.init)[0].mona_variant
+    if given and cfg.mona_variant != variant:
+        raise ValueError(f"--init {cfg.init} holds a {variant} Mona but --mona-variant "
+                         f"{cfg.mona_variant} was given: drop --mona-variant (the file's is used) "
+                         f"or pass --mona-variant {variant}")
+    return dataclasses.replace(cfg, mona_variant=variant)
 
 
 def run_row(cfg, init_from: dict | None) -> str:
@@ -373,7 +407,7 @@ def start_run(cfg, script: str) -> Run:
     ckpt = eval_checkpoint(cfg, script) if cfg.eval_only else None
     if ckpt is not None:
         cfg = eval_only_config(cfg, ckpt, given_fields(type(cfg)))
-    cfg, init_from = init_checkpoint(cfg, ckpt)
+    cfg, init_from = init_checkpoint(row_defaults(cfg), ckpt)  # --epochs/--batch-size 0: the row's
     rank, world, device = setup_distributed(cfg.device)
     row = run_row(cfg, init_from)
     out = Path(cfg.out_dir or default_out_dir(script, cfg.dataset, row))
@@ -395,17 +429,25 @@ def start_run(cfg, script: str) -> Run:
 CROP = {"auto": None, "yes": True, "no": False}  # --crop -> DataConfig.crop
 
 
+def data_config(cfg, task: str, split_path: str | None, **script_own) -> DataConfig:
+    """DataConfig from the data set options train_seg.py, train_cls.py and zeroshot.py share
+    (FolderOptions, DataOptions, PhantomOptions, image size and normalisation). The run folder
+    saves a new split (write_split=False); `script_own`: the fields a script decides itself."""
+    return DataConfig(dataset=cfg.dataset, root=cfg.data_root or None, task=task,
+                      size=cfg.image_size, clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad,
+                      nextgen_name=cfg.nextgen_name or None, crop=CROP[cfg.crop],
+                      split_path=split_path, write_split=False, split_file=cfg.split_file or None,
+                      phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size, **script_own)
+
+
 def supervised_data(run: Run, task: str):
     """(train, val, test, info) for a run; with --eval-only the whole data set is the test set,
     as for an external set such as LN-2."""
     cfg = run.cfg
-    data_cfg = DataConfig(
-        dataset=cfg.dataset, root=cfg.data_root or None, task=task, size=cfg.image_size,
-        clip_norm=cfg.clip_norm, skip_bad=cfg.skip_bad, nextgen_name=cfg.nextgen_name or None,
-        split_path=str(run.out / "split.json"), write_split=False, split_file=cfg.split_file or None,
-        crop=CROP[cfg.crop], mask_threshold=cfg.mask_threshold, train_aug=not cfg.eval_only,
-        require_split=not cfg.eval_only,   # --eval-only tests every image: no minimum size
-        keep_normal=cfg.keep_normal, phantom_n=cfg.phantom_n, phantom_size=cfg.phantom_size)
+    data_cfg = data_config(cfg, task, str(run.out / "split.json"),
+                           mask_threshold=cfg.mask_threshold, keep_normal=cfg.keep_normal,
+                           train_aug=not cfg.eval_only,
+                           require_split=not cfg.eval_only)  # --eval-only: every image, any size
     # Rank 0 writes the phantom; the other ranks then read it (and make the same seeded split).
     if not run.main:
         barrier()
@@ -415,10 +457,9 @@ def supervised_data(run: Run, task: str):
         barrier()
     if cfg.eval_only:
         test = torch.utils.data.ConcatDataset([train, val, test])
-    if run.main and cfg.eval_only:
-        print(f"data: {len(test)} images, every one evaluated (--eval-only)")
-    elif run.main:
-        print(f"data: {len(train)} train / {len(val)} val / {len(test)} test images")
+    if run.main:
+        print(f"data: {len(test)} images, every one evaluated (--eval-only)" if cfg.eval_only
+              else f"data: {len(train)} train / {len(val)} val / {len(test)} test images")
     return train, val, test, info
 
 

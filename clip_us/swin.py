@@ -1,5 +1,5 @@
-"""The old path of `clip_us.echocare.swin`, kept so that users' imports keep working: importing it
-gives that very module."""
+"""The old path of `clip_us.echocare.swin`, kept so that users' imports keep working:
+importing it gives that very module."""
 import sys
 
 from .echocare import swin

@@ -1,11 +1,14 @@
-"""Markdown tables of our results beside the papers' (ultrasound-CLIP's Tables 2, 3; EchoCare-CLIP).
+"""Markdown tables of our results beside the papers': Tables 2 and 3 of Qu et al., "Adapting
+Vision-Language Foundation Model for Next Generation Medical Ultrasound Image Analysis" (the
+ultrasound-CLIP paper), and the held-out results of "Ultrasound Vision-Language Alignment via
+Contrastive Learning" (EchoCare-CLIP).
 
     python -m clip_us.tables RUNS_DIR [--out FILE] [--all-datasets]
 
 collects every `results.json` under RUNS_DIR (the schema the scripts write: task, dataset, row,
-metrics, config, ...) and prints or writes the tables. The paper's numbers are embedded below, transcribed
-from Tables 2 and 3 of the ultrasound-CLIP paper (Qu et al., "Adapting Vision-Language Foundation
-Model for Next Generation Medical Ultrasound Image Analysis"; mean of three runs, in percent).
+metrics, config, ...) and prints or writes the tables. The papers' numbers are embedded below,
+transcribed from Tables 2 and 3 of the ultrasound-CLIP paper (mean of three runs, in percent)
+and from EchoCare-CLIP.
 
 Units. Our results store Dice, IoU, Acc and AUC as fractions in [0, 1]; the tables (and row.csv)
 show them x100, in percent, like the paper. Our HD95, "ASD (directed)" and ASSD are pixels on each
@@ -31,7 +34,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import fail, opt, parse_config, required
+from .config import opt, parse_config, report_errors, required
 from .fileio import write_text
 
 # ----------------------------------------------------------------------------- paper numbers
@@ -198,7 +201,8 @@ def _json_default(obj):
 
 
 def write_results(out_dir, results: dict):
-    """Write OUT_DIR/results.json and, for seg/cls/zeroshot, OUT_DIR/row.csv, each atomically.
+    """Write OUT_DIR/results.json and, for a task with a table row (seg, cls, zeroshot, align),
+    OUT_DIR/row.csv, each atomically.
 
     Returns the list of paths written.
     """
@@ -234,8 +238,9 @@ def load_result(path):
         raise ValueError(f"{path}: not valid JSON ({e}); delete or rewrite this results.json") from e
     missing = [k for k in REQUIRED if k not in res] if isinstance(res, dict) else list(REQUIRED)
     if missing:
-        raise ValueError(f"{path}: results.json lacks {missing}; it was not written by "
-                         "train_seg.py, train_cls.py or zeroshot.py")
+        raise ValueError(f"{path}: results.json lacks {missing}; it was not written by a "
+                         "clip_us script (train_seg.py, train_cls.py, zeroshot.py, "
+                         "train_contrastive.py, evaluate.py): move it out of the folder")
     if res["task"] not in TASKS:
         raise ValueError(f"{path}: unknown task {res['task']!r}; expected one of {TASKS}")
     _check_fractions(path, res)
@@ -481,7 +486,8 @@ def render(chosen, notes=(), all_datasets=False):
     for key, text in notes:  # one footnote per row, however many notes it has
         merged.setdefault(key, []).append(text)
     marks = {key: f"d{i + 1}" for i, key in enumerate(merged)}
-    lines = ["# clip_us results beside the ultrasound-CLIP paper's Tables 2 and 3", ""]
+    lines = ["# clip_us results beside Tables 2 and 3 of Qu et al., \"Adapting Vision-Language "
+             "Foundation Model for Next Generation Medical Ultrasound Image Analysis\"", ""]
     lines += render_table2(chosen, marks, all_datasets) + [""]
     lines += render_table3(chosen, marks, all_datasets) + [""]
     lines += render_echocare(chosen) + [""] if any(t == "align" for t, _, _ in chosen) else []
@@ -522,11 +528,13 @@ def _fmt_ci(res, key):
 
 def render_echocare(chosen):
     """EchoCare-CLIP's table: the authors' published rows, then ours (task align), per data set."""
-    lines = ["## EchoCare-CLIP evaluation (EchoCare-CLIP)", "",
+    lines = ["## EchoCare-CLIP evaluation: \"Ultrasound Vision-Language Alignment via "
+             "Contrastive Learning\"", "",
              "Paper rows: the authors' held-out BUSI results (117 test images, 3 classes). The "
              "abstract's paired 0.682 is BERT with full fine-tuning on the in-distribution test "
              "split, where its cross score is 0.014; the AULI zero-shot 0.626 is the CLIP text "
-             "tower with the image encoder fine-tuned. Ours: evaluate.py, values as stored "
+             "tower with the image encoder fine-tuned, scored on all 735 liver images, not a test "
+             "split (evaluate.py --split all). Ours: evaluate.py, values as stored "
              "(fractions and cosines), with 95 % bootstrap CIs over test images in brackets.", ""]
     rows = [[name, "paper", f"{p[0]:.3f}", f"{p[1]:.3f}", f"{p[0] - p[1]:.3f}", f"{p[2]:.3f}",
              f"{p[3]:.3f}", f"{p[4]:.3f}", "117"] for name, p in PAPER_ECHOCARE.items()]
@@ -546,13 +554,16 @@ class TablesCommand:
     runs_dir: str = required("folder searched recursively for results.json files", positional=True)
     out: str | None = opt(None, "Markdown file to write, atomically (default: print to stdout)")
     all_datasets: bool = opt(False, "also show the paper's datasets for which we have no results")
+    debug: bool = opt(False, "show the traceback of an error")
 
 
 def main(argv=None):
-    args = parse_config(TablesCommand, argv, description=__doc__.split("\n")[0],
+    args = parse_config(TablesCommand, argv, description=__doc__.split("\n\n")[0],
                         prog="python -m clip_us.tables")
+    report_errors(args.debug)  # a bad results.json: one line, exit status 2
     if not os.path.isdir(args.runs_dir):
-        fail(f"{args.runs_dir} is not a folder; pass the folder that holds the runs (e.g. runs/)")
+        raise NotADirectoryError(f"{args.runs_dir} is not a folder; pass the folder that holds "
+                                 "the runs (e.g. runs/)")
     chosen, notes = collect(args.runs_dir)
     text = render(chosen, notes, args.all_datasets)
     if args.out:

@@ -23,8 +23,7 @@ from .baselines import backbones
 from .baselines import rows as rowmodels
 from .baselines.clipseg import prompt_for
 from .heads import build_task_model
-from .model import build_model
-from .weights import load_state_dict
+from .weights import build_clip
 
 BACKBONES = tuple(backbones.BACKBONES)  # clip and the baselines of backbones.py
 
@@ -55,7 +54,8 @@ def model_spec(cfg, adapter: AdapterConfig) -> ModelSpec:
     """The ModelSpec of a script config (train_seg.py's, train_cls.py's) and its adapter; the
     flags of the rows with heads of their own are refused here where they would change nothing."""
     rowmodels.check_flags(cfg)
-    prompt = prompt_for(cfg.dataset, cfg.prompt) if cfg.backbone == "clipseg" else ""
+    prompt = (prompt_for(cfg.nextgen_name or cfg.dataset, cfg.prompt, cfg.clipseg_prompts)
+              if cfg.backbone == "clipseg" else "")
     return ModelSpec(
         backbone=cfg.backbone, weights=cfg.weights, arch=cfg.arch, adapter=adapter,
         train_adapters=adapter_trains(adapter.kind, cfg.adapter_train), init=cfg.init,
@@ -63,37 +63,6 @@ def model_spec(cfg, adapter: AdapterConfig) -> ModelSpec:
         reduce_dim=cfg.reduce_dim, fuse=cfg.fuse, cls_head=getattr(cfg, "cls_head", "auto"),
         head=cfg.head, dinov2_official=cfg.dinov2_official, clipseg_weights=cfg.clipseg_weights,
         prompt=prompt, from_checkpoint=cfg.eval_only)
-
-
-def load_clip_state(weights: str, arch: str, quick_gelu=None):
-    """(state dict, CLIPConfig or None) for `--weights NAME|PATH|none` and `--arch`.
-
-    `none` is a random initialisation of `arch`: it is announced loudly, since any number it
-    produces says nothing about CLIP.
-    """
-    if weights == "none":
-        print(f"!!! --weights none: {arch} with RANDOM weights. Results are not CLIP's. !!!")
-        # The same random backbone for every seed and script, without touching the global RNG
-        # that the adapters and heads draw from.
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = build_model(config=arch, quick_gelu=quick_gelu)
-        return model.state_dict(), model.config
-    sd, info = load_state_dict(weights, quick_gelu=quick_gelu)
-    return sd, info.get("config")
-
-
-def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
-    """A fresh fp32 CLIP for each call; `cache` (a dict) keeps the state dict between seeds."""
-    key = (weights, arch, quick_gelu)
-    if cache is None or key not in cache:
-        state = load_clip_state(weights, arch, quick_gelu)
-        if cache is not None:
-            cache[key] = state
-    else:
-        state = cache[key]
-    sd, config = state
-    return build_model(sd, config=config)
 
 
 def adapt(model, adapter_cfg: AdapterConfig, init: str | None = None,
@@ -165,6 +134,21 @@ def build_resnet18(spec: ModelSpec, task: str, num_classes: int) -> nn.Module:
     return backbones.ResNetClassifier(resnet, backbones.input_norm("resnet18", spec.clip_norm))
 
 
+def vit_task_model(spec: ModelSpec, task: str, cache: dict, num_classes: int) -> nn.Module:
+    """A ViT (CLIP, or a tower of baselines/backbones.py) with its adapter and --init, the head
+    on its tapped blocks, and the freezing: the official rule (adapters.freeze_backbone), and
+    the blocks past the deepest tapped one, which never run (freeze_blocks_after)."""
+    holder = build_clip(spec.weights, spec.arch, cache=cache) if spec.backbone == "clip" else \
+        build_tower(spec, cache)
+    visual = adapt(holder, spec.adapter, spec.init or None, spec.clip_norm).visual
+    model = build_task_model(visual, task, spec.layers, spec.reduce_dim, spec.fuse,
+                             num_classes=num_classes, cls_head=cls_head_of(spec),
+                             norm=backbones.input_norm(spec.backbone, spec.clip_norm))
+    freeze_backbone(model, train_adapters=spec.train_adapters)
+    freeze_blocks_after(model.visual, max(spec.layers))
+    return model
+
+
 def make_task_model(spec: ModelSpec, task: str, cache: dict, device, seed: int,
                     num_classes: int = 2):
     """CLIP (+ adapters, + --init) -> vision tower + head, with the official freezing rule
@@ -179,12 +163,4 @@ def make_task_model(spec: ModelSpec, task: str, cache: dict, device, seed: int,
                          f"{BACKBONES + rowmodels.SEG_ONLY}")
     if spec.backbone == "resnet18":
         return build_resnet18(spec, task, num_classes).to(device)
-    holder = build_clip(spec.weights, spec.arch, cache=cache) if spec.backbone == "clip" else \
-        build_tower(spec, cache)
-    visual = adapt(holder, spec.adapter, spec.init or None, spec.clip_norm).visual
-    model = build_task_model(visual, task, spec.layers, spec.reduce_dim, spec.fuse,
-                             num_classes=num_classes, cls_head=cls_head_of(spec),
-                             norm=backbones.input_norm(spec.backbone, spec.clip_norm))
-    freeze_backbone(model, train_adapters=spec.train_adapters)
-    freeze_blocks_after(model.visual, max(spec.layers))
-    return model.to(device)
+    return vit_task_model(spec, task, cache, num_classes).to(device)

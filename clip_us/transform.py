@@ -22,6 +22,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+def mean_std(clip_norm: bool) -> tuple[tuple, tuple]:
+    """The input normalisation (mean, std): CLIP's, or 0 and 1 per channel, which leaves [0, 1]
+    pixels as they are (--no-clip-norm, as the ultrasound-CLIP paper's official code fed them)."""
+    return (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
+
+
 def to_working_image(im: Image.Image) -> Image.Image:
     """8-bit modes -> RGB; high-bit-depth grayscale -> mode "F" with values in [0, 255]."""
     if im.mode not in HIGH_DEPTH_MODES:

@@ -7,6 +7,7 @@ open_clip's checkpoint layout (`state_dict`, `module.` prefixes), which MetaCLIP
 
     model, preprocess = load("ViT-B/16")              # cache, else download (SHA256-checked)
     sd, info = load_state_dict("path/to/hf_folder")   # OpenAI keys + info["config"]
+    clip = build_clip("none", "tiny")                 # the scripts' --weights/--arch: a CLIP
 
 Formats (`load_state_dict` detects them from the file, not its name):
 - OpenAI TorchScript archives (`ViT-B-16.pt`): `torch.jit.load` on the CPU, and only `.state_dict()`
@@ -451,6 +452,37 @@ def load_state_dict(name_or_path: str = "ViT-B/16", download_root: str | None = 
     check_state_dict(sd, cfg, path)
     print(f"clip_us: {name_or_path}: activation {'QuickGELU' if qg else 'GELU'} ({why})")
     return sd, {"path": path, "format": fmt, "keys": keys, "config": cfg, "activation": why}
+
+
+def load_clip_state(weights: str, arch: str, quick_gelu=None):
+    """(state dict, CLIPConfig or None) for `--weights NAME|PATH|none` and `--arch`.
+
+    `none` is a random initialisation of `arch`: it is announced loudly, since any number it
+    produces says nothing about CLIP.
+    """
+    if weights == "none":
+        print(f"!!! --weights none: {arch} with RANDOM weights. Results are not CLIP's. !!!")
+        # The same random backbone for every seed and script, without touching the global RNG
+        # that the adapters and heads draw from.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model(config=arch, quick_gelu=quick_gelu)
+        return model.state_dict(), model.config
+    sd, info = load_state_dict(weights, quick_gelu=quick_gelu)
+    return sd, info.get("config")
+
+
+def build_clip(weights: str, arch: str, quick_gelu=None, cache=None):
+    """A fresh fp32 CLIP for each call; `cache` (a dict) keeps the state dict between seeds."""
+    key = (weights, arch, quick_gelu)
+    if cache is None or key not in cache:
+        state = load_clip_state(weights, arch, quick_gelu)
+        if cache is not None:
+            cache[key] = state
+    else:
+        state = cache[key]
+    sd, config = state
+    return build_model(sd, config=config)
 
 
 def load(name_or_path: str = "ViT-B/16", device="cpu", download_root: str | None = None,

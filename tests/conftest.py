@@ -36,3 +36,30 @@ def run_script():
             os.environ.clear()
             os.environ.update(old_env)
     return run
+
+
+def _exit(status):
+    raise SystemExit(status)
+
+
+def exit_status(call) -> int:
+    """The exit status of a process whose main is `call()`, run in this process: an exception
+    it lets out goes through the sys.excepthook it installed (config.report_errors: one `error:`
+    line, status 2; Ctrl-C: one `interrupted:` line, 130) with os._exit made a SystemExit, or,
+    with none installed (--debug), through Python's own (a traceback, status 1)."""
+    hook, real_exit = sys.excepthook, os._exit
+    try:
+        call()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException as e:  # noqa: BLE001 -- KeyboardInterrupt too, as a process sees it
+        os._exit = _exit
+        try:
+            (sys.excepthook if sys.excepthook is not hook else sys.__excepthook__)(
+                type(e), e, e.__traceback__)
+        except SystemExit as done:
+            return done.code
+        return 1
+    finally:
+        sys.excepthook, os._exit = hook, real_exit

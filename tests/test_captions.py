@@ -8,6 +8,8 @@ server that is not running (no retries)."""
 import csv
 import json
 import os
+import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import regex
+from conftest import exit_status
 from PIL import Image
 
 from clip_us import phantom
+from clip_us.captions import __main__ as cli
 from clip_us.captions import llm
 from clip_us.captions import templates as captions
 from clip_us.captions.templates import (
@@ -288,7 +292,7 @@ def make_busi(root: Path):
 def test_template_command_on_busi(tmp_path, capsys):
     make_busi(tmp_path / "BUSI")
     out = tmp_path / "manifests" / "busi.csv"
-    captions.main(["template", str(tmp_path / "BUSI"), "--out", str(out), "--seed", "3"])
+    cli.main(["template", str(tmp_path / "BUSI"), "--out", str(out), "--seed", "3"])
     assert "wrote 7 captions" in capsys.readouterr().out
     rows = read_csv(out)
     assert [r["label"] for r in rows] == ["benign"] * 3 + ["malignant"] * 2 + ["normal"] * 2
@@ -309,17 +313,15 @@ def test_template_command_on_folder_layout_and_errors(tmp_path, capsys):
     (root / "labels.csv").write_text("image,label\ncase0.png,benign\ncase1.png,malignant\n"
                                      "case2.png,benign\ncase3.png,1\n")
     out = root / "captions.csv"
-    with pytest.raises(SystemExit) as e:     # "scans" names no organ
-        captions.main(["template", str(root), "--out", str(out)])
-    assert e.value.code == 2 and "--organ" in capsys.readouterr().err
-    captions.main(["template", str(root), "--out", str(out), "--organ", "thyroid",
+    assert exit_status(lambda: cli.main(["template", str(root), "--out", str(out)])) == 2
+    assert "--organ" in capsys.readouterr().err     # "scans" names no organ
+    cli.main(["template", str(root), "--out", str(out), "--organ", "thyroid",
                    "--tier-weights", "0,100,0"])
     rows = read_csv(out)
     assert [r["image"] for r in rows] == [f"images/case{i}.png" for i in range(4)]
     assert [r["label"] for r in rows] == ["benign", "malignant", "benign", "malignant"]
     assert all(r["tier"] == "2" and "thyroid" in r["caption"].lower() for r in rows)
-    with pytest.raises(SystemExit):
-        captions.main(["template", str(tmp_path / "nothing"), "--out", str(out)])
+    assert exit_status(lambda: cli.main(["template", str(tmp_path / "nothing"), "--out", str(out)])) == 2
 
 
 def test_template_command_on_nextgen_layout_and_unlabelled_folder(tmp_path, capsys):
@@ -330,15 +332,14 @@ def test_template_command_on_nextgen_layout_and_unlabelled_folder(tmp_path, caps
     (root / "classification" / "BUSI" / "labels.csv").write_text(
         "image,label\na.png,benign\nb.png,malignant\nc.png,normal\n")
     out = root / "captions.csv"
-    captions.main(["template", str(root), "--out", str(out), "--nextgen-name", "BUSI",
+    cli.main(["template", str(root), "--out", str(out), "--nextgen-name", "BUSI",
                    "--dataset-name", "BUSI"])
     rows = read_csv(out)
     assert [(r["image"], r["label"], r["organ"]) for r in rows] == [
         ("all/images/a.png", "benign", "breast"), ("all/images/b.png", "malignant", "breast"),
         ("all/images/c.png", "normal", "breast")]
     (root / "all" / "images").rename(root / "images")
-    with pytest.raises(SystemExit):
-        captions.main(["template", str(root), "--out", str(out), "--organ", "liver"])
+    assert exit_status(lambda: cli.main(["template", str(root), "--out", str(out), "--organ", "liver"])) == 2
     assert "no labels.csv" in capsys.readouterr().err
 
 
@@ -360,14 +361,14 @@ def test_template_command_on_metadata_csv(tmp_path):
     # --image-col picks the column, --context-length the token budget, --seed the draws
     src.write_text("scan,picture,organ,label,age,shape\nx,img/a.png,thyroid,benign,40,oval\n")
     short = tmp_path / "short.csv"
-    captions.main(["template", str(src), "--out", str(short), "--image-col", "picture",
+    cli.main(["template", str(src), "--out", str(short), "--image-col", "picture",
                    "--context-length", "12", "--tier-weights", "0,0,1"])
     row = read_csv(short)[0]
     assert row["image"] == "raw/img/a.png" and row["scan"] == "x" and row["tier"] == "3"
     full = [render(t, record_fields(row)) for t in TEMPLATES[3]]
     assert token_count(row["caption"]) <= 12 and any(f.startswith(row["caption"]) for f in full)
     # --organ is every row's organ, over an organ column
-    captions.main(["template", str(src), "--out", str(short), "--image-col", "picture",
+    cli.main(["template", str(src), "--out", str(short), "--image-col", "picture",
                    "--organ", "breast"])
     assert read_csv(short)[0]["organ"] == "breast" and "breast" in read_csv(short)[0]["caption"]
     with pytest.raises(captions.CaptionError, match="does not use --dataset, --skip-bad"):
@@ -384,18 +385,18 @@ def test_fit_command_counts_changes(tmp_path, capsys):
     with open(src, "w", newline="") as f:
         w = csv.writer(f)
         w.writerows([["Caption", "filename"], [CLINICAL, "a.png"], ["Short caption.", "b.png"]])
-    captions.main(["fit", str(src), "--out", str(tmp_path / "o.csv")])
+    cli.main(["fit", str(src), "--out", str(tmp_path / "o.csv")])
     assert "1 changed" in capsys.readouterr().out
     rows = read_csv(tmp_path / "o.csv")
     assert rows[0]["Caption"] == fit_to_context(CLINICAL)
     assert rows[0]["original_caption"] == CLINICAL
     assert rows[1]["Caption"] == "Short caption." and rows[1]["filename"] == "b.png"
     # written elsewhere, the image paths still name the same files (relative to the manifest)
-    captions.main(["fit", str(src), "--out", str(tmp_path / "sub" / "o.csv")])
+    cli.main(["fit", str(src), "--out", str(tmp_path / "sub" / "o.csv")])
     assert read_csv(tmp_path / "sub" / "o.csv")[1]["filename"] == "../b.png"
     # a .json name is JSONL both ways (as train_contrastive's reader takes it), not CSV
-    captions.main(["fit", str(src), "--out", str(tmp_path / "o.json")])
-    captions.main(["fit", str(tmp_path / "o.json"), "--out", str(tmp_path / "again.csv")])
+    cli.main(["fit", str(src), "--out", str(tmp_path / "o.json")])
+    cli.main(["fit", str(tmp_path / "o.json"), "--out", str(tmp_path / "again.csv")])
     assert read_csv(tmp_path / "again.csv")[1]["Caption"] == "Short caption."
 
 
@@ -693,7 +694,7 @@ def test_api_key_sent_but_never_written(tmp_path, serve, monkeypatch, capsys):
     server = serve(lambda text, attempt, body: (200, chat_reply("fine caption"), 0))
     write_manifest(tmp_path / "m.csv", ["a", "b"])
     out = tmp_path / "o.csv"
-    captions.main(["refine", str(tmp_path / "m.csv"), "--out", str(out), "--endpoint",
+    cli.main(["refine", str(tmp_path / "m.csv"), "--out", str(out), "--endpoint",
                    server.url + "/", "--model", "m", "--api-key-env", "MY_LLM_KEY"])
     assert {h.get("Authorization") for h in server.headers} == {f"Bearer {secret}"}
     printed = capsys.readouterr()
@@ -706,11 +707,10 @@ def test_api_key_sent_but_never_written(tmp_path, serve, monkeypatch, capsys):
 def test_refused_key_stops_the_run(tmp_path, serve, capsys):
     server = serve(lambda text, attempt, body: (401, b'{"error": "bad key"}', 0))
     write_manifest(tmp_path / "m.csv", [f"c{i}" for i in range(30)])
-    with pytest.raises(SystemExit) as e:
-        captions.main(["refine", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv"),
-                       "--endpoint", server.url, "--model", "m", "--concurrency", "1",
-                       "--no-progress"])
-    assert e.value.code == 2 and "API key" in capsys.readouterr().err
+    assert exit_status(lambda: cli.main(["refine", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv"),
+                                         "--endpoint", server.url, "--model", "m", "--concurrency", "1",
+                                         "--no-progress"])) == 2
+    assert "API key" in capsys.readouterr().err
     assert len(server.requests) < 5 and not (tmp_path / "o.csv").exists()
 
 
@@ -721,16 +721,16 @@ def test_refine_flags_reach_the_request_and_the_row_choice(tmp_path, serve):
     args = ["refine", str(tmp_path / "m.csv"), "--endpoint", server.url, "--model", "m",
             "--no-progress", "--temperature", "0.7", "--max-tokens", "64",
             "--repetition-penalty", "1.1", "--extra-body", '{"chat_template_kwargs": {"x": 1}}']
-    captions.main(args + ["--out", str(tmp_path / "a.csv"), "--only-non-ascii"])
+    cli.main(args + ["--out", str(tmp_path / "a.csv"), "--only-non-ascii"])
     body = server.requests[0]
     assert (body["temperature"], body["max_tokens"], body["repetition_penalty"]) == (0.7, 64, 1.1)
     assert body["chat_template_kwargs"] == {"x": 1} and body["top_p"] == 0.95
     status = [r["refine_status"] for r in read_csv(tmp_path / "a.csv")]
     assert status == ["skipped"] * 40 + ["ok", "ok"] and len(server.requests) == 2
-    captions.main(args + ["--out", str(tmp_path / "b.csv"), "--fraction", "0.5", "--seed", "4"])
+    cli.main(args + ["--out", str(tmp_path / "b.csv"), "--fraction", "0.5", "--seed", "4"])
     picked = [r["refine_status"] == "ok" for r in read_csv(tmp_path / "b.csv")]
     assert 10 <= sum(picked) <= 32 and not all(picked[:40])
-    captions.main(args + ["--out", str(tmp_path / "c.csv"), "--fraction", "0.5", "--seed", "4"])
+    cli.main(args + ["--out", str(tmp_path / "c.csv"), "--fraction", "0.5", "--seed", "4"])
     assert [r["refine_status"] == "ok" for r in read_csv(tmp_path / "c.csv")] == picked
     with pytest.raises(captions.CaptionError, match="fraction"):
         captions.RefineConfig(fraction=0)
@@ -799,11 +799,11 @@ def test_output_is_replaced_atomically(tmp_path, monkeypatch):
 
 def cli_error(capsys, argv) -> str:
     """The one-line message of a command that must exit 2 without a traceback."""
-    with pytest.raises(SystemExit) as e:
-        captions.main(argv)
+    status = exit_status(lambda: cli.main(argv))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err
+    lines = [line for line in err.splitlines() if "error: " in line]  # argparse's after its usage
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
@@ -846,7 +846,7 @@ def test_refused_connection_fails_fast_naming_the_endpoint(tmp_path, capsys, no_
     err = cli_error(capsys, ["refine", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.csv"),
                              "--endpoint", url, "--model", "m", "--no-progress"])  # --retries 5
     assert time.perf_counter() - t0 < 3, "retried a refused connection"
-    assert err == f"error: cannot connect to {url} (connection refused): is the server running?\n"
+    assert err == f"error: cannot connect to {url} (connection refused): is the server running?"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]   # no output, no cache
 
 
@@ -857,10 +857,9 @@ def test_template_flags_pick_layout_name_and_skip(tmp_path):
     (root / "labels.csv").write_text("image,label\ncase0.png,benign\ncase1.png,oops\n")
     out = tmp_path / "c.csv"
     args = ["template", str(root), "--out", str(out), "--dataset", "folder", "--organ", "liver"]
-    with pytest.raises(SystemExit):                              # a bad label stops the run
-        captions.main(args)
+    assert exit_status(lambda: cli.main(args)) == 2                # a bad label stops the run
     with pytest.warns(UserWarning, match="skipped"):
-        captions.main(args + ["--skip-bad", "--dataset-name", "clinic A"])
+        cli.main(args + ["--skip-bad", "--dataset-name", "clinic A"])
     rows = read_csv(out)
     assert [(r["image"], r["label"], r["dataset"]) for r in rows] == [
         ("scans/images/case0.png", "benign", "clinic A")]
@@ -897,13 +896,12 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
                                                       for i in range(6)) +
                    "l.png,old l,liver,50\nk.png,old k,kidney,60\n")
     cache = tmp_path / "replies.jsonl"
-    with pytest.raises(SystemExit) as failed:  # the kidney row failed: written, exit status 1
-        captions.main(["refine", str(src), "--out", str(tmp_path / "o.csv"), "--endpoint",
-                       server.url, "--model", "m", "--mode", "describe", "--caption-col", "desc",
-                       "--top-p", "0.5", "--timeout", "0.5", "--retries", "1", "--backoff", "0",
-                       "--cache", str(cache), "--context-length", "20", "--concurrency", "3",
-                       "--no-progress"])
-    assert failed.value.code == 1
+    status = exit_status(lambda: cli.main([
+        "refine", str(src), "--out", str(tmp_path / "o.csv"), "--endpoint", server.url, "--model", "m",
+        "--mode", "describe", "--caption-col", "desc", "--top-p", "0.5", "--timeout", "0.5", "--retries",
+        "1", "--backoff", "0", "--cache", str(cache), "--context-length", "20", "--concurrency", "3",
+        "--no-progress"]))
+    assert status == 1  # the kidney row failed: written, exit status 1
     body = server.requests[0]
     assert body["messages"][0]["content"] == captions.DESCRIBE_INSTRUCTIONS
     assert body["top_p"] == 0.5 and "old" not in body["messages"][-1]["content"]
@@ -917,16 +915,118 @@ def test_refine_cli_flags_reach_the_run(tmp_path, serve, monkeypatch, capsys):
     printed = capsys.readouterr()
     assert "failed rows (0-based, header not counted): 7" in printed.out and "HTTP 503" in printed.out
     assert "1 of 8 rows kept their original caption" in printed.err
-    defaults = captions.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint",
+    defaults = cli.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint",
                                                    "http://h/v1", "--model", "m"])
     assert defaults.concurrency == 8 == captions.RefineConfig().concurrency
+
+
+GO_ON = "interrupted: the answers received so far are cached; to go on, run the same command again: "
 
 
 def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(captions, "refine_manifest", interrupted)
-    with pytest.raises(SystemExit) as e:
-        captions.main(["refine", "m.csv", "--out", "o.csv", "--endpoint", "http://h/v1",
-                       "--model", "m"])
-    assert e.value.code == 130 and "rerun the same command" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "refine_manifest", interrupted)
+    argv = ["refine", "m.csv", "--out", "o.csv", "--endpoint", "http://h/v1", "--model", "m"]
+    assert exit_status(lambda: cli.main(argv)) == 130  # through report_errors' one handler
+    assert capsys.readouterr().err == GO_ON + shlex.join(sys.orig_argv) + "\n"
+
+
+def test_ctrl_c_in_a_real_run_is_one_line(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (200, chat_reply(f"EN: {text}"), 0.2))
+    write_manifest(tmp_path / "m.csv", [f"caption {i}" for i in range(40)])
+    out, cache = tmp_path / "out.csv", tmp_path / "out.csv.cache.jsonl"
+    cmd = [sys.executable, "-m", "clip_us.captions", "refine", str(tmp_path / "m.csv"), "--out", str(out),
+           "--endpoint", server.url, "--model", "m", "--concurrency", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (cache.exists() and cache.read_text().count("\n")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == GO_ON + shlex.join(cmd) + "\n", err
+    assert not out.exists() and len(server.requests) < 40
+
+
+# ----------------------------------------------------------------------------- echocare mode
+# EchoCare-CLIP's generate_llm_captions.py (TongxinWang0405/BMI702_project, commit 4b4205c):
+# its system prompt's first and format lines, its user prompt, its vLLM defaults.
+ECHOCARE_SYSTEM_START = ("You are a radiology assistant writing English captions for ultrasound "
+                         "images.\nYou are given structured metadata fields (key: value pairs) "
+                         "from a clinical dataset.\nProduce THREE DIFFERENT captions for the SAME "
+                         "image.\n\nContent rules (apply to every caption):\n")
+ECHOCARE_SYSTEM_END = ('- Prefix each line with "1. ", "2. ", "3. " (number, period, space) — no '
+                       "other numbering style.\n")
+
+
+def test_echocare_mode_is_the_authors_procedure(tmp_path, serve):
+    reply = "1. Caption one.\n2. Caption two.\n3. \"Caption three.\""
+    server = serve(lambda text, attempt, body: (200, chat_reply(reply), 0))
+    src = tmp_path / "m.csv"
+    rows = [("b0.png", "old b0", "breast", "benign", "BUSI", ""),
+            ("c0.png", "natural carotid text", "carotid artery", "", "Carotid_Artery", ""),
+            ("t0.png", "old t0", "thyroid", "malignant", "Thyroid_USData", ""),
+            ("l0.png", "lung template caption", "lung", "normal", "Lung_ultrasound", ""),
+            ("x0.png", "old x0", "", "", "BUSCoT", ""),
+            ("r0.png", "old r0", "breast", "benign", "BrEaST", "4a")]
+    rows += [(f"b{i}.png", f"old b{i}", "breast", "benign", "BUSI", "") for i in range(1, 30)]
+    src.write_text("image,caption,organ,label,dataset,birads\n" +
+                   "".join(",".join(r) + "\n" for r in rows))
+    s = refine(src, tmp_path / "o.csv", server.url, mode="echocare")
+    bodies = {b["messages"][1]["content"]: b for b in server.requests}
+    busi = ("Dataset: BUSI\nStructured fields:\n- Tissue: breast\n- Condition: benign\n\n"
+            "Write the three captions now, following the output format exactly.")
+    lung = ("Dataset: Lung_ultrasound\nStructured fields:\n- Tissue: lung\n- OriginalCaption: "
+            "lung template caption\n\nWrite the three captions now, following the output format "
+            "exactly.")
+    breast = ("Dataset: BrEaST\nStructured fields:\n- Tissue: breast\n- Condition: benign\n"
+              "- BI-RADS: 4a\n\nWrite the three captions now, following the output format "
+              "exactly.")
+    assert set(bodies) == {busi, lung, breast}        # 30 BUSI rows: one identical request
+    body = bodies[busi]
+    system = body["messages"][0]["content"]
+    assert body["messages"][0]["role"] == "system" and system.startswith(ECHOCARE_SYSTEM_START)
+    assert ECHOCARE_SYSTEM_END in system and system.endswith("3. Third caption text here.")
+    assert (body["temperature"], body["top_p"], body["repetition_penalty"], body["max_tokens"],
+            body["seed"]) == (1.0, 0.95, 1.05, 320, 42)
+    out = read_csv(tmp_path / "o.csv")
+    assert [r["refine_status"] for r in out[1:5]] == ["skipped", "skipped", "ok", "skipped"]
+    assert [r["caption"] for r in out[1:5:3]] == ["natural carotid text", "old x0"]
+    assert out[2]["caption"] == "old t0"                # usdata wins over the thyroid token
+    # the pick: one random.Random(42), rng.choice per image in row order, over the three lines
+    rng, options = random.Random(42), ["Caption one.", "Caption two.", "Caption three."]
+    expected = [rng.choice(options) for _ in range(s["ok"])]
+    assert [r["caption"] for r in out if r["refine_status"] == "ok"] == expected
+    assert len(set(expected)) == 3
+    refine(src, tmp_path / "p.csv", server.url, mode="echocare", seed=7)
+    assert server.requests[-1]["seed"] == 7
+    rng = random.Random(7)
+    assert [r["caption"] for r in read_csv(tmp_path / "p.csv") if r["refine_status"] == "ok"] \
+        == [rng.choice(options) for _ in range(s["ok"])]
+
+
+def test_echocare_mode_needs_a_dataset_and_fields(tmp_path, serve):
+    server = serve(lambda text, attempt, body: (200, chat_reply("1. A.\n2. B.\n3. C."), 0))
+    (tmp_path / "m.csv").write_text("image,caption,organ\na.png,x,liver\n")
+    with pytest.raises(captions.CaptionError, match="dataset column"):
+        refine(tmp_path / "m.csv", tmp_path / "o.csv", server.url, mode="echocare")
+    (tmp_path / "n.csv").write_text("image,caption,dataset\na.png,x,Liver_ultrasound_AULI\n")
+    with pytest.raises(captions.CaptionError, match="no metadata fields"):
+        refine(tmp_path / "n.csv", tmp_path / "o.csv", server.url, mode="echocare")
+    assert not server.requests
+    translate = captions.RefineConfig()
+    assert translate.seed == 0 and "seed" not in translate.params   # only echocare sends it
+
+
+def test_echocare_candidates_and_cli_defaults():
+    from clip_us.captions import echocare
+    assert echocare.candidates("<think>x</think>1. A  b.\n\n(2) 'C.'\n- D.\nE") == \
+        ["A b.", "C.", "D.", "E"]
+    assert echocare.candidates("   ") == []
+    a = cli.build_parser().parse_args(["refine", "m", "--out", "o", "--endpoint", "http://h/v1",
+                                       "--mode", "echocare"])
+    assert a.model is None and a.seed is None
+    assert cli.MODE_MODEL["echocare"] == "Qwen/Qwen3-4B-Instruct-2507"
+    help_text = cli.build_parser().format_help() + cli.build_parser()._subparsers._group_actions[
+        0].choices["refine"].format_help()
+    assert "buscot, carotid, usdata" in " ".join(help_text.split())

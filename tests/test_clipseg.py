@@ -1,6 +1,7 @@
 """Tests for clip_us/clipseg.py: parity with transformers' CLIPSegForImageSegmentation (random
 rd64-refined-style weights saved with save_pretrained), loading choices and bad input."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -167,14 +168,64 @@ def test_task_model_two_class_logits_and_what_trains():
     assert trainable == {"head"} and "prompt_ids" not in model.state_dict()
 
 
-def test_prompts_per_data_set_fit_77_tokens():
+# The official CLIPSeg row's texts, NextGen-UIA src/models/clipseg/prompt.py (commit 2e5fd63),
+# picked by get_prompt in src/models/clipseg/segmentation.py.
+OFFICIAL_LN = ("Benign lymph node: Oval shape, preserved echogenic hilum, thin homogeneous cortex. "
+               "Malignant lymph node: Round, lost hilum, thickened/heterogeneous cortex, "
+               "microcalcifications, irregular margins.")
+OFFICIAL_BUSI = ("Benign breast lesion: Oval shape, smooth margins, parallel orientation, "
+                 "homogeneous hypoechoic echotexture, posterior enhancement. Malignant breast "
+                 "lesion: Irregular shape, spiculated margins, non-parallel orientation, "
+                 "heterogeneous hypoechoic echotexture, microcalcifications, posterior shadowing.")
+OFFICIAL_THYROID = ("Benign thyroid nodule: oval, wider-than-tall, homogeneous, smooth margins, "
+                    "intact capsule. Malignant thyroid nodule: taller-than-wide, hypoechoic, "
+                    "irregular margins, microcalcifications, capsular/extra-thyroidal invasion.")
+OFFICIAL_PROSTATE = ("Benign prostate: smooth, symmetric TZ enlargement with heterogeneous "
+                     "nodules and intact capsule; Malignant prostate: focal peripheral-zone "
+                     "hypoechoic lesion with irregular margins, capsular breach and increased "
+                     "Doppler flow.")
+
+
+def test_default_prompts_are_the_official_rows():
+    official = {"ln1": OFFICIAL_LN, "ln2": OFFICIAL_LN, "busi": OFFICIAL_BUSI,
+                "ddti": OFFICIAL_THYROID, "tn3k": OFFICIAL_THYROID, "prostate": OFFICIAL_PROSTATE}
+    for ds, text in official.items():
+        assert clipseg.prompt_for(ds) == text
+        assert clipseg.prompt_for(ds, prompts="ours") != text
+        clip_us.tokenize([text])  # the official code's clip.tokenize raises beyond 77 tokens too
+    # the phantom is ours in both sets: the official code has none
+    assert clipseg.prompt_for("phantom") == clipseg.prompt_for("phantom", prompts="ours")
+
+
+def test_our_prompts_fit_77_tokens():
     from clip_us.evaluation.prompts import PAPER_PROMPTS
     for ds in ("ln1", "ln2", "busi", "ddti", "tn3k", "prostate", "phantom"):
-        text = clipseg.prompt_for(ds)
-        assert "Benign:" in text and "Malignant:" in text and "{label}" not in text
+        text = clipseg.prompt_for(ds, prompts="ours")
+        assert text.startswith("Benign:") and "Malignant:" in text and "{label}" not in text
         clip_us.tokenize([text])  # raises beyond 77 tokens
-    assert PAPER_PROMPTS["busi"].startswith(clipseg.prompt_for("busi"))  # the paper's words
-    assert PAPER_PROMPTS["ln"].startswith(clipseg.prompt_for("ln2"))
+    assert PAPER_PROMPTS["busi"].startswith(clipseg.prompt_for("busi", prompts="ours"))
+    assert PAPER_PROMPTS["ln"].startswith(clipseg.prompt_for("ln2", prompts="ours"))
     assert clipseg.prompt_for("folder", override="my words") == "my words"
     with pytest.raises(ValueError, match="--prompt"):
         clipseg.prompt_for("folder")
+    with pytest.raises(ValueError, match="not both"):
+        clipseg.prompt_for("busi", override="my words", prompts="ours")
+
+
+def test_clipseg_prompts_flag_reaches_the_model_spec():
+    from clip_us.adapters import AdapterConfig
+    from clip_us.config import SupervisedConfig
+    from clip_us.taskmodel import model_spec
+    cfg = SupervisedConfig(backbone="clipseg", dataset="busi", arch="tiny", weights="none",
+                           adapter="none")
+    assert cfg.clipseg_prompts == "official"
+    adapter = AdapterConfig(kind="none")
+    assert model_spec(cfg, adapter).prompt == OFFICIAL_BUSI
+    ours = model_spec(replace(cfg, clipseg_prompts="ours"), adapter).prompt
+    assert ours == clipseg.OUR_PROMPTS["busi"]
+    ln = replace(cfg, dataset="nextgen", nextgen_name="LN-INT")   # the official code's name
+    assert model_spec(ln, adapter).prompt == OFFICIAL_LN
+    with pytest.raises(ValueError, match="--nextgen-name"):
+        model_spec(replace(cfg, dataset="nextgen"), adapter)
+    with pytest.raises(ValueError, match="--clipseg-prompts ours do"):
+        model_spec(replace(cfg, backbone="unet", clipseg_prompts="ours"), adapter)

@@ -1,6 +1,6 @@
 """Contrastive pieces (clip_us/contrastive.py): what each --train mode trains, the fixed and the
 learnable temperature, the image-caption data set, validation metrics, and the official
-NextGen-UIA adapter files (clip_us/official_adapters.py)."""
+NextGen-UIA adapter files (clip_us/adapters.py)."""
 import numpy as np
 import pytest
 import torch

@@ -14,6 +14,7 @@ from PIL import Image
 from clip_us import data
 from clip_us.data import DataConfig, DataError, build_datasets, imaging_box, read_gray
 from clip_us.phantom import PhantomConfig, make_sample, write_dataset
+from clip_us.transform import CLIP_MEAN, CLIP_STD
 
 S = 48   # output size for the tests
 
@@ -215,7 +216,7 @@ def test_dataset_output_is_cropped_and_normalised(busi):
     ref = np.asarray(Image.fromarray(gray[t:b, l:r]).resize((64, 64), Image.Resampling.BICUBIC))
     assert torch.allclose(x[0], torch.from_numpy(ref / 255.0).float(), atol=1e-6)
     y = build_datasets(cfg(busi, size=64))[2][0]["image"]
-    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     assert torch.allclose(y, (x - mean) / std, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
-"""Tests for clip_us/dinov2_heads.py: the official DINOv2 decoder and linear head, against a
-literal re-implementation of the official forward and against timm's DINOv2 intermediate layers."""
+"""Tests for clip_us/baselines/dinov2_heads.py: the official DINOv2 decoder and linear head,
+against a literal re-implementation of the official forward and against timm's DINOv2
+intermediate layers."""
 import pytest
 import timm
 import torch

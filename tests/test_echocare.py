@@ -1,4 +1,4 @@
-"""Tests for clip_us/echocare.py and echocare_data.py: the dual encoder with tiny encoders (a
+"""Tests for clip_us/echocare/ (model.py, data.py): the dual encoder with tiny encoders (a
 small Swin, the tiny CLIP text tower, a small BERT) on both text families; each --train variant
 trains exactly its parameters; counts match the closed forms (and the authors' 5,114,881 of
 188,502,521); checkpoints round-trip, store no frozen encoder and refuse a changed encoder file;
@@ -15,6 +15,7 @@ from PIL import Image
 
 from clip_us.captions.manifest import Pair
 from clip_us.contrastive import CaptionDataset
+from clip_us.echocare import bert as B
 from clip_us.echocare import data as D
 from clip_us.echocare import model as E
 from clip_us.echocare import swin as S
@@ -134,11 +135,11 @@ def test_authors_parameter_counts():
     """EchoCare Swin + ViT-B/32 text tower, heads only: the authors' logged 5,114,881 trainable of
     188,502,521; BioClinicalBERT's sizes for the BERT family. Built on the meta device (no memory)."""
     assert E.expected_counts(S.SwinConfig(), "clip", ARCHS["ViT-B/32"], "heads") == (5_114_881, 188_502_521)
-    bert_cfg = E.B.BertConfig(vocab_size=28996)
+    bert_cfg = B.BertConfig(vocab_size=28996)
     with torch.device("meta"):
         swin = S.SwinTransformer(S.SwinConfig())
         for family, tower, cfg in (("clip", E.clip_text_tower(ARCHS["ViT-B/32"]), ARCHS["ViT-B/32"]),
-                                   ("bert", E.B.BertModel(bert_cfg), bert_cfg)):
+                                   ("bert", B.BertModel(bert_cfg), bert_cfg)):
             model = E.EchoCareCLIP(swin, tower, None, {"image_encoder": {"path": None},
                                                        "text_encoder": {"family": family, "path": None}})
             for mode in E.TRAIN_MODES:
@@ -300,7 +301,7 @@ def test_caption_dataset_is_the_one_class_with_the_authors_pipeline(tmp_path):
 
 def test_tiny_vocab_covers_captions():
     vocab = {t: i for i, t in enumerate(D.tiny_vocab(CAPTIONS, size=60))}
-    tok = E.B.WordPieceTokenizer(vocab)
+    tok = B.WordPieceTokenizer(vocab)
     ids, _ = tok(CAPTIONS, 64)
     assert not (ids == vocab["[UNK]"]).any()
     assert D.tiny_vocab(CAPTIONS) == D.tiny_vocab(list(CAPTIONS))  # deterministic

@@ -14,9 +14,50 @@ def unit(x):
 
 
 def argsort_recall(sim, ks=(1, 5, 10)):
-    """The authors' loop: row i's rank is where i lands in argsort(-sim[i]) (stable)."""
+    """A direct loop: row i's rank is where i lands in a stable argsort(-sim[i])."""
     ranks = np.array([int(np.where(np.argsort(-row, kind="stable") == i)[0][0]) for i, row in enumerate(sim)])
     return {k: float(np.mean(ranks < k)) for k in ks}, float(np.mean(ranks) + 1)
+
+
+def authors_recall(img, txt, ks=(1, 5, 10)):
+    """The authors' definition (echocare-clip-exp-organized-Apr25.ipynb), written out: float32
+    embeddings, sim = img @ txt.T, np.argsort(-sim, axis=1) with numpy's default kind, a hit when
+    i is among the first K of row i; text-to-image ranks sim.T the same way."""
+    img, txt = np.asarray(img, dtype=np.float32), np.asarray(txt, dtype=np.float32)
+    sim = img @ txt.T
+    out = {}
+    for direction, s in (("i2t", sim), ("t2i", sim.T)):
+        order = np.argsort(-s, axis=1)
+        for k in ks:
+            out[f"{direction}_R@{k}"] = float(np.mean(np.any(order[:, :k] == np.arange(len(s))[:, None], axis=1)))
+    return out
+
+
+def template_pairs(n=117, distinct=30, seed=0):
+    """n image-caption pairs whose captions come from `distinct` texts (as template captions
+    do): identical captions have identical float32 embeddings, images are near their caption."""
+    rng = np.random.default_rng(seed)
+    texts = unit(rng.normal(size=(distinct, 32))).astype(np.float32)
+    which = rng.integers(0, distinct, size=n)
+    txt = texts[which]
+    img = unit(txt + 0.8 * rng.normal(size=txt.shape)).astype(np.float32)
+    return img, txt, [f"caption {w}" for w in which]
+
+
+def test_strict_retrieval_is_the_authors_ranking_on_repeated_captions():
+    img, txt, captions = template_pairs()
+    assert len(set(captions)) <= 30 and len(captions) == 117
+    got = metrics.retrieval_ranked(img, txt)
+    want = authors_recall(img, txt)
+    assert {k: got[k] for k in want} == want  # exactly, not approximately
+    stable = metrics.retrieval_ranked(img, txt, stable=True)
+    assert any(stable[k] != want[k] for k in want)  # the tie rule matters here: ours differs
+    for direction, s in (("i2t", img.astype(np.float64) @ txt.T), ("t2i", txt.astype(np.float64) @ img.T)):
+        recall, _ = argsort_recall(s)
+        assert all(stable[f"{direction}_R@{k}"] == pytest.approx(v) for k, v in recall.items())
+    strict = metrics.strict_retrieval(img, txt)
+    assert all(strict[f"strict_{k}"] == v for k, v in want.items())
+    assert metrics.strict_retrieval(img, txt, stable=True)["strict_i2t_R@5"] == stable["i2t_R@5"]
 
 
 def tied_pairs():
@@ -29,11 +70,11 @@ def tied_pairs():
     return unit(img), unit(txt)
 
 
-def test_strict_retrieval_equals_argsort_definition_with_ties():
+def test_stable_retrieval_equals_argsort_definition_with_ties():
     img, txt = tied_pairs()
     sim = img @ txt.T
     assert len(np.unique(np.round(sim, 12))) < sim.size  # the case really has ties
-    got = metrics.retrieval_ranked(img, txt)
+    got = metrics.retrieval_ranked(img, txt, stable=True)
     for direction, s in (("i2t", sim), ("t2i", sim.T)):
         recall, mean_rank = argsort_recall(s)
         for k, v in recall.items():
@@ -41,18 +82,18 @@ def test_strict_retrieval_equals_argsort_definition_with_ties():
         assert got[f"{direction}_mean_rank"] == pytest.approx(mean_rank)
 
 
-def test_ties_fall_in_position_order():
-    img = unit(np.ones((4, 3)))  # collapsed: every similarity ties
-    got = metrics.retrieval_ranked(img, img, ks=(1, 2))
-    assert got["i2t_R@1"] == 0.25 and got["i2t_R@2"] == 0.5  # row i sits at position i
-    assert got["i2t_mean_rank"] == 2.5
+def test_stable_ties_fall_in_position_order():
+    img = unit(np.ones((40, 3)))  # collapsed: every similarity ties
+    got = metrics.retrieval_ranked(img, img, ks=(1, 2), stable=True)
+    assert got["i2t_R@1"] == 1 / 40 and got["i2t_R@2"] == 2 / 40  # row i sits at position i
+    assert got["i2t_mean_rank"] == 20.5
 
 
 def test_duplicate_aware_at_least_strict_and_counts_identical_captions():
     img, txt = tied_pairs()
     captions = ["a", "b", "a", "c", "d", "d", "d", "d", "e", "b", "f", "a"]
-    strict = metrics.retrieval_ranked(img, txt)
-    dup = metrics.retrieval_ranked(img, txt, captions=captions)
+    strict = metrics.retrieval_ranked(img, txt, stable=True)
+    dup = metrics.retrieval_ranked(img, txt, captions=captions, stable=True)
     assert all(dup[k] >= strict[k] for k in strict if "R@" in k)
     assert all(dup[k] <= strict[k] for k in strict if "mean_rank" in k)
     assert dup["t2i_R@1"] > strict["t2i_R@1"]  # identical texts 4-7 now all count

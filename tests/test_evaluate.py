@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exit_status
 
 from clip_us import phantom, splits
 from clip_us.captions import phantom_manifest
@@ -45,15 +46,13 @@ def manifest(tmp_path_factory):
 
 def run(args, env, capsys, check=True, script="evaluate.py"):
     """`python SCRIPT ARGS` as a user runs it, but in this process (runpy), so the runs share
-    one import of torch and scipy. Returns (exit code, stdout, stderr)."""
+    one import of torch and scipy; an error ends it as report_errors ends the process (one line,
+    status 2; with --debug a traceback). Returns (exit code, stdout, stderr)."""
     old_argv, old_env = sys.argv, dict(os.environ)
     sys.argv = [str(ROOT / script), *map(str, args)]
     os.environ.update(env)
-    code = 0
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
+        code = exit_status(lambda: runpy.run_path(str(ROOT / script), run_name="__main__"))
     finally:
         sys.argv = old_argv
         os.environ.clear()
@@ -312,6 +311,16 @@ def test_bad_flags_refused_in_one_line(tmp_path, manifest, env, capsys, bad):
                           env, capsys, check=False)
     assert code == 2 and "Traceback" not in stderr and not (tmp_path / "x").exists()
     assert bad[0] in stderr or "error: unknown architecture 'bogus'" in stderr  # the flag, or its value
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, env, capsys):
+    args = ["--manifest", tmp_path / "missing.csv", "--weights", "none", "--out-dir", tmp_path / "x"] + SMALL
+    code, _, stderr = run(args, env, capsys, check=False)
+    assert code == 2 and "Traceback" not in stderr and "missing.csv" in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == stderr.splitlines()[:1]
+    code, _, stderr = run(args + ["--debug"], env, capsys, check=False)
+    assert code == 1 and "Traceback" in stderr and "missing.csv" in stderr and "load_eval_set" in stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_arch_without_published_weights_asks_for_weights_none(tmp_path, manifest, env, capsys):

@@ -81,11 +81,11 @@ def test_cleaning_rules_and_their_counts(tmp_path):
             "Lesion ≤ 5 mm " + "回声" * 4 + " seen",  # long; ascii-only leaves 19 -> dropped by it
             ]
     m = write(tmp_path / "m.csv", "image,caption\n" + "".join(f'a.png,"{c}"\n' for c in rows))
-    pairs, rep = mf.read_manifest(m)
+    pairs, rep = mf.read_manifest(m, ascii_only=False)  # --no-ascii-only: every character kept
     assert [p.caption for p in pairs] == [LONG, "twenty-one characters", rows[4], rows[5].strip()]
     assert rep["dropped"] == {"short_caption": 2, "ascii_only": 0, "bad_image": 0}
     assert rep["mostly_non_ascii"] == 1 and "clip_us.captions refine" in mf.describe(rep)
-    pairs, rep = mf.read_manifest(m, ascii_only=True)
+    pairs, rep = mf.read_manifest(m)  # the default: the official whitelist first
     assert [p.caption for p in pairs] == [LONG, "twenty-one characters"]
     # The Chinese caption and the mixed one both fall to 20 characters or fewer only once the
     # non-whitelisted characters are gone; "≤" is on the official whitelist and stays.
@@ -93,7 +93,7 @@ def test_cleaning_rules_and_their_counts(tmp_path):
     assert rep["ascii_changed"] == 2 and rep["mostly_non_ascii"] == 1
     cleaned = mf.clean_caption("Lesion ≤ 5 mm 回声 seen ", ascii_only=True)
     assert cleaned == "Lesion ≤ 5 mm  seen"
-    assert "--ascii-only changed 2 captions and dropped 2" in mf.describe(rep)
+    assert "whitelist (--ascii-only) changed 2 captions and dropped 2" in mf.describe(rep)
 
 
 def test_missing_image_names_the_row_and_file_and_skip_bad_counts(tmp_path):

@@ -1,7 +1,10 @@
 """Phantom: determinism, the lesion descriptors of the ultrasound-CLIP paper (§4.3) as measurable
 properties, the BUSI layout on disk, atomic writing, the CLI and speed."""
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +157,16 @@ def test_cli(tmp_path, capsys):
     phantom_cli.main(["--out", str(tmp_path / "cli"), "--n", "3", "--seed", "2", "--size", "64"])
     assert "wrote 3 images" in capsys.readouterr().out
     assert len((tmp_path / "cli" / "metadata.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    done = subprocess.run([sys.executable, "-m", "clip_us.phantom", "--out", str(tmp_path / "x"),
+                           "--n", "2", "--size", "32"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and "not empty" in done.stderr.splitlines()[0]
 
 
 def test_speed_sanity():

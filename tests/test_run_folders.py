@@ -25,6 +25,7 @@ from PIL import Image
 
 from clip_us import config
 from clip_us.config import USER_ERRORS
+from clip_us.runs import default_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "32", "--phantom-n", "24",
@@ -74,6 +75,16 @@ def python(args, cache, cwd=ROOT, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "CLIP_US_CACHE": str(cache),
                                  "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, **kw)
+
+
+# ----------------------------------------------------------------------------- folder names
+def test_default_folder_names_are_plain():
+    """Row names such as "CLIP (Mona, init: train_seg)" give folder names of [a-z0-9_-] only (no
+    colon, space or slash, which some file systems or shells refuse), one rule for every script."""
+    path = default_out_dir("train_seg", "busi", "CLIP (Mona, init: train_seg)")
+    assert path.parent == Path("runs/train_seg")
+    assert path.name.startswith("busi-clip-mona-init-train_seg-")
+    assert all(c.isalnum() or c in "_-" for c in path.name)
 
 
 # ----------------------------------------------------------------------------- finished, --resume

@@ -3,11 +3,17 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import exit_status
 
 from clip_us import tables
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _metric(values):
@@ -219,10 +225,24 @@ def test_cli_writes_markdown(tmp_path, capsys):
     out = tmp_path / "report" / "tables.md"
     tables.main([str(tmp_path / "runs"), "--out", str(out)])
     assert out.read_text() == tables.render(*tables.collect(tmp_path / "runs"))
+    assert out.read_text().startswith('# clip_us results beside Tables 2 and 3 of Qu et al., "Adapting')
     tables.main([str(tmp_path / "runs")])
     assert "## Table 2" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        tables.main([str(tmp_path / "missing")])
+    assert exit_status(lambda: tables.main([str(tmp_path / "missing")])) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'missing'} is not a folder")
+
+
+def test_cli_bad_results_file_is_one_line_not_a_traceback(tmp_path):
+    _write(tmp_path / "runs", "a", {"task": "seg", "dataset": "ln1"})
+    command = [sys.executable, "-m", "clip_us.tables", str(tmp_path / "runs")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    assert [ln for ln in done.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: {tmp_path / 'runs' / 'a' / 'results.json'}: results.json lacks ['row', 'metrics']; it "
+        "was not written by a clip_us script (train_seg.py, train_cls.py, zeroshot.py, "
+        "train_contrastive.py, evaluate.py): move it out of the folder"]
+    debug = subprocess.run(command + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "load_result" in debug.stderr
 
 
 def test_row_csv_columns_and_units():
@@ -268,6 +288,7 @@ def test_echocare_table_beside_the_papers_rows(tmp_path):
     text = tables.render(*tables.collect(tmp_path))
     lines = text[text.index("## EchoCare-CLIP evaluation"):].splitlines()
     paper = [ln for ln in lines if ln.startswith("| OpenAI CLIP (ViT-B/32) | paper |")]
+    assert 'evaluation: "Ultrasound Vision-Language Alignment via Contrastive Learning"' in text
     assert paper and "0.329" in paper[0] and "0.855" in paper[0] and "0.943" in paper[0]
     ours = [c.strip() for c in next(ln for ln in lines if "| ours (BUSI) |" in ln).strip("|").split("|")]
     assert ours[:4] == ["CLIP (heads ft.)", "ours (BUSI)", "0.700 [0.650, 0.750]", "0.600"]

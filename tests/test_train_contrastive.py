@@ -61,6 +61,21 @@ def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path, env):
         torch.testing.assert_close(ck2[k], ck1[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_resumed_run_validates_the_untrained_model_once(tmp_path, env):
+    """--resume goes on from last.pt: log.jsonl keeps the one `untrained` record of the run's
+    start, and results.json reports that one."""
+    args = TINY + ["--phantom-n", "24", "--split", "70,30", "--train", "heads", "--batch-size", "8",
+                   "--out-dir", tmp_path]
+    run(args + ["--epochs", "1"], env)
+    (tmp_path / "results.json").unlink()  # as if stopped after its first epoch
+    run(args + ["--epochs", "2", "--resume"], env)
+    rows = log(tmp_path)
+    assert [r["epoch"] for r in rows if "epoch" in r] == [1, 2]
+    assert sum("untrained" in r for r in rows) == 1
+    untrained = json.loads((tmp_path / "results.json").read_text())["untrained"]
+    assert untrained == {k: rows[0]["untrained"].get(k) for k in untrained}
+
+
 def test_adapter_checkpoint_loads_through_train_seg_init(tmp_path, env):
     ft = tmp_path / "ft"
     proc = run(TINY + ["--phantom-n", "24", "--epochs", "1", "--batch-size", "8", "--out-dir", ft],

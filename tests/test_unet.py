@@ -1,4 +1,5 @@
-"""Tests for clip_us/unet.py: the official vendored U-Net's shape, parameter count, dropout and errors."""
+"""Tests for clip_us/baselines/unet.py: the official vendored U-Net's shape, parameter count,
+dropout and errors."""
 import pytest
 import torch
 from torch import nn

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters import ADAPTER_LABELS
 from ..fileio import cache_dir
 from ..model import VisionTransformer, build_model, init_transformer
 from ..transform import CLIP_MEAN, CLIP_STD
@@ -406,7 +407,7 @@ def row_label(name: str, adapter: str = "none") -> str:
     """The table row of `--backbone name --adapter adapter`, e.g. "BiomedCLIP (Mona)"."""
     # The rows with heads of their own (rows.py) are not vision towers, so not in BACKBONES.
     base = BACKBONES[name].row if name in BACKBONES else OWN_HEAD_ROWS.get(name, name)
-    return base if adapter == "none" else f"{base} ({ {'lora': 'LoRA', 'mona': 'Mona'}[adapter]})"
+    return base if adapter == "none" else f"{base} ({ADAPTER_LABELS[adapter]})"
 
 
 class Renormalize(nn.Module):

@@ -13,8 +13,9 @@ OpenAI CLIP ViT-B/16 and trains the decoder alone. The decoder (reduce_dim 64):
   -> transposed conv (kernel = stride = patch/4, to 32 channels) -> ReLU -> transposed conv
   (patch/4, to 1 channel). With patch 16 that is x16: the output has the input's size.
 - a single-channel output; `two_class_logits` turns it into [-z, z], as the official adapter does.
-- the prompt (`PROMPTS`, `prompt_for`): one description of benign and malignant findings per
-  data set, in the form of the paper's §4.3 prompts.
+- the prompt (`prompt_for`): one description of benign and malignant findings per data set; by
+  default the official row's (`OFFICIAL_PROMPTS`, NextGen-UIA's src/models/clipseg/prompt.py),
+  with `--clipseg-prompts ours` the paper's §4.3 wording (`OUR_PROMPTS`).
 
 Our decoder keeps the CLIPSeg authors' own parameter names (`film_mul`, `reduces.N`,
 `blocks.N.self_attn.in_proj_weight`, `blocks.N.linear1`, `trans_conv.N`). `load_clipseg` reads a
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -166,15 +168,36 @@ class CLIPSegTaskModel(nn.Module):
 
 # ----------------------------------------------------------------------------- prompts
 
-# One description of benign and malignant findings per data set, in the form of the ultrasound-CLIP
-# paper's §4.3 prompts without their final sentence ("The abnormality in this ... scan is
-# {label}"), which names a class and so cannot condition a class-agnostic mask. LN and BUSI: the
-# paper's words. Thyroid and prostate: the same form from the standard sonographic criteria (ACR
-# TI-RADS; transrectal ultrasound of the prostate). Phantom: the features clip_us.phantom draws.
+# The official CLIPSeg row's prompts (NextGen-UIA src/models/clipseg/prompt.py, chosen per data
+# set by get_prompt in src/models/clipseg/segmentation.py: LN-INT and LN-EXT -> ln, BUSI -> busi,
+# DDTI and TN3K -> thyroid, Prostate -> prostate). Data: copied character for character.
+_OFFICIAL_THYROID = ("Benign thyroid nodule: oval, wider-than-tall, homogeneous, smooth margins, "
+                     "intact capsule. Malignant thyroid nodule: taller-than-wide, hypoechoic, "
+                     "irregular margins, microcalcifications, capsular/extra-thyroidal invasion.")
+OFFICIAL_PROMPTS = {
+    "ln": ("Benign lymph node: Oval shape, preserved echogenic hilum, thin homogeneous cortex. "
+           "Malignant lymph node: Round, lost hilum, thickened/heterogeneous cortex, "
+           "microcalcifications, irregular margins."),
+    "busi": ("Benign breast lesion: Oval shape, smooth margins, parallel orientation, homogeneous "
+             "hypoechoic echotexture, posterior enhancement. Malignant breast lesion: Irregular "
+             "shape, spiculated margins, non-parallel orientation, heterogeneous hypoechoic "
+             "echotexture, microcalcifications, posterior shadowing."),
+    "ddti": _OFFICIAL_THYROID, "tn3k": _OFFICIAL_THYROID,
+    "prostate": ("Benign prostate: smooth, symmetric TZ enlargement with heterogeneous nodules and "
+                 "intact capsule; Malignant prostate: focal peripheral-zone hypoechoic lesion with "
+                 "irregular margins, capsular breach and increased Doppler flow."),
+}
+
+# Ours (--clipseg-prompts ours): the ultrasound-CLIP paper's §4.3 zero-shot prompts without their final
+# sentence ("The abnormality in this ... scan is {label}"), which names a class and so cannot
+# condition a class-agnostic mask. LN and BUSI: the paper's words. Thyroid and prostate: the same
+# form from the standard sonographic criteria (ACR TI-RADS; transrectal ultrasound of the
+# prostate). Phantom: the features clip_us.phantom draws; the official code has no phantom, so
+# both sets use this one for it.
 _THYROID = ("Benign: Oval, wider-than-tall, smooth margins, isoechoic or spongiform, thin uniform "
             "halo. Malignant: Taller-than-wide, markedly hypoechoic, solid, irregular or lobulated "
             "margins, microcalcifications, extrathyroidal extension.")
-PROMPTS = {
+OUR_PROMPTS = {
     "ln": ("Benign: Oval shape, preserved echogenic hilum, thin homogeneous cortex. Malignant: "
            "Round, absent hilum, thickened/heterogeneous cortex, microcalcifications, irregular "
            "margins."),
@@ -189,17 +212,34 @@ PROMPTS = {
     "phantom": ("Benign: Oval shape, smooth margins, posterior enhancement. Malignant: Irregular "
                 "shape, spiculated margins, microcalcifications, posterior acoustic shadowing."),
 }
+PROMPT_SETS = {"official": {**OUR_PROMPTS, **OFFICIAL_PROMPTS}, "ours": OUR_PROMPTS}
 
 
-def prompt_for(dataset: str, override: str = "") -> str:
-    """The CLIPSeg prompt of a data set (ln1 and ln2 share LN's); `override` (--prompt) wins."""
+def prompt_key(dataset: str) -> str:
+    """A data set's key in the prompt tables: --dataset, or a NextGen-UIA name (--nextgen-name)
+    in any case and spelling: 'LN-1', 'ln2', 'LN-INT', 'LN-EXT' -> 'ln'; 'BUSI' -> 'busi'."""
+    key = re.sub(r"[-_ ]", "", dataset.lower())
+    return "ln" if key in ("ln", "ln1", "ln2", "lnint", "lnext") else key
+
+
+def prompt_for(dataset: str, override: str = "", prompts: str = "official") -> str:
+    """The CLIPSeg prompt of a data set (prompt_key) in `prompts` (--clipseg-prompts: official =
+    NextGen-UIA's prompt.py, ours = the paper's §4.3 wording). `override` (--prompt) replaces it,
+    so it cannot be combined with --clipseg-prompts ours."""
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"--clipseg-prompts must be one of {sorted(PROMPT_SETS)}, got "
+                         f"{prompts!r}")
     if override:
+        if prompts != "official":
+            raise ValueError("--prompt replaces the prompt set's text; pass --prompt or "
+                             "--clipseg-prompts ours, not both")
         return override
-    key = "ln" if dataset in ("ln1", "ln2", "ln") else dataset
-    if key not in PROMPTS:
-        raise ValueError(f"no CLIPSeg prompt for data set {dataset!r} (known: {sorted(PROMPTS)}); "
-                         "describe its benign and malignant findings with --prompt")
-    return PROMPTS[key]
+    key = prompt_key(dataset)
+    if key not in PROMPT_SETS[prompts]:
+        raise ValueError(f"no CLIPSeg prompt for data set {dataset!r} (known: "
+                         f"{sorted(PROMPT_SETS[prompts])}); name the data set with --nextgen-name "
+                         "(e.g. LN-1), or describe its benign and malignant findings with --prompt")
+    return PROMPT_SETS[prompts][key]
 
 
 # ----------------------------------------------------------------------------- loading

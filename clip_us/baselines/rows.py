@@ -6,7 +6,8 @@ the training scripts build them.
   parameter; its checkpoint therefore holds `model_state_dict`. Segmentation only.
 - `--backbone clipseg` (Table 2): CLIPSeg's rd64-refined decoder (clipseg.py) on the frozen CLIP
   of `--weights` (OpenAI's ViT-B/16 by default, as the official code), conditioned on the data
-  set's description of benign and malignant findings (`--prompt` overrides it). The decoder starts
+  set's description of benign and malignant findings: the official row's text by default,
+  `--clipseg-prompts ours` for the paper's §4.3 wording, `--prompt TEXT` for free text. The decoder starts
   from `--clipseg-weights` (a Hugging Face CIDAS/clipseg-rd64-refined folder; "default" looks in
   the clip_us cache) or, with `none`, from random weights, announced. Segmentation only.
 - `--backbone dinov2 --head official` (Tables 2 and 3): the frozen DINOv2 ViT-B/14 of
@@ -27,12 +28,13 @@ from torch import nn
 
 from ..fileio import cache_dir
 from ..tokenizer import tokenize
-from . import backbones
+from .backbones import OWN_HEAD_ROWS, input_norm
+from .backbones import spec as backbone_spec
 from .clipseg import CLIPSeg, CLIPSegTaskModel, load_decoder
 from .dinov2_heads import DINOv2ClsHead, DINOv2SegHead, DINOv2TaskModel
 from .unet import UNet
 
-SEG_ONLY = tuple(backbones.OWN_HEAD_ROWS)  # U-Net and CLIPSeg: segmentation rows, not towers
+SEG_ONLY = tuple(OWN_HEAD_ROWS)  # U-Net and CLIPSeg: segmentation rows, not towers
 CLIPSEG_FOLDER = "clipseg-rd64-refined"  # its folder in the clip_us cache
 CLIPSEG_PUBLISHED = "https://huggingface.co/CIDAS/clipseg-rd64-refined (config.json, model.safetensors)"
 
@@ -43,7 +45,9 @@ def check_flags(cfg):
         ("--head proposed", cfg.head != "official", cfg.backbone == "dinov2"),
         ("--dinov2-official", cfg.dinov2_official, cfg.backbone == "dinov2"),
         ("--clipseg-weights", cfg.clipseg_weights != "default", cfg.backbone == "clipseg"),
-        ("--prompt", bool(cfg.prompt), cfg.backbone == "clipseg")) if used and not wanted]
+        ("--prompt", bool(cfg.prompt), cfg.backbone == "clipseg"),
+        ("--clipseg-prompts ours", cfg.clipseg_prompts != "official", cfg.backbone == "clipseg"))
+        if used and not wanted]
     if given:
         raise ValueError(f"{', '.join(given)} do(es) nothing for --backbone {cfg.backbone}; "
                          "drop it, or pick the backbone it is for (dinov2, clipseg)")
@@ -90,12 +94,12 @@ def build_clipseg(spec, clip_fn) -> CLIPSegTaskModel:
 
 def build_dinov2(spec, task: str, num_classes: int, tower_fn) -> DINOv2TaskModel:
     tower = tower_fn()
-    if spec.image_size != backbones.spec("dinov2").resolution:
-        print(f"note: the official DINOv2 rows ran at {backbones.spec('dinov2').resolution} px; "
+    if spec.image_size != backbone_spec("dinov2").resolution:
+        print(f"note: the official DINOv2 rows ran at {backbone_spec('dinov2').resolution} px; "
               f"this run uses {spec.image_size} px (--image-size)")
     head = (DINOv2SegHead if task == "seg" else DINOv2ClsHead)(tower.width, num_classes)
     # The pipeline normalises with CLIP's mean/std; DINOv2 was trained with ImageNet's.
-    return DINOv2TaskModel(tower, head, backbones.input_norm("dinov2", spec.clip_norm))
+    return DINOv2TaskModel(tower, head, input_norm("dinov2", spec.clip_norm))
 
 
 def build_row_model(spec, task: str, clip_fn, tower_fn, num_classes: int = 2) -> nn.Module:

@@ -16,11 +16,12 @@ releases are laid out. ``read_rows``, ``pick_column`` and ``write_rows`` are the
 writer of these files: ``python -m clip_us.captions`` (template, fit, refine) uses them too, with
 the same accepted columns (IMAGE_COLS, CAPTION_COLS).
 
-Cleaning follows the official NextGen-UIA code: strip the caption and keep it only if it is
-longer than 20 characters. ``ascii_only`` first deletes every character outside the official
-code's whitelist (ASCII letters, digits, whitespace, punctuation and a few symbols such as ± ° µ
-≤ ≥ → – —). Captions that are mostly non-ASCII (untranslated CURD captions, for instance) are
-counted either way: ``python -m clip_us.captions refine --mode translate`` translates them.
+Cleaning follows the official NextGen-UIA code (``src/datasets/finetune.py``): delete every
+character outside its whitelist (ASCII letters, digits, whitespace, punctuation and a few symbols
+such as ± ° µ ≤ ≥ → – —), strip the caption and keep it only if it is longer than 20 characters.
+``ascii_only=False`` (``--no-ascii-only``) skips the whitelist and keeps every character.
+Captions that are mostly non-ASCII (untranslated CURD captions, for instance) are counted either
+way: ``python -m clip_us.captions refine --mode translate`` translates them.
 
 Splits: a ``split`` column is used as it is; otherwise a seeded 90/10 train/val shuffle that
 reproduces the official code's ``df.sample(frac=1, random_state=seed)`` order, or three fractions
@@ -87,8 +88,9 @@ class Pair:
 
 
 # ----------------------------------------------------------------------------- caption cleaning
-def clean_caption(text, ascii_only: bool = False) -> str:
-    """The official cleaning: optionally delete non-whitelisted characters, then strip."""
+def clean_caption(text, ascii_only: bool = True) -> str:
+    """The official cleaning: delete non-whitelisted characters (unless `ascii_only` is False),
+    then strip."""
     text = "" if text is None else str(text)
     if ascii_only:
         text = NOT_WHITELISTED.sub("", text)
@@ -234,7 +236,7 @@ def _split_value(value: str, where: str) -> str:
 
 
 def read_manifest(path, image_col: str | None = None, caption_col: str | None = None,
-                  ascii_only: bool = False, skip_bad: bool = False,
+                  ascii_only: bool = True, skip_bad: bool = False,
                   check_images: bool = True) -> tuple[list[Pair], dict]:
     """(pairs, report) from a CSV or JSONL manifest.
 
@@ -297,8 +299,9 @@ def describe(report: dict) -> str:
              f"  dropped: {d['short_caption']} with a caption of {MIN_CHARS} characters or fewer, "
              f"{d['bad_image']} with a missing or unreadable image (--skip-bad)"]
     if report["ascii_only"]:
-        lines.append(f"  --ascii-only changed {report['ascii_changed']} captions and dropped "
-                     f"{d['ascii_only']} that became {MIN_CHARS} characters or fewer")
+        lines.append(f"  the official whitelist (--ascii-only) changed {report['ascii_changed']} "
+                     f"captions and dropped {d['ascii_only']} that became {MIN_CHARS} characters "
+                     f"or fewer")
     if report["mostly_non_ascii"]:
         lines.append(f"  {report['mostly_non_ascii']} captions are mostly non-ASCII (untranslated "
                      f"text?): {REFINE_HINT}")

@@ -13,8 +13,9 @@ tokens, and rewriting with a language model through any OpenAI-compatible server
   boundary; it never cuts inside a word, a CJK character or an emoji.
 - `refine_manifest` rewrites captions with an LLM: `translate` does what the ultrasound-CLIP paper
   (§4.1) did with Qwen3-8B on the Chinese CURD captions (English, one clinical sentence within 77 tokens);
-  `describe` does what EchoCare-CLIP did with Qwen3-4B-Instruct (three 15-60-word captions from
-  a row's metadata, one picked with the seed). The HTTP client, retries and cache are llm.py.
+  `echocare` is EchoCare-CLIP's own procedure with Qwen3-4B-Instruct, its prompts copied
+  (echocare.py); `describe` is our wording of it (three 15-60-word captions from a row's
+  metadata, one picked per row with the seed). The HTTP client, retries and cache are llm.py.
 
     python -m clip_us.captions template data/BUSI --out data/BUSI/captions.csv
     python -m clip_us.captions fit captions.csv --out captions77.csv
@@ -28,13 +29,9 @@ writes the phantom's, the manifest train_contrastive.py and evaluate.py read by 
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import os
 import random
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,12 +40,11 @@ from pathlib import Path
 import regex
 
 from .. import data
-from ..config import command_parser, fail, opt, parse_command, required
 from ..fileio import cache_dir
 from ..labels import CLASSES, parse_label
 from ..phantom import ORGANS, PhantomConfig, write_dataset
 from ..tokenizer import default_tokenizer
-from . import llm
+from . import echocare, llm
 from .manifest import (
     CAPTION_COLS,
     IMAGE_COLS,
@@ -375,12 +371,17 @@ def rebase(value: str, src: Path, dst: Path, must_exist: bool = True) -> str:
     return Path(os.path.relpath(full.resolve(), dst.resolve())).as_posix()
 
 
+def image_column(columns: list) -> str | None:
+    """The image column among `columns` (IMAGE_COLS, any case), or None."""
+    lower = {c.lower(): c for c in columns}
+    return next((lower[c] for c in IMAGE_COLS if c in lower), None)
+
+
 def rebase_images(columns: list, rows: list, src, out) -> None:
     """Point the image column of rows read from manifest `src` at the same files from `out`'s
     folder (in place): a manifest's paths are relative to it, so a copy written elsewhere
     moves them. The images need not be on this machine (refine may run beside the LLM)."""
-    lower = {c.lower(): c for c in columns}
-    icol = next((lower[c] for c in IMAGE_COLS if c in lower), None)
+    icol = image_column(columns)
     for row in rows if icol else ():
         row[icol] = rebase(row.get(icol) or "", Path(src).parent, Path(out).parent, False)
 
@@ -612,12 +613,19 @@ DESCRIBE_INSTRUCTIONS = (
     "nothing else: do not invent findings, measurements, patient details or diagnoses. Vary "
     "the wording and sentence structure between the three. Reply with exactly three lines "
     "numbered 1., 2. and 3., one caption per line, and nothing else.")
-MODE_DEFAULTS = {   # sampling settings per mode; describe follows EchoCare-CLIP's vLLM call
+# Sampling settings and seed per mode; describe and echocare follow EchoCare-CLIP's vLLM call
+# (generate_llm_captions.py: temperature 1.0, top_p 0.95, repetition penalty 1.05, 320 new
+# tokens, seed 42). Only echocare sends the seed (vLLM's per-request SamplingParams.seed).
+MODE_DEFAULTS = {
     "translate": {"temperature": 0.2, "top_p": 0.95, "repetition_penalty": None,
-                  "max_tokens": 200},
+                  "max_tokens": 200, "seed": 0},
     "describe": {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.05,
-                 "max_tokens": 320},
+                 "max_tokens": 320, "seed": 0},
+    "echocare": {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.05,
+                 "max_tokens": 320, "seed": echocare.SEED},
 }
+# The model each mode was run with: the ultrasound-CLIP paper's (§4.1), EchoCare-CLIP's.
+MODE_MODEL = {"translate": "Qwen/Qwen3-8B", "describe": echocare.MODEL, "echocare": echocare.MODEL}
 # Columns that are not metadata of the image (left out of describe's field list).
 NOT_METADATA = {"image", "caption", "original_caption", "refine_status", "tier", "split",
                 "dataset", *IMAGE_COLS, *CAPTION_COLS}
@@ -628,12 +636,12 @@ NUMBERED = re.compile(r"^\s*\(?(\d+)[.):]\s*(.+?)\s*$", re.M)
 
 @dataclass
 class RefineConfig:
-    mode: str = "translate"                 # translate | describe
+    mode: str = "translate"                 # translate | describe | echocare
     temperature: float | None = None        # None: the mode's default (MODE_DEFAULTS)
     top_p: float | None = None
     repetition_penalty: float | None = None   # 0 leaves it out of the request
     max_tokens: int | None = None
-    seed: int = 0                           # which of describe's captions; which rows (fraction)
+    seed: int | None = None                 # which caption is kept; which rows (fraction)
     context_length: int = CONTEXT_LENGTH
     concurrency: int = 8
     fraction: float = 1.0                   # refine a seeded fraction of the rows
@@ -654,8 +662,11 @@ class RefineConfig:
         given = {k: getattr(self, k) for k in MODE_DEFAULTS[self.mode]}
         self.params = {k: (MODE_DEFAULTS[self.mode][k] if v is None else v)
                        for k, v in given.items()}
+        self.seed = self.params.pop("seed")
         if self.params["repetition_penalty"] == 0:
             self.params["repetition_penalty"] = None
+        if self.mode == "echocare":   # vLLM's SamplingParams(seed=...) of every request
+            self.params["seed"] = self.seed
 
 
 def clean_reply(text: str) -> str:
@@ -680,6 +691,8 @@ def reply_check(mode: str):
         if mode == "describe" and len(numbered_captions(text)) < DESCRIBE_N:
             raise llm.BadReply(f"fewer than {DESCRIBE_N} numbered captions in the reply: "
                                f"{clean_reply(text)[:60]!r}")
+        if mode == "echocare" and not echocare.candidates(text):
+            raise llm.BadReply("no caption line in the reply")
     return check
 
 
@@ -690,9 +703,14 @@ def metadata_lines(row: dict, ccol: str) -> list:
             if k.lower() not in skip and _present(v)]
 
 
-def build_request(row: dict, ccol: str, model: str, rcfg: RefineConfig) -> dict | None:
+def build_request(row: dict, index: int, ccol: str, model: str,
+                  rcfg: RefineConfig) -> dict | None:
     """The chat request for one row, or None when the row has nothing to send."""
-    if rcfg.mode == "translate":
+    if rcfg.mode == "echocare":
+        messages = echocare.messages(row, index, ccol)
+        if messages is None:
+            return None
+    elif rcfg.mode == "translate":
         text = (row.get(ccol) or "").strip()
         if not text:
             return None
@@ -714,12 +732,16 @@ def selected(index: int, row: dict, ccol: str, rcfg: RefineConfig) -> bool:
     return rcfg.fraction >= 1 or row_rng(rcfg.seed, index, "fraction").random() < rcfg.fraction
 
 
-def final_caption(reply: str, index: int, rcfg: RefineConfig) -> tuple[str, str]:
+def final_caption(reply: str, index: int, image: str, rcfg: RefineConfig,
+                  pick) -> tuple[str, str]:
     """(caption, status) from an accepted reply: describe picks one of its captions with the
-    seed; a caption over the context is fitted ('fitted'), otherwise 'ok'."""
+    seed and the row, echocare with `pick` (echocare.picker: the authors' one generator per
+    run); a caption over the context is fitted ('fitted'), otherwise 'ok'."""
     if rcfg.mode == "describe":
         options = numbered_captions(reply)[:DESCRIBE_N]
         text = options[row_rng(rcfg.seed, index, "pick").randrange(len(options))]
+    elif rcfg.mode == "echocare":
+        text = pick(image, reply)
     else:
         text = clean_reply(reply)
     if token_count(text) <= rcfg.context_length:
@@ -731,7 +753,7 @@ def plan_requests(rows: list, ccol: str, model: str, rcfg: RefineConfig) -> tupl
     """([request key or None per row], {key: body}); identical requests are sent once."""
     keys, bodies = [], {}
     for i, row in enumerate(rows):
-        body = build_request(row, ccol, model, rcfg) if selected(i, row, ccol, rcfg) else None
+        body = build_request(row, i, ccol, model, rcfg) if selected(i, row, ccol, rcfg) else None
         key = llm.request_key(body) if body is not None else None
         if key is not None:
             bodies[key] = body
@@ -739,9 +761,11 @@ def plan_requests(rows: list, ccol: str, model: str, rcfg: RefineConfig) -> tupl
     return keys, bodies
 
 
-def apply_replies(rows, keys, replies, ccol, rcfg) -> dict:
-    """Write each row's new caption, original and status (in place); {status: count}."""
+def apply_replies(rows, keys, replies, ccol, icol, rcfg) -> dict:
+    """Write each row's new caption, original and status (in place), in row order;
+    {status: count}."""
     counts = {"ok": 0, "fitted": 0, "failed": 0, "skipped": 0}
+    pick = echocare.picker(rcfg.seed)
     for i, (row, key) in enumerate(zip(rows, keys)):
         old = row.get(ccol) or ""
         row.setdefault("original_caption", old)
@@ -750,7 +774,8 @@ def apply_replies(rows, keys, replies, ccol, rcfg) -> dict:
         elif key not in replies:
             status = "failed"       # kept the original caption
         else:
-            row[ccol], status = final_caption(replies[key], i, rcfg)
+            image = (row.get(icol) if icol else None) or f"row {i}"
+            row[ccol], status = final_caption(replies[key], i, image, rcfg, pick)
         row["refine_status"] = status
         counts[status] += 1
     return counts
@@ -763,6 +788,7 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
     t0 = time.perf_counter()
     columns, rows, _ = read_rows(src)
     ccol = pick_column(src, columns, rcfg.caption_col, CAPTION_COLS, "caption")
+    icol = image_column(columns)
     keys, bodies = plan_requests(rows, ccol, chat.model, rcfg)
     if rcfg.mode == "describe" and rows and not bodies:
         raise CaptionError(f"{src}: no row has metadata columns besides the image and caption; "
@@ -774,7 +800,7 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
                                                   rcfg.concurrency, rcfg.progress)
     finally:
         cache.close()
-    counts = apply_replies(rows, keys, replies, ccol, rcfg)
+    counts = apply_replies(rows, keys, replies, ccol, icol, rcfg)
     rebase_images(columns, rows, src, out)
     write_rows(out, list(dict.fromkeys([*columns, "original_caption", "refine_status"])), rows)
     failed = [i for i, k in enumerate(keys) if k is not None and k not in replies]
@@ -783,195 +809,3 @@ def refine_manifest(src, out, chat: llm.ChatConfig, rcfg: RefineConfig) -> dict:
             "failed_rows": failed, "errors": {i: errors.get(keys[i], "") for i in failed},
             "seconds": round(time.perf_counter() - t0, 2), "out": str(out), "cache": cache.path,
             "torn_cache_lines": cache.torn}
-
-
-def print_refine_summary(s: dict) -> None:
-    rate = s["sent"] / s["seconds"] if s["seconds"] else 0.0
-    print(f"refined {s['rows']} rows: {s['requests']} requests ({s['cached']} from the cache, "
-          f"{s['sent']} sent, {s['retries']} retries, {rate:.2f} req/s)")
-    print(f"  ok {s['ok']}, fitted to the context {s['fitted']}, skipped {s['skipped']}, "
-          f"failed {s['failed']} (original caption kept)")
-    if s["failed_rows"]:
-        print("  failed rows (0-based, header not counted): "
-              + ", ".join(map(str, s["failed_rows"])))
-        for i in s["failed_rows"][:5]:
-            print(f"    row {i}: {s['errors'][i]}")
-        print("  rerun the same command to retry only these rows (answers are cached)")
-    if s["torn_cache_lines"]:
-        print(f"  {s['torn_cache_lines']} unreadable cache line(s) skipped (a run killed while "
-              f"writing); any answer on them was asked for again")
-    print(f"wrote {s['out']} (cache {s['cache']}) in {s['seconds']:.1f} s")
-
-
-# ----------------------------------------------------------------------------- command line
-def _json_object(value: str) -> dict:
-    try:
-        obj = json.loads(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e}): {value!r}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', "
-                                         f"got {value!r}")
-    return obj
-
-
-def _penalty(value: str):
-    return 0.0 if value.lower() in ("none", "off") else float(value)
-
-
-def _no_key_on_command_line(value: str):
-    # argparse prints only this message, never the value, so the key is not echoed either
-    raise argparse.ArgumentTypeError("a key on the command line shows in ps and the shell "
-                                     "history; put it in an environment variable and name that "
-                                     "with --api-key-env (default OPENAI_API_KEY)")
-
-
-def _mode_default(name: str) -> str:
-    """What --mode sets `name` to when it is not given, for the help: 'translate 0.2, ...'."""
-    return ", ".join(f"{mode} {'none' if values[name] is None else values[name]}"
-                     for mode, values in MODE_DEFAULTS.items())
-
-
-@dataclass(kw_only=True)
-class _Output:
-    """What every subcommand writes: a manifest whose captions fit CLIP's context."""
-    out: str = required("manifest to write (.csv, or .jsonl)")
-    context_length: int = opt(CONTEXT_LENGTH, "most CLIP tokens per caption, start and end tokens "
-                              "included")
-
-
-@dataclass(kw_only=True)
-class TemplateCommand(_Output):
-    """template captions for a data set folder or metadata CSV"""
-    data: str = required("data set folder (busi, nextgen, tn3k, folder layouts) or a CSV/JSONL "
-                         "of metadata", positional=True)
-    dataset: str | None = opt(None, "layout of the folder (default: detected)",
-                              choices=["busi", "nextgen", "prostate", "tn3k", "ddti", "folder"])
-    nextgen_name: str | None = opt(None, "<DS> of the nextgen layout (default: the only one "
-                                   "there)")
-    organ: str | None = opt(None, "organ for every row (default: from the data set's name)")
-    dataset_name: str | None = opt(None, "the dataset column (default: the folder's name)")
-    seed: int = opt(0, "random seed of every row's tier and template (drawn with the row and "
-                    "image)")
-    tier_weights: str = opt("20,30,50", "how often tiers 1,2,3 are drawn, in percent")
-    image_col: str | None = opt(None, "image column of a CSV (default: detected)")
-    skip_bad: bool = opt(False, "skip bad files instead of stopping")
-
-
-@dataclass(kw_only=True)
-class _Rewrite(_Output):
-    """fit and refine: they rewrite the captions of a manifest."""
-    manifest: str = required("image-caption manifest to read (CSV or JSONL)", positional=True)
-    caption_col: str | None = opt(None, "caption column (default: detected)")
-
-
-@dataclass(kw_only=True)
-class FitCommand(_Rewrite):
-    """shorten captions to CLIP's 77 tokens (--context-length)"""
-
-
-@dataclass(kw_only=True)
-class RefineCommand(_Rewrite):
-    """rewrite captions with an OpenAI-compatible LLM"""
-    endpoint: str = required("OpenAI-style base URL, e.g. http://127.0.0.1:8000/v1")
-    model: str = required("the model the server runs, e.g. Qwen/Qwen3-8B")
-    mode: str = opt("translate", "translate: one English clinical sentence (the ultrasound-CLIP "
-                    "paper's CURD captions); describe: three captions from a row's metadata, "
-                    "one kept (EchoCare-CLIP)", choices=sorted(MODE_DEFAULTS))
-    api_key_env: str | None = opt(None, "environment variable holding the API key, never printed "
-                                  "(default OPENAI_API_KEY if set; a variable named here must "
-                                  "be set)")
-    api_key: str | None = opt(None, argparse.SUPPRESS, type=_no_key_on_command_line)
-    concurrency: int = opt(8, "requests in flight")
-    temperature: float | None = opt(None, f"sampling temperature (default: the mode's, "
-                                    f"{_mode_default('temperature')})", type=float)
-    top_p: float | None = opt(None, f"nucleus sampling's top_p (default: the mode's, "
-                              f"{_mode_default('top_p')})", type=float)
-    repetition_penalty: float | None = opt(
-        None, f"repetition penalty; 'none' leaves it out of the request (default: the mode's, "
-        f"{_mode_default('repetition_penalty')})", type=_penalty)
-    max_tokens: int | None = opt(None, f"most new tokens per reply (default: the mode's, "
-                                 f"{_mode_default('max_tokens')})", type=int)
-    seed: int = opt(0, "random seed: the rows --fraction picks, the describe caption kept")
-    timeout: float = opt(120.0, "seconds per request")
-    retries: int = opt(5, "tries after the first")
-    backoff: float = opt(1.0, "first wait in s, doubled per retry")
-    cache: str | None = opt(None, "reply cache (default: OUT.cache.jsonl)")
-    fraction: float = opt(1.0, "refine a seeded fraction of rows")
-    only_non_ascii: bool = opt(False, "refine only non-English rows")
-    extra_body: dict = opt({}, 'more request fields as JSON, e.g. \'{"chat_template_kwargs": '
-                           '{"enable_thinking": false}}\' (vLLM, Qwen3)', type=_json_object)
-    progress: bool = opt(True, "a progress bar (--no-progress: none)")
-
-
-COMMANDS = {"template": TemplateCommand, "fit": FitCommand, "refine": RefineCommand}
-# allow_abbrev=False: a prefix must not quietly become another flag (--api-key as --api-key-env
-# would take the key for a variable name and send no key)
-PARSER = {"prog": "python -m clip_us.captions", "allow_abbrev": False,
-          "description": "Caption manifests: three-tier templates, fitting to 77 CLIP tokens, "
-                         "LLM refinement."}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser(COMMANDS, **PARSER)
-
-
-def api_key(env_name: str | None) -> str | None:
-    """The key from the variable --api-key-env names (which must be set), else from
-    OPENAI_API_KEY if set, else None (local servers need none)."""
-    key = os.environ.get(env_name or "OPENAI_API_KEY") or None
-    if env_name and key is None:
-        raise CaptionError(f"--api-key-env {env_name}: that environment variable is not set or "
-                           f"empty; export {env_name}=..., or leave out --api-key-env")
-    return key
-
-
-def run_refine(a: RefineCommand) -> dict:
-    key_env = a.api_key_env or "OPENAI_API_KEY"
-    chat = llm.ChatConfig(a.endpoint, a.model, api_key=api_key(a.api_key_env),
-                          timeout=a.timeout, retries=a.retries, backoff=a.backoff)
-    rcfg = RefineConfig(mode=a.mode, temperature=a.temperature, top_p=a.top_p,
-                        repetition_penalty=a.repetition_penalty, max_tokens=a.max_tokens,
-                        seed=a.seed, context_length=a.context_length, concurrency=a.concurrency,
-                        fraction=a.fraction, only_non_ascii=a.only_non_ascii,
-                        caption_col=a.caption_col, cache=a.cache, progress=a.progress,
-                        extra_body=a.extra_body)
-    key_note = f"key from ${key_env}" if chat.api_key else "no API key"
-    print(f"refine {a.manifest} -> {a.out}: {chat.url}, model {chat.model}, mode {rcfg.mode}, "
-          f"{rcfg.params}, concurrency {rcfg.concurrency}, {key_note}")
-    summary = refine_manifest(a.manifest, a.out, chat, rcfg)
-    print_refine_summary(summary)
-    return summary
-
-
-def main(argv=None) -> None:
-    a = parse_command(COMMANDS, argv, **PARSER)
-    try:
-        if isinstance(a, TemplateCommand):
-            s = template_manifest(a.data, a.out, a.dataset, a.organ, a.dataset_name, a.seed,
-                                  a.tier_weights, a.image_col, a.nextgen_name, a.skip_bad,
-                                  a.context_length)
-            print(f"wrote {s['rows']} captions to {s['out']} (tiers 1/2/3: "
-                  f"{s['tiers'][1]}/{s['tiers'][2]}/{s['tiers'][3]})")
-        elif isinstance(a, FitCommand):
-            s = fit_manifest(a.manifest, a.out, a.caption_col, a.context_length)
-            print(f"fitted {s['rows']} captions to {a.context_length} tokens: {s['changed']} "
-                  f"changed; wrote {s['out']}")
-        else:
-            s = run_refine(a)
-            if s["failed"]:  # written, but incomplete: a pipeline must not take it for done
-                print(f"error: {s['failed']} of {s['rows']} rows kept their original caption "
-                      f"(requests failed); rerun the same command to retry only those",
-                      file=sys.stderr)
-                sys.exit(1)
-    except (CaptionError, data.DataError, llm.LLMError, OSError, csv.Error,
-            json.JSONDecodeError) as e:
-        fail(e)
-    except KeyboardInterrupt:
-        print("interrupted; answers received so far are in the cache: rerun the same command "
-              "to go on", file=sys.stderr)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

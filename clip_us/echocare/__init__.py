@@ -7,17 +7,18 @@ encoder of a Swin image encoder and a CLIP or BioClinicalBERT text tower.
 - `model.py`: the dual model, its MLP heads and learnable temperature, build / save / load.
 """
 from .model import (
-                    HEADS,
-                    RECIPE,
-                    TRAIN_MODES,
-                    EchoCareCLIP,
-                    build,
-                    expected_counts,
-                    for_contrastive,
-                    load,
-                    save,
-                    set_trainable,
+    HEADS,
+    RECIPE,
+    TRAIN_MODES,
+    EchoCareCLIP,
+    build,
+    expected_counts,
+    for_contrastive,
+    load,
+    recipe_hold_out,
+    save,
+    set_trainable,
 )
 
 __all__ = ["HEADS", "RECIPE", "TRAIN_MODES", "EchoCareCLIP", "build", "expected_counts",
-           "for_contrastive", "load", "save", "set_trainable"]
+           "for_contrastive", "load", "recipe_hold_out", "save", "set_trainable"]

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ..contrastive import CaptionDataset
-from ..transform import open_image, to_working_image
+from ..transform import mean_std, open_image, to_working_image
 from .bert import SPECIALS, clean_text, split_punct, strip_accents
 
 AUTHORS_MEAN = (0.1909, 0.1927, 0.1964)
@@ -48,7 +48,7 @@ def image_transform(size: int, train: bool, mean=AUTHORS_MEAN, std=AUTHORS_STD) 
 
 def norm_stats(paths, size: int) -> tuple[tuple, tuple]:
     """Per-channel (mean, std) of every pixel of the images after the evaluation resize/crop."""
-    tf = image_transform(size, train=False, mean=(0.0,) * 3, std=(1.0,) * 3)
+    tf = image_transform(size, False, *mean_std(False))  # [0, 1] pixels
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     n = 0

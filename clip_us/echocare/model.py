@@ -32,16 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import weights as W
 from ..adapters import identity
 from ..contrastive import CaptionDataset
 from ..fileio import load_checkpoint, save_checkpoint
 from ..model import ARCHS as CLIP_ARCHS
 from ..model import CLIP, CLIPConfig
 from ..tokenizer import tokenize as clip_tokenize
-from . import bert as B
-from . import swin as S
-from .data import AUTHORS_MEAN, AUTHORS_STD, caption_dataset, image_transform, norm_stats, tiny_vocab
+from ..weights import file_sha256, load_state_dict
+from .bert import (
+    BertConfig,
+    BertModel,
+    WordPieceTokenizer,
+    find_bert_folder,
+    load_bert,
+    weights_file,
+)
+from .data import (
+    AUTHORS_MEAN,
+    AUTHORS_STD,
+    caption_dataset,
+    image_transform,
+    norm_stats,
+    tiny_vocab,
+)
+from .swin import ARCHS as SWIN_ARCHS
+from .swin import SwinConfig, SwinTransformer, find_echocare_encoder, load_echocare_encoder
 
 PROJECTION_DIM = 256
 TRAIN_MODES = ("heads", "image", "text", "full")
@@ -52,10 +67,26 @@ TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, int
 # The authors' recipe: the defaults of `train_contrastive.py --model echocare`. betas are torch's
 # AdamW defaults (their code passes none); CosineAnnealingLR(T_max=epochs) steps once an epoch
 # down to 0; no clipping; no early stopping (the best validation loss picks the checkpoint); a
-# 70/15/15 split stratified by data set with seed 42, BUSI and the liver set held out.
+# 70/15/15 split stratified by data set with seed 42, BUSI and the liver set held out (named as in
+# training_experiments/config.json's held_out_datasets; prepare_data.py matches them exactly,
+# clip_us.captions.manifest.make_split ignoring case); captions keep every character (the
+# NextGen-UIA whitelist is the ultrasound-CLIP paper's code's).
 RECIPE = {"lr": 1e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "schedule": "epoch",
           "min_lr": 0.0, "epochs": 20, "batch_size": 128, "grad_clip": 0.0, "patience": 20,
-          "split": "70,15,15", "split_seed": 42, "hold_out": "busi,liver", "image_size": 256}
+          "split": "70,15,15", "split_seed": 42, "hold_out": "Dataset_BUSI_with_GT,Liver_ultrasound",
+          "image_size": 256, "ascii_only": False}
+
+
+def recipe_hold_out(hold_out: str, datasets) -> tuple[list, str]:
+    """(the recipe's held-out data sets that `datasets` has, the line saying so): a manifest
+    without them (the phantom) holds nothing out, and the line says that too, never silently."""
+    names = [h.strip() for h in hold_out.split(",") if h.strip()]
+    have = {d.lower() for d in datasets}
+    hold = [h for h in names if h.lower() in have]
+    if hold:
+        return hold, f"held out (the authors' recipe): {', '.join(hold)}"
+    return hold, (f"held out: nothing; the manifest has none of the recipe's {', '.join(names)} "
+                  f"(its data sets: {', '.join(sorted(set(datasets)))})")
 
 
 def mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -79,21 +110,21 @@ def clip_text_tower(cfg: CLIPConfig, sd: dict | None = None) -> CLIP:
 
 def load_clip_text(weights: str, download_root: str | None = None) -> tuple[CLIP, dict]:
     """OpenAI's text tower from any CLIP checkpoint weights.py reads (ViT-B/32 for EchoCare-CLIP)."""
-    sd, info = W.load_state_dict(weights, download_root)
+    sd, info = load_state_dict(weights, download_root)
     text = {k: v.float() for k, v in sd.items()
             if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
     source = {"family": "clip", "arch": weights, "config": asdict(info["config"]),
-              "path": os.path.abspath(info["path"]), "sha256": W.file_sha256(info["path"])}
+              "path": os.path.abspath(info["path"]), "sha256": file_sha256(info["path"])}
     return clip_text_tower(info["config"], text), source
 
 
 def load_bert_text(folder: str | None, download_root: str | None = None):
     """(BertModel, WordPieceTokenizer, source) from a Hugging Face folder (BioClinicalBERT)."""
-    folder = B.find_bert_folder(folder, download_root)
-    model, tok = B.load_bert(folder)
-    path = B.weights_file(folder)
+    folder = find_bert_folder(folder, download_root)
+    model, tok = load_bert(folder)
+    path = weights_file(folder)
     source = {"family": "bert", "arch": "bert", "config": model.config.to_dict(),
-              "path": os.path.abspath(path), "sha256": W.file_sha256(path),
+              "path": os.path.abspath(path), "sha256": file_sha256(path),
               "vocab": dict(tok.vocab), "do_lower_case": tok.do_lower_case}
     return model, tok, source
 
@@ -106,10 +137,10 @@ def random_text(family: str, arch: str, captions) -> tuple[nn.Module, object, di
                                             "path": None, "sha256": None}
     vocab = {t: i for i, t in enumerate(tiny_vocab(captions))}
     sizes = TINY_BERT if arch == "tiny" else {}
-    cfg = B.BertConfig(vocab_size=len(vocab), **sizes)
+    cfg = BertConfig(vocab_size=len(vocab), **sizes)
     source = {"family": "bert", "arch": arch, "config": cfg.to_dict(), "path": None,
               "sha256": None, "vocab": vocab, "do_lower_case": True}
-    model = B.BertModel(cfg)
+    model = BertModel(cfg)
     # BERT's init (std 0.02) leaves an untrained BERT's pooled [CLS] feature the same for every
     # text (cosine ~1.0 between captions), which no head can learn from; std 0.2 spreads them
     # (mean cosine ~0.75 on phantom captions, like the random tiny CLIP text tower's).
@@ -117,7 +148,7 @@ def random_text(family: str, arch: str, captions) -> tuple[nn.Module, object, di
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, 0.2)
-    return model, B.WordPieceTokenizer(vocab, True), source
+    return model, WordPieceTokenizer(vocab, True), source
 
 
 # ----------------------------------------------------------------------------- the model
@@ -129,7 +160,7 @@ class EchoCareCLIP(nn.Module):
     Hugging Face BertModel's names), text_head.{0,2}.*, log_temperature.
     """
 
-    def __init__(self, image_encoder: S.SwinTransformer, text_encoder: nn.Module, tokenizer,
+    def __init__(self, image_encoder: SwinTransformer, text_encoder: nn.Module, tokenizer,
                  sources: dict, image_size: int = 256, mean=AUTHORS_MEAN, std=AUTHORS_STD,
                  projection_dim: int = PROJECTION_DIM, init_temperature: float = 0.07):
         super().__init__()
@@ -245,7 +276,7 @@ def set_trainable(model: EchoCareCLIP, mode: str) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def swin_parameters(c: S.SwinConfig) -> int:
+def swin_parameters(c: SwinConfig) -> int:
     """Patch embedding; per stage: blocks (norms, bias table, qkv, proj, MLP), merging
     (LayerNorm(4d), Linear(4d, 2d) without bias) and the two bias-free 3x3 convolutions."""
     n = c.in_chans * c.embed_dim * c.patch_size ** 2 + c.embed_dim
@@ -263,7 +294,7 @@ def clip_text_parameters(c: CLIPConfig) -> int:
     return (c.vocab_size + c.context_length) * W_ + c.transformer_layers * (12 * W_ * W_ + 13 * W_) + 2 * W_
 
 
-def bert_parameters(c: B.BertConfig) -> int:
+def bert_parameters(c: BertConfig) -> int:
     """Embeddings + LayerNorm, 4 H^2 + 2 H I + 9 H + I per layer, the pooler."""
     H, I_ = c.hidden_size, c.intermediate_size
     emb = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * H + 2 * H
@@ -274,7 +305,7 @@ def head_parameters(d_in: int, d_out: int = PROJECTION_DIM) -> int:
     return d_in * d_in + d_in + d_in * d_out + d_out
 
 
-def expected_counts(image_cfg: S.SwinConfig, text_family: str, text_cfg, mode: str,
+def expected_counts(image_cfg: SwinConfig, text_family: str, text_cfg, mode: str,
                     projection_dim: int = PROJECTION_DIM) -> tuple[int, int]:
     """(trainable, total) in closed form. EchoCare + ViT-B/32, heads: 5,114,881 of 188,502,521."""
     image = swin_parameters(image_cfg)
@@ -293,7 +324,7 @@ def _encoder_file(image_weights: str | None, download_root: str | None) -> str:
     """The EchoCare Swin file (swin.find_echocare_encoder); when missing, the message also names
     the flag that passes it."""
     try:
-        return S.find_echocare_encoder(image_weights, download_root)
+        return find_echocare_encoder(image_weights, download_root)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (train_contrastive.py --model echocare: --image-weights "
                                 f"PATH; or --weights none for random encoders, tests only)") from e
@@ -312,18 +343,18 @@ def build(text_encoder: str = "clip", arch: str = "echocare", random_weights: bo
     if random_weights:
         print(f"!!! EchoCare-CLIP with RANDOM encoder weights ({arch} Swin, {arch} {text_encoder}"
               f" text): for tests and demos only, not the published models !!!")
-        cfg = S.ARCHS["tiny" if arch == "tiny" else "echocare"]
+        cfg = SWIN_ARCHS["tiny" if arch == "tiny" else "echocare"]
         with torch.random.fork_rng():  # fixed weights that leave the run's random stream alone
             torch.manual_seed(0)
-            image = S.SwinTransformer(cfg, gradient_checkpointing)
+            image = SwinTransformer(cfg, gradient_checkpointing)
             text, tok, text_source = random_text(text_encoder, arch, captions)
         image_source = {"family": "echocare-swin", "arch": arch, "config": cfg.to_dict(),
                         "path": None, "sha256": None}
     else:
         path = _encoder_file(image_weights, download_root)
-        image = S.load_echocare_encoder(path, gradient_checkpointing=gradient_checkpointing)
+        image = load_echocare_encoder(path, gradient_checkpointing=gradient_checkpointing)
         image_source = {"family": "echocare-swin", "arch": "echocare", "config": image.config.to_dict(),
-                        "path": os.path.abspath(path), "sha256": W.file_sha256(path)}
+                        "path": os.path.abspath(path), "sha256": file_sha256(path)}
         if text_encoder == "clip":
             text, text_source = load_clip_text(text_weights or "ViT-B/32", download_root)
             tok = None
@@ -333,8 +364,8 @@ def build(text_encoder: str = "clip", arch: str = "echocare", random_weights: bo
     return EchoCareCLIP(image, text, tok, sources, image_size, mean, std)
 
 
-def _swin_config(d: dict) -> S.SwinConfig:
-    return S.SwinConfig(**{**d, "depths": tuple(d["depths"]), "num_heads": tuple(d["num_heads"])})
+def _swin_config(d: dict) -> SwinConfig:
+    return SwinConfig(**{**d, "depths": tuple(d["depths"]), "num_heads": tuple(d["num_heads"])})
 
 
 def _checked_source(source: dict, override: str | None, what: str) -> str:
@@ -344,7 +375,7 @@ def _checked_source(source: dict, override: str | None, what: str) -> str:
         raise FileNotFoundError(f"the checkpoint's frozen {what} comes from {source['path']} "
                                 f"(SHA256 {source['sha256']}), which does not exist here; pass "
                                 f"the file's new path to clip_us.echocare.load")
-    got = W.file_sha256(path)
+    got = file_sha256(path)
     if got != source["sha256"]:
         raise ValueError(f"{path} has SHA256 {got}, but the checkpoint's frozen {what} was "
                          f"trained from a file with SHA256 {source['sha256']}: the file changed, "
@@ -352,17 +383,18 @@ def _checked_source(source: dict, override: str | None, what: str) -> str:
     return path
 
 
-def _image_encoder(source: dict, sd: dict, override: str | None) -> S.SwinTransformer:
+def _image_encoder(source: dict, sd: dict, override: str | None) -> SwinTransformer:
     cfg = _swin_config(source["config"])
     if any(k.startswith("image_encoder.") for k in sd):  # stored: a skeleton, filled below
         with torch.device("meta"):
-            return S.SwinTransformer(cfg)
-    return S.load_echocare_encoder(_checked_source(source, override, "image encoder"), config=cfg)
+            return SwinTransformer(cfg)
+    return load_echocare_encoder(_checked_source(source, override, "image encoder"), config=cfg)
 
 
 def _text_encoder(source: dict, sd: dict, override: str | None):
     """(text encoder, tokenizer or None) as the checkpoint describes them."""
-    tok = B.WordPieceTokenizer(source["vocab"], source["do_lower_case"]) if "vocab" in source else None
+    tok = WordPieceTokenizer(source["vocab"], source["do_lower_case"]) if "vocab" in source \
+        else None
     stored = any(k.startswith("text_encoder.") for k in sd)
     if source["family"] == "clip":
         cfg = CLIPConfig(**source["config"])
@@ -372,9 +404,9 @@ def _text_encoder(source: dict, sd: dict, override: str | None):
         return load_clip_text(_checked_source(source, override, "CLIP text tower"))[0], None
     if stored:
         with torch.device("meta"):
-            return B.BertModel(B.BertConfig(**source["config"])), tok
+            return BertModel(BertConfig(**source["config"])), tok
     path = _checked_source(source, override, "BERT")
-    return B.load_bert(os.path.dirname(path))[0], tok
+    return load_bert(os.path.dirname(path))[0], tok
 
 
 def load(path, image_weights: str | None = None, text_weights: str | None = None,
@@ -411,27 +443,32 @@ def save(model: EchoCareCLIP, path, config: dict | None = None, **extra) -> None
 
 
 # ----------------------------------------------------------------------------- the training script
-def for_contrastive(cfg, parts: dict, device) -> tuple[EchoCareCLIP, CaptionDataset, CaptionDataset]:
-    """`train_contrastive.py --model echocare`: the model (requires_grad set by cfg.train) on
-    `device` and its training and validation data sets. Reads cfg.text_encoder, image_weights,
-    text_weights, norm_stats, grad_checkpointing, augment, arch, weights ("none" = random),
-    image_size. `augment=False` trains on the evaluation transform (no random crop or flip)."""
-    text_family = getattr(cfg, "text_encoder", "clip")
-    norm = getattr(cfg, "norm_stats", "authors")
-    if norm not in ("authors", "train"):
-        raise ValueError(f"--norm-stats {norm!r}: choose authors (their training-set statistics) "
+def normalisation(stats: str, train_pairs, size: int) -> tuple[tuple, tuple]:
+    """(mean, std) of `--norm-stats`: "authors" (their training set's) or "train" (computed from
+    this run's training pairs, after the evaluation resize and crop)."""
+    if stats not in ("authors", "train"):
+        raise ValueError(f"--norm-stats {stats!r}: choose authors (their training-set statistics) "
                          f"or train (computed from this run's training split)")
-    size = cfg.image_size
-    mean, std = AUTHORS_MEAN, AUTHORS_STD
-    if norm == "train":
-        mean, std = norm_stats([p.image for p in parts["train"]], size)
-        print(f"normalisation from the training split: mean {mean}, std {std}")
-    model = build(text_family, "tiny" if cfg.arch == "tiny" else "echocare",
-                  str(cfg.weights).lower() == "none", getattr(cfg, "image_weights", "") or None,
-                  getattr(cfg, "text_weights", "") or None, [p.caption for p in parts["train"]],
-                  size, mean, std, getattr(cfg, "grad_checkpointing", False))
-    set_trainable(model, cfg.train)
-    augment = getattr(cfg, "augment", True)
-    train_set = caption_dataset(parts["train"], model.tokenize, size, augment, mean, std)
-    val_set = caption_dataset(parts["val"], model.tokenize, size, False, mean, std)
+    if stats == "authors":
+        return AUTHORS_MEAN, AUTHORS_STD
+    mean, std = norm_stats([p.image for p in train_pairs], size)
+    print(f"normalisation from the training split: mean {mean}, std {std}")
+    return mean, std
+
+
+def for_contrastive(parts: dict, device, train: str, *, text_encoder: str = "clip",
+                    arch: str = "echocare", random_weights: bool = False,
+                    image_weights: str | None = None, text_weights: str | None = None,
+                    norm: str = "authors", image_size: int = 256,
+                    grad_checkpointing: bool = False,
+                    augment: bool = True) -> tuple[EchoCareCLIP, CaptionDataset, CaptionDataset]:
+    """`train_contrastive.py --model echocare`: the model (`build`, requires_grad as `train`
+    names it) on `device`, and its training and validation data sets from `parts`' pairs.
+    `norm`: --norm-stats (normalisation); `augment=False` trains on the evaluation transform."""
+    mean, std = normalisation(norm, parts["train"], image_size)
+    model = build(text_encoder, arch, random_weights, image_weights, text_weights,
+                  [p.caption for p in parts["train"]], image_size, mean, std, grad_checkpointing)
+    set_trainable(model, train)
+    train_set = caption_dataset(parts["train"], model.tokenize, image_size, augment, mean, std)
+    val_set = caption_dataset(parts["val"], model.tokenize, image_size, False, mean, std)
     return model.to(device), train_set, val_set

@@ -4,7 +4,8 @@ EchoCare-CLIP evaluates on a held-out data set (BUSI: 780 images, three classes)
 70/15/15 (117 test, 118 validation, 545 training images); its probes train on the 70 %, pick C on
 the 15 % validation part and report on the test part. Here:
 
-- Pairs come from ``clip_us.manifest.read_manifest`` (every format train_contrastive.py reads).
+- Pairs come from ``clip_us.captions.manifest.read_manifest`` (every format train_contrastive.py
+  reads).
 - Classes: every label present in the manifest, in clip_us's fixed order (benign, malignant,
   normal) and then alphabetically; ``classes`` restricts them and drops the other images. This
   differs from the supervised scripts, whose binary default follows the ultrasound-CLIP paper.

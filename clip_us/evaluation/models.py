@@ -1,14 +1,19 @@
 """The models evaluate.py judges, behind one interface: frozen encoders, then trainable heads.
 
 EchoCare-CLIP's evaluation ("Ultrasound Vision-Language Alignment via Contrastive Learning")
-compares vanilla CLIP, contrastively fine-tuned CLIPs and its own dual encoders. Its end-to-end
-few-shot stage keeps both encoders frozen and trains only the heads (projections) and the
-temperature. So every model is split in two here:
+compares vanilla OpenAI CLIP and BiomedCLIP, contrastively fine-tuned CLIPs and its own dual
+encoders. Its end-to-end few-shot stage deep-copies the whole model and trains everything (both
+encoders, heads, temperature): ``whole`` below, evaluate.py's default. Everything else scores
+frozen encoders, and ``--e2e heads`` (ours) trains only the heads on cached features. So every
+model is split in two here, and also kept whole:
 
 - ``image_features(pixels)`` / ``text_features(texts)``: the frozen encoders' outputs, before any
   head. They are computed once and cached on disk; the probes and every few-shot seed reuse them.
 - ``heads``: an ``nn.Module`` with ``embed_image(f)``, ``embed_text(f)`` (L2-normalised) and
-  ``scale()`` = 1/τ capped at 100. A fresh copy trains in each end-to-end few-shot run.
+  ``scale()`` = 1/τ capped at 100. A fresh copy trains in each ``--e2e heads`` run.
+- ``whole``: the same three methods on pixels and strings (CLIPWhole, DualWhole), one module
+  holding both encoders, both heads and the temperature; a deep copy trains in each whole-model
+  end-to-end few-shot run.
 
 Builders:
 - ``from_weights``: a CLIP (``--weights NAME|PATH|none --arch``). Features = ``ln_post(CLS)`` and the
@@ -17,6 +22,8 @@ Builders:
 - ``from_checkpoint``: a ``train_contrastive.py`` checkpoint (CLIP + adapters and/or trained
   weights, rebuilt from its config), or an EchoCare-CLIP dual encoder (``model: "echocare"``)
   through ``clip_us.echocare.load``.
+- ``from_biomedclip``: BiomedCLIP (``--weights biomedclip|FOLDER``) through
+  ``clip_us.load_biomedclip``, its tokenizer put in front of the text tower.
 - ``from_dual_encoder``: anything else with ``encode_image(pixels)``, ``encode_text(list of str)``
   and a preprocessing; see the docstring for what makes its heads trainable.
 """
@@ -46,14 +53,18 @@ from ..adapters import (
     describe,
     load_adapter_state_dict,
 )
+from ..baselines.biomedclip import CONFIG as BIOMEDCLIP_CONFIG
+from ..baselines.biomedclip import WEIGHTS as BIOMEDCLIP_WEIGHTS
+from ..baselines.biomedclip import find_folder, load_biomedclip
 from ..captions.manifest import Pair
 from ..contrastive import MAX_LOGIT_SCALE, CaptionDataset
 from ..echocare.data import FromPath, read_rgb
 from ..fileio import atomic_path, load_checkpoint
 from ..precision import inference, resolve_precision
-from ..taskmodel import build_clip
+from ..runs import row_name
 from ..tokenizer import tokenize
-from ..transform import CLIP_MEAN, CLIP_STD, Preprocess
+from ..transform import Preprocess, mean_std
+from ..weights import build_clip
 from .data import read_split
 
 
@@ -94,12 +105,58 @@ class ModuleHeads(nn.Module):
         return (-self.log_temperature).exp().clamp(max=MAX_LOGIT_SCALE)  # 1/τ, capped alike
 
 
+class CLIPWhole(nn.Module):
+    """A CLIP (adapters allowed) as one trainable model: embeddings of pixels and of strings
+    through the encoders and projections, scale = exp(logit_scale) capped at 100."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+
+    def embed_text(self, texts) -> torch.Tensor:
+        tokens = tokenize(list(texts), context_length=self.clip.context_length, truncate=True)
+        return F.normalize(self.clip.encode_text(tokens.to(self.clip.logit_scale.device)).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+class DualWhole(nn.Module):
+    """A dual encoder as one trainable model: with ``image_features``/``text_features`` and
+    ``image_head``/``text_head`` (EchoCare-CLIP, BiomedCLIP) the heads follow the encoders,
+    otherwise ``encode_image``/``encode_text`` are the embeddings. Its own ``log_temperature``
+    (the model's value, 0.07 without one): scale = 1/τ capped at 100."""
+
+    def __init__(self, model, log_temperature: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.log_temperature = nn.Parameter(log_temperature.detach().clone().float().reshape(()))
+        self.split = all(hasattr(model, a) for a in ("image_features", "text_features",
+                                                     "image_head", "text_head"))
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return F.normalize((m.image_head(m.image_features(pixels)) if self.split
+                            else m.encode_image(pixels)).float(), dim=-1)
+
+    def embed_text(self, texts) -> torch.Tensor:
+        m, texts = self.model, list(texts)
+        return F.normalize((m.text_head(m.text_features(texts)) if self.split
+                            else m.encode_text(texts)).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return (-self.log_temperature).exp().clamp(max=MAX_LOGIT_SCALE)
+
+
 @dataclass
 class EvalModel:
     """One model under evaluation. ``trained_on``: image keys its training used (train + val of
     its split.json), for the overlap check; ``split_path``: that split.json, if any."""
     name: str
-    kind: str                      # "clip", "contrastive", "echocare" or "dual"
+    kind: str                      # "clip", "contrastive", "echocare", "biomedclip" or "dual"
     vanilla: bool                  # picks the end-to-end few-shot learning rate
     preprocess: object             # path or PIL image -> [3, S, S] tensor
     image_features: object         # [B, 3, S, S] -> [B, F] (frozen)
@@ -109,6 +166,8 @@ class EvalModel:
     split_path: str | None = None
     trained_on: set = field(default_factory=set)
     source: dict = field(default_factory=dict)
+    whole: nn.Module | None = None  # CLIPWhole / DualWhole: what the whole-model e2e trains
+    device: object = "cpu"          # where `whole` lives
 
     def fingerprint(self) -> str:
         text = json.dumps(self.identity, sort_keys=True, default=str)
@@ -155,19 +214,66 @@ def clip_model(model, name: str, kind: str, vanilla: bool, preprocess, identity:
 
     heads = CLIPHeads(model.visual.proj.cpu(), model.text_projection.cpu(), model.logit_scale.cpu())
     return EvalModel(name, kind, vanilla, preprocess, image_features, text_features, heads, identity,
-                     source=source or {})
+                     source=source or {}, whole=CLIPWhole(model), device=device)
 
 
 def from_weights(weights: str, arch: str, image_size: int, device, name: str = "",
                  clip_norm: bool = True, precision: str = "fp32") -> EvalModel:
-    """Vanilla CLIP from a weights name or file, or random weights (``none``) of ``arch``."""
+    """Vanilla CLIP from a weights name or file, or random weights (``none``) of ``arch``;
+    BiomedCLIP for ``biomedclip`` or a folder with open_clip_config.json (:func:`from_biomedclip`)."""
+    if is_biomedclip(weights):
+        return from_biomedclip(weights, device, name, precision)
     model = build_clip(weights, arch)
     ident = {"weights": _file_identity(weights) if os.path.isfile(weights) else weights,
              "arch": arch if weights == "none" else None, "image_size": image_size, "clip_norm": clip_norm}
-    mean, std = (CLIP_MEAN, CLIP_STD) if clip_norm else ((0.0,) * 3, (1.0,) * 3)
     row = name or ("CLIP (random weights)" if weights == "none" else f"CLIP {weights} (vanilla)")
-    return clip_model(model, row, "clip", True, Preprocess(image_size, mean, std), ident, device,
+    pre = Preprocess(image_size, *mean_std(clip_norm))
+    return clip_model(model, row, "clip", True, pre, ident, device,
                       {"weights": weights, "arch": arch}, precision)
+
+
+def is_biomedclip(weights: str) -> bool:
+    """--weights biomedclip (the clip_us cache's folder) or a folder laid out as published."""
+    return weights == "biomedclip" or os.path.isfile(os.path.join(weights, BIOMEDCLIP_CONFIG))
+
+
+class BiomedCLIPTexts(nn.Module):
+    """BiomedCLIP (clip_us.baselines.biomedclip) as from_dual_encoder reads a dual encoder: the
+    text side takes strings (its tokenizer: open_clip's HFTokenizer, 256 ids), and
+    ``log_temperature`` = -logit_scale, so the heads' scale is exp(logit_scale) capped at 100."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.image_head, self.text_head = model.image_head, model.text_head
+        self.log_temperature = -model.logit_scale.detach()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(pixels)   # [B, 3, S, S] -> ln_post(CLS) [B, width]
+
+    def text_features(self, texts) -> torch.Tensor:
+        ids = self.tokenizer(list(texts)).to(self.model.logit_scale.device)  # [T, 256]
+        return self.model.text_features(ids)       # the CLS token of the last hidden state
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_head(self.image_features(pixels))
+
+    def encode_text(self, texts) -> torch.Tensor:
+        return self.text_head(self.text_features(texts))
+
+
+def from_biomedclip(weights: str, device, name: str = "", precision: str = "fp32") -> EvalModel:
+    """BiomedCLIP, one of the two baselines EchoCare-CLIP compares against, text included:
+    open_clip's eval transform (``model.transform()``), the towers' pooled outputs as features,
+    its own heads; vanilla, so the end-to-end few-shot lr is 5e-6 as for OpenAI's CLIP. The
+    feature cache is keyed on its weight file."""
+    folder = find_folder(None if weights == "biomedclip" else weights)
+    model, tokenizer = load_biomedclip(folder)
+    ident = {"weights": _file_identity(os.path.join(folder, BIOMEDCLIP_WEIGHTS))}
+    ev = from_dual_encoder(BiomedCLIPTexts(model, tokenizer), name or "BiomedCLIP",
+                           model.transform(), ident, device, {"weights": folder}, precision)
+    ev.kind, ev.vanilla = "biomedclip", True
+    return ev
 
 
 def find_split(checkpoint) -> Path | None:
@@ -207,17 +313,17 @@ def _contrastive(ckpt: dict, path: str, device, name: str, precision: str) -> Ev
                          f"rebuilt from its config ({cfg['arch']}, adapter {ckpt.get('adapter_config')})")
     model.load_state_dict(trained, strict=False)
     size = int(cfg.get("image_size", 224))
-    norm = cfg.get("clip_norm", True)
-    mean, std = (CLIP_MEAN, CLIP_STD) if norm else ((0.0,) * 3, (1.0,) * 3)
-    kind = {"lora": "LoRA", "mona": "Mona"}.get(adapter.kind, cfg.get("train", "adapter"))
-    row = name or ckpt.get("row") or f"CLIP ({kind}, ft.)"  # the ultrasound-CLIP paper's row style
-    ev = clip_model(model, row, "contrastive", False, Preprocess(size, mean, std),
+    row = name or ckpt.get("row") or row_name("clip", adapter.kind, True,
+                                              train=cfg.get("train", "adapter"))
+    pre = Preprocess(size, *mean_std(cfg.get("clip_norm", True)))
+    ev = clip_model(model, row, "contrastive", False, pre,
                     {"checkpoint": _file_identity(path)}, device,
                     {"checkpoint": str(path), "adapter": adapter.kind, "train": cfg.get("train")},
                     precision)
     fixed = float(ckpt.get("temperature") or cfg.get("temperature") or 0)  # None/0: learnt
     if fixed > 0:  # trained with a fixed τ (0.07 with --train adapter): start the heads from it
         ev.heads.logit_scale.data.fill_(math.log(1.0 / fixed))
+        ev.whole.clip.logit_scale.data.fill_(math.log(1.0 / fixed))  # the features never use it
     return ev
 
 
@@ -250,7 +356,7 @@ def from_dual_encoder(model, name: str, preprocess, identity: dict, device, sour
         ModuleHeads(nn.Identity(), nn.Identity(), log_t)
     source = {**(source or {}), "heads_trainable": split}
     return EvalModel(name, "dual", False, preprocess, image_features, text_features, heads,
-                     identity, source=source)
+                     identity, source=source, whole=DualWhole(model, log_t).to(device), device=device)
 
 
 def _echocare(path: str, device, name: str, precision: str) -> EvalModel:

@@ -132,11 +132,12 @@ def save_figures(out, results: list, labelled: bool, machine: str, bootstrap: in
                   bar_series(results, ["paired", "cross", "gap"]), "cosine", note)
     if not labelled:
         return
-    for prefix, title in (("zs", "zero-shot"), ("probe", "linear probe")):
+    fitted = any("probe_acc" in r["metrics"] for r in results)  # not with --split all
+    for prefix, title in (("zs", "zero-shot"), ("probe", "linear probe"))[:2 if fitted else 1]:
         save_bars_svg(out / f"{prefix}.svg", f"{title} (test images)",
                       ["acc", "weighted F1", "AUROC"],
                       bar_series(results, [f"{prefix}_{k}" for k in CLS_METRICS]), "score", note)
-    for prefix, title in (("probe", "few-shot linear probe"), ("e2e", "end-to-end few-shot")):
+    for prefix, title in (("probe", "few-shot linear probe"), ("e2e", "end-to-end few-shot"))[:2 if fitted else 0]:
         series = {r["row"]: [(float(f), v["mean"], v["std"])
                              for f, v in r["fewshot"][f"{prefix}_acc"].items()] for r in results}
         save_fewshot_svg(out / f"fewshot_{prefix}.svg",

@@ -3,19 +3,25 @@ Learning") on cached features: alignment, retrieval, zero-shot, linear probe, fe
 end-to-end few-shot, bootstrap CIs.
 
 Every function takes features already computed by the frozen encoders (see models.py) and a
-model's ``heads`` (``embed_image``, ``embed_text``, ``scale``), so nothing here runs an encoder:
+model's ``heads`` (``embed_image``, ``embed_text``, ``scale``); only the whole-model end-to-end
+few-shot (ImageTask) runs the encoders, on the images:
 
 - alignment: paired / cross / gap (metrics.alignment_scores), on (image, caption) pairs;
-- retrieval: R@1/5/10 both ways and the mean rank, strict (row i ↔ column i, stable argsort: the
-  authors' ranking) and duplicate-aware (identical caption texts all count);
+- retrieval: R@1/5/10 both ways and the mean rank, strict (row i ↔ column i, the authors'
+  np.argsort(-sim, axis=1) on float32, or a stable sort with --stable-ties) and duplicate-aware
+  (identical caption texts all count, stable order);
 - zero-shot: "An ultrasound image of {organ} with {label} findings." per class, each image scored
   against its own organ's prompts with logits = scale · cos (scale = 1/τ capped at 100; 100 for
   OpenAI's CLIP), softmax, argmax;
 - linear probe: StandardScaler + LogisticProbe, C from {0.01, 0.1, 1, 10} by validation weighted F1;
 - few-shot probe: the same on 1/5/10 % of the training labels per class (ceil, at least 2);
-- end-to-end few-shot: the heads and temperature train on scale · cos(image, class prompt) with
-  cross-entropy; AdamW (weight decay 1e-4), clipping 1.0, batch 16, 8 epochs; the epoch with the
-  best validation weighted F1 is kept;
+- fits (Fit): one per organ, as the authors' run_per_organ_probe (organs in train, val and
+  test; classes with >= 2 training rows), summarised across organs by the macro mean and the
+  mean weighted by test count (across_organs); or one fit on all organs pooled;
+- end-to-end few-shot: a deep copy of the whole model (ImageTask: both encoders, heads,
+  temperature, the authors') or of the heads alone on cached features (FeatureTask) trains on
+  scale · cos(image, class prompt) with cross-entropy; AdamW (weight decay 1e-4), clipping 1.0,
+  batch 16, 4 epochs; the epoch with the best validation weighted F1 is kept;
 - bootstrap: percentile CIs over the test images (1000 resamples, seeded; AUROC's resamples keep
   the class counts so it stays defined). The authors resample per-organ means, which is a single
   point when there is one organ.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,15 +41,7 @@ from .. import metrics
 from .probe import PROBE_CS, StandardScaler, select_C
 
 CLS_METRICS = ("acc", "f1", "auroc")
-
-
-# ----------------------------------------------------------------------------- alignment, retrieval
-def alignment_and_retrieval(img: torch.Tensor, txt: torch.Tensor, captions) -> dict:
-    """Paired/cross/gap plus strict_* and dup_* retrieval keys, on paired [N, D] embeddings."""
-    out = metrics.alignment_scores(img, txt)
-    out.update(metrics.strict_retrieval(img, txt))
-    out.update(metrics.dup_retrieval(img, txt, captions))
-    return out
+alignment_and_retrieval = metrics.pair_scores  # its former name here (users' code imports it)
 
 
 # ----------------------------------------------------------------------------- classification scores
@@ -124,57 +123,189 @@ def fewshot_probe(x_train, y_train, x_val, y_val, x_test, y_test, fractions, see
     return out
 
 
+# ----------------------------------------------------------------------------- fits
+@dataclass
+class Fit:
+    """The rows one probe or end-to-end run fits and is scored on: per split part the row indices
+    into that part's arrays, their labels renumbered 0..K-1 over ``classes`` (the class indices
+    kept, in order) and their organ index. One per organ (the authors' run_per_organ_probe) or
+    one for every organ pooled."""
+    name: str                  # the organ, or "all" when pooled
+    classes: np.ndarray        # [K] class indices kept
+    rows: dict                 # part -> [n] row indices
+    y: dict                    # part -> [n] labels in 0..K-1
+    organ: dict                # part -> [n] organ index
+
+    def subset(self, train_rows) -> Fit:
+        """The same fit on a subset of its training rows (few-shot), indices into rows["train"]."""
+        pick = {"train": np.asarray(train_rows)}
+        return Fit(self.name, self.classes,
+                   *({s: (d[s][pick[s]] if s in pick else d[s]) for s in d} for d in (self.rows, self.y, self.organ)))
+
+
+def fit_of(name: str, y: dict, organ: dict, keep: dict, classes) -> Fit:
+    """A Fit of the rows `keep[part]` (boolean masks) with labels renumbered over `classes`."""
+    classes = np.asarray(classes)
+    rows = {s: np.flatnonzero(keep[s]) for s in keep}
+    return Fit(name, classes, rows, {s: np.searchsorted(classes, y[s][rows[s]]) for s in rows},
+               {s: organ[s][rows[s]] for s in rows})
+
+
+def pooled_fit(y: dict, organ: dict, n_classes: int) -> Fit:
+    """Every row and every class: one fit on all organs pooled (--fit pooled)."""
+    return fit_of("all", y, organ, {s: np.ones(len(y[s]), bool) for s in y}, np.arange(n_classes))
+
+
+def organ_fits(y: dict, organ: dict, organs: list) -> tuple[list, dict]:
+    """([Fit per organ], {organ: why skipped}) as the authors' run_per_organ_probe: an organ is
+    fitted when it has train, val and test rows; only its classes with at least 2 training rows
+    are kept (rows of other classes leave all three parts), and at least 2 classes must remain."""
+    fits, skipped = [], {}
+    for i, name in enumerate(organs):
+        mine = {s: organ[s] == i for s in y}
+        if not all(mine[s].any() for s in y):
+            skipped[name] = "not in every split part (train, val, test)"
+            continue
+        counts = np.bincount(y["train"][mine["train"]])
+        classes = np.flatnonzero(counts >= 2)
+        if len(classes) < 2:
+            skipped[name] = f"fewer than 2 classes with >= 2 training rows ({counts.tolist()})"
+            continue
+        fits.append(fit_of(name, y, organ, {s: mine[s] & np.isin(y[s], classes) for s in y}, classes))
+    return fits, skipped
+
+
+def across_organs(reports: dict, n_test: dict) -> dict:
+    """The authors' summarize_across_organs: {"macro": {metric: mean over organs}, "weighted":
+    {metric: mean weighted by each organ's test count}} of {organ: report}; an organ whose value
+    is None (AUROC with one test class) is left out of that metric's means."""
+    out = {"macro": {}, "weighted": {}}
+    for m in CLS_METRICS:
+        vals = {o: r[m] for o, r in reports.items() if r.get(m) is not None}
+        w = np.array([n_test[o] for o in vals], dtype=np.float64)
+        v = np.array(list(vals.values()), dtype=np.float64)
+        out["macro"][m] = float(v.mean()) if len(v) else None
+        out["weighted"][m] = float((v * w).sum() / w.sum()) if len(v) else None
+    return out
+
+
 # ----------------------------------------------------------------------------- end-to-end few-shot
-def e2e_run(heads0, train, val, test, prompt_feat, lr: float, seed: int, epochs: int = 8,
-            batch_size: int = 16, weight_decay: float = 1e-4, clip: float = 1.0, groups=None,
-            bar=None) -> dict:
-    """Train a copy of the heads and temperature on `train` (features, labels, organ index);
-    keep the epoch with the best validation weighted F1 (the first on a tie); report on `test`
-    (overall and per organ: ``groups``), with the validation F1 of every epoch."""
+class FeatureTask:
+    """End-to-end few-shot on cached features (--e2e heads, ours): only the heads and the
+    temperature train; the encoders stay frozen. ``feats``: part -> [N, F]; ``prompt_feat``
+    [O, C, F']: each organ's class prompts' text features."""
+    mode, device = "heads", "cpu"
+
+    def __init__(self, heads, feats: dict, prompt_feat: torch.Tensor, total_parameters: int):
+        self.module, self.feats, self.prompt_feat = heads, feats, prompt_feat
+        self.total_parameters = total_parameters
+
+    def images(self, m, part: str, rows) -> torch.Tensor:
+        return m.embed_image(self.feats[part][torch.as_tensor(rows)])
+
+    def prompts(self, m) -> torch.Tensor:
+        p = m.embed_text(self.prompt_feat.flatten(0, 1))  # [O·C, F'] -> [O·C, D]
+        return p.view(*self.prompt_feat.shape[:2], -1)    # [O·C, D] -> [O, C, D]
+
+
+class ImageTask:
+    """The authors' end-to-end few-shot (--e2e whole): clone_model_for_fewshot deep-copies the
+    whole model and AdamW(model.parameters()) trains both encoders, both heads and the
+    temperature on the images, with the class prompts through the text tower at every step.
+    ``whole``: evaluation.models' trainable model; ``paths``: part -> [N] image files."""
+    mode = "whole"
+
+    def __init__(self, whole, paths: dict, preprocess, prompt_texts: list, device):
+        self.module, self.paths, self.preprocess = whole, paths, preprocess
+        self.texts, self.device = prompt_texts, device
+        self.total_parameters = sum(p.numel() for p in whole.parameters())
+
+    def images(self, m, part: str, rows) -> torch.Tensor:
+        x = torch.stack([self.preprocess(self.paths[part][r]) for r in np.asarray(rows)])
+        return m.embed_image(x.to(self.device))  # [B, 3, S, S] -> [B, D]
+
+    def prompts(self, m) -> torch.Tensor:
+        flat = [t for per_organ in self.texts for t in per_organ]
+        return m.embed_text(flat).view(len(self.texts), len(self.texts[0]), -1)  # [O·C, D] -> [O, C, D]
+
+
+def fit_logits(task, m, fit: Fit, part: str, idx, prompts=None) -> torch.Tensor:
+    """[B, K] logits of the fit's rows `idx` (positions in fit.rows[part]) against their own
+    organ's prompts of the fit's classes: scale · cos."""
+    prompts = (task.prompts(m) if prompts is None else prompts)[:, torch.as_tensor(fit.classes)]  # [O, K, D]
+    img = task.images(m, part, fit.rows[part][idx])
+    organ = torch.as_tensor(fit.organ[part][idx]).to(prompts.device)
+    return class_logits(img, prompts[organ].unsqueeze(2), m.scale())  # [B, K, 1, D] per image
+
+
+def fit_probs(task, m, fit: Fit, part: str, chunk: int = 64) -> torch.Tensor:
+    """[n, K] probabilities of every row of a part, in chunks, the model in eval mode."""
+    m.eval()
+    with torch.no_grad():
+        prompts = task.prompts(m)
+        return torch.cat([fit_logits(task, m, fit, part, idx, prompts).softmax(-1).cpu()
+                          for idx in np.array_split(np.arange(len(fit.rows[part])),
+                                                    max(1, -(-len(fit.rows[part]) // chunk)))])
+
+
+def train_step(task, m, fit: Fit, idx, opt, clip: float) -> float:
+    """One AdamW step on a batch, the model in train mode (as the authors' loop); returns the loss."""
+    m.train()
+    with torch.enable_grad():  # also when the caller runs under no_grad
+        y = torch.as_tensor(fit.y["train"][idx]).to(task.device)
+        loss = F.cross_entropy(fit_logits(task, m, fit, "train", idx), y)
+        opt.zero_grad()
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+    opt.step()
+    return loss.item()
+
+
+def e2e_run(task, fit: Fit, lr: float, seed: int, epochs: int = 4, batch_size: int = 16,
+            weight_decay: float = 1e-4, clip: float = 1.0, groups=None, bar=None) -> dict:
+    """Train a copy of `task.module` on the fit's training rows with cross-entropy on scale · cos
+    (image, class prompt); keep the epoch with the best validation weighted F1 (the first on a
+    tie); report on its test rows, with every epoch's validation F1 and the fit's scope
+    (trained_parameters, total_parameters: the whole model's)."""
     torch.manual_seed(seed)
-    heads = copy.deepcopy(heads0).train()
-    for p in heads.parameters():
+    m = copy.deepcopy(task.module)
+    for p in m.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    best, curve, x, y, o = None, [], *train
+    best, curve = None, []
     for epoch in range(epochs):
-        heads.train()
-        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
-            with torch.enable_grad():  # also when the caller runs under no_grad
-                loss = F.cross_entropy(organ_logits(heads, x[idx], prompt_feat, o[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(heads.parameters(), clip)
-            opt.step()
+        for idx in torch.randperm(len(fit.rows["train"]), generator=gen).split(batch_size):
+            loss = train_step(task, m, fit, idx.numpy(), opt, clip)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        heads.eval()  # validation and test without the heads' dropout, if they have any
-        with torch.no_grad():
-            pred = organ_logits(heads, val[0], prompt_feat, val[2]).argmax(1)
-        curve.append(metrics.weighted_f1(pred.numpy(), val[1].numpy()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        pred = fit_probs(task, m, fit, "val").argmax(1).numpy()
+        curve.append(metrics.weighted_f1(pred, fit.y["val"]))
         if best is None or curve[-1] > max(curve[:-1]):
-            best = (epoch + 1, copy.deepcopy(heads.state_dict()))
-        if bar is not None:
-            bar.update(1)
-    heads.load_state_dict(best[1])
-    probs = zeroshot_probs(heads, test[0], prompt_feat, test[2])  # the best epoch's heads
-    return {**report_with_organs(probs, test[1].numpy(), groups), "best_epoch": best[0],
-            "val_f1": curve[best[0] - 1], "val_f1_per_epoch": curve}
+            best = (epoch + 1, copy.deepcopy(m.state_dict()))
+    m.load_state_dict(best[1])
+    probs = fit_probs(task, m, fit, "test").numpy()  # the best epoch's model
+    return {**report_with_organs(probs, fit.y["test"], groups), "best_epoch": best[0],
+            "val_f1": curve[best[0] - 1], "val_f1_per_epoch": curve,
+            "trained_parameters": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            "total_parameters": task.total_parameters}
 
 
-def e2e_fewshot(heads, train, val, test, prompt_feat, fractions, seeds, lr, epochs, batch_size=16,
-                groups=None, bar=None) -> dict:
-    """{fraction: [report per seed]}: a per-class fraction of the training images (ceil, at
-    least 2 per class) trains the heads; see e2e_run."""
+def e2e_fewshot(task, fit: Fit, fractions, seeds, lr, epochs, batch_size=16, groups=None,
+                progress_bar=None) -> dict:
+    """{fraction: [report per seed]}: a per-class fraction of the fit's training rows (ceil, at
+    least 2 per class) trains a fresh copy; see e2e_run. ``progress_bar(total, desc)`` makes
+    one bar per fit."""
     out = {}
     for f in fractions:
         out[f] = []
         for s in seeds:
-            idx = torch.as_tensor(metrics.fewshot_indices(train[1].numpy(), f, seed=s))
-            sub = tuple(t[idx] for t in train)
-            out[f].append(e2e_run(heads, sub, val, test, prompt_feat, lr, s, epochs, batch_size,
-                                  groups=groups, bar=bar))
+            sub = fit.subset(metrics.fewshot_indices(fit.y["train"], f, seed=s))
+            steps = epochs * -(-len(sub.rows["train"]) // batch_size)
+            desc = f"end-to-end ({task.mode}) {fit.name} {f:g} seed {s}"
+            with (progress_bar(steps, desc) if progress_bar else contextlib.nullcontext()) as bar:
+                out[f].append(e2e_run(task, sub, lr, s, epochs, batch_size, groups=groups, bar=bar))
     return out
 
 
@@ -185,6 +316,16 @@ def fewshot_summary(runs: dict, prefix: str, organ: str | None = None) -> dict:
     pick = (lambda r: r["per_organ"][organ]) if organ else (lambda r: r)  # noqa: E731
     return {f"{prefix}_{m}": {f"{f:g}": metrics.seed_summary([pick(r)[m] for r in reps])
                               for f, reps in runs.items()} for m in CLS_METRICS}
+
+
+def fewshot_across(runs: dict, n_test: dict, prefix: str, how: str) -> dict:
+    """fewshot_summary's form across organs: {organ: {fraction: [report per seed]}} summarised
+    per seed by across_organs (`how`: "macro" or "weighted"), then over the seeds."""
+    organs = list(runs)
+    first = runs[organs[0]]
+    return {f"{prefix}_{m}": {f"{f:g}": metrics.seed_summary(
+        [across_organs({o: runs[o][f][j] for o in organs}, n_test)[how][m] for j in range(len(reps))])
+        for f, reps in first.items()} for m in CLS_METRICS}
 
 
 def bootstrap_cls(probs, labels, n: int, seed: int, bar=None) -> dict:

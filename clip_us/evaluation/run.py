@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +17,29 @@ import torch
 
 from .. import metrics, tables
 from ..weights import available_models
-from . import protocol
-from .models import from_checkpoint, from_weights
-from .prompts import ECHOCARE_TEMPLATE
+from .models import from_checkpoint, from_weights, is_biomedclip
+from .prompts import echocare_prompts
+from .protocol import (
+    PROBE_CS,
+    FeatureTask,
+    ImageTask,
+    across_organs,
+    bootstrap_alignment,
+    bootstrap_cls,
+    classification_report,
+    e2e_fewshot,
+    fewshot_across,
+    fewshot_probe,
+    fewshot_summary,
+    linear_probe,
+    organ_fits,
+    pooled_fit,
+    progress,
+    zeroshot_probs,
+)
 
 SKIPPED_WITHOUT_LABELS = ["zero-shot", "linear probe", "few-shot probe", "end-to-end few-shot"]
+SKIPPED_ON_ALL_IMAGES = SKIPPED_WITHOUT_LABELS[1:]  # --split all: no training images to fit on
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -79,17 +96,14 @@ def parts_needed(split: dict, labelled: bool) -> list:
 
 def unused_flags(cfg, weights: list, pairs: list) -> dict:
     """{flag: why} for flags given that nothing in this run uses (said, not silently ignored)."""
-    defaults, why = type(cfg)(), "applies to --weights models only; checkpoints use their own"
+    defaults, why = type(cfg)(), ("applies to --weights CLIP models only; checkpoints and "
+                                  "BiomedCLIP use their own")
+    clips = [w for w in weights if not is_biomedclip(w)]
     out = {f"--{k.replace('_', '-')}": why for k in ("image_size", "clip_norm", "arch")
-           if not weights and getattr(cfg, k) != getattr(defaults, k)}
+           if not clips and getattr(cfg, k) != getattr(defaults, k)}
     if cfg.organ and all(p.organ for p in pairs):
         out["--organ"] = "fills rows without an organ value, and every row of the manifest has one"
     return out
-
-
-def slug(name: str) -> str:
-    """A model's folder name: its row name in lower case, runs of other characters as '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
 # ----------------------------------------------------------------------------- what is scored, how
@@ -105,6 +119,8 @@ class Settings:
     e2e_epochs: int
     e2e_batch_size: int
     e2e_lr: float
+    e2e: str = "whole"    # whole model (the authors') or heads on cached features
+    fit: str = "organ"    # one fit per organ (the authors') or pooled
 
     @classmethod
     def of(cls, cfg) -> Settings:
@@ -122,6 +138,7 @@ class TestData:
     prompts: list        # [organ][class] -> the authors' zero-shot prompt
     pair_groups: dict    # organ -> its rows of `pairs` (alignment's cross score needs two)
     test_groups: dict    # organ -> its rows of split["test"]
+    organs: list = dataclasses.field(default_factory=list)  # sorted: organ_index's names
 
 
 def organ_rows(organ_of_row: list, organs: list, least: int) -> dict:
@@ -132,23 +149,42 @@ def organ_rows(organ_of_row: list, organs: list, least: int) -> dict:
             if o and (organ_of_row == o).sum() >= least}
 
 
-def test_data(es, split: dict, organs: list) -> TestData:
-    """The TestData of an evaluation set (evaluation.data.EvalSet) and its split."""
+def test_data(es, split: dict, organs: list, prompt_organ: str = "") -> TestData:
+    """The TestData of an evaluation set (evaluation.data.EvalSet) and its split; the zero-shot
+    prompts name each organ, or `prompt_organ` in all (--prompt-organ)."""
     test_keys = set(split["test"])
     pairs = [p for p in es.pairs if p.key in test_keys]  # one per caption of a test image
-    prompts = [[ECHOCARE_TEMPLATE.format(organ=o, label=c) for c in es.classes] for o in organs]
+    prompts = echocare_prompts(organs, es.classes, prompt_organ)
     return TestData(split, es.label, {k: organs.index(es.organ[k]) for k in es.keys},
                     len(es.classes), pairs, prompts,
                     organ_rows([es.organ[p.key] for p in pairs], organs, least=2),
-                    organ_rows([es.organ[k] for k in split["test"]], organs, least=1))
+                    organ_rows([es.organ[k] for k in split["test"]], organs, least=1), organs)
 
 
-def scoring_steps(test: TestData, bootstrap: int, labelled: bool) -> int:
+def fits_for(test: TestData, how: str) -> tuple[list, dict]:
+    """([protocol.Fit], {organ: why not fitted}) of the probes and end-to-end runs: one per
+    organ (--fit organ, the authors' rules: protocol.organ_fits) or one pooled; refused when no
+    organ can be fitted."""
+    y = {s: np.array([test.label[k] for k in test.split[s]]) for s in ("train", "val", "test")}
+    organ = {s: np.array([test.organ_index[k] for k in test.split[s]]) for s in y}
+    if how == "pooled":
+        return [pooled_fit(y, organ, test.n_classes)], {}
+    fits, skipped = organ_fits(y, organ, test.organs)
+    if not fits:
+        raise ValueError(f"--fit organ: no organ can be fitted ({skipped}); use --fit pooled")
+    return fits, skipped
+
+
+def scoring_steps(test: TestData, bootstrap: int, labelled: bool, probes: bool = True,
+                  fit: str = "pooled") -> int:
     """Steps of a model's scoring bar: bootstrapped metrics (3 per group) and probe fits."""
     boot = 3 if bootstrap else 0
     steps = boot * (1 + len(test.pair_groups))
-    if labelled:  # zero-shot and linear probe bootstrapped, and the probe's fits
-        steps += len(protocol.PROBE_CS) + 2 * boot * (1 + len(test.test_groups))
+    if labelled:  # zero-shot bootstrapped
+        steps += boot * (1 + len(test.test_groups))
+    if labelled and probes:  # the linear probe's fits, bootstrapped
+        n = len(fits_for(test, fit)[0])
+        steps += len(PROBE_CS) * n + boot * (1 + len(test.test_groups) if fit == "pooled" else n)
     return steps
 
 
@@ -169,8 +205,9 @@ def metric(value) -> dict:
 
 # ----------------------------------------------------------------------------- blocks
 def alignment(heads, img_f: dict, txt_f: dict, test: TestData, bootstrap: int, seed: int,
-              bar) -> dict:
-    """Alignment and retrieval on the test pairs, overall and per organ, with bootstrap CIs."""
+              bar, stable_ties: bool = False) -> dict:
+    """Alignment and retrieval on the test pairs, overall and per organ, with bootstrap CIs;
+    strict_* in the authors' tie order, or the stable one (--stable-ties)."""
     with torch.no_grad():
         img = heads.embed_image(torch.stack([img_f[p.key] for p in test.pairs]))
         txt = heads.embed_text(torch.stack([txt_f[p.caption] for p in test.pairs]))
@@ -178,8 +215,8 @@ def alignment(heads, img_f: dict, txt_f: dict, test: TestData, bootstrap: int, s
 
     def block(rows):
         i, t = img[rows], txt[rows]
-        found = protocol.alignment_and_retrieval(i, t, [captions[r] for r in rows])
-        ci = protocol.bootstrap_alignment(i, t, bootstrap, seed, bar) if bootstrap else {}
+        found = metrics.pair_scores(i, t, [captions[r] for r in rows], stable_ties)
+        ci = bootstrap_alignment(i, t, bootstrap, seed, bar) if bootstrap else {}
         return {"metrics": {k: metric(v) for k, v in found.items()}, "ci": ci}
 
     every = block(np.arange(len(captions)))
@@ -192,8 +229,8 @@ def scored(prefix: str, probs, y, groups: dict, bootstrap: int, seed: int, bar) 
     (`groups`), with bootstrap CIs; keys `prefix`_acc and so on."""
     def block(rows):
         p, t = probs[rows], y[rows]
-        report = protocol.classification_report(p, t)
-        boot = protocol.bootstrap_cls(p, t, bootstrap, seed, bar) if bootstrap else {}
+        report = classification_report(p, t)
+        boot = bootstrap_cls(p, t, bootstrap, seed, bar) if bootstrap else {}
         return {"metrics": {f"{prefix}_{k}": metric(v) for k, v in report.items()},
                 "ci": {f"{prefix}_{k}": v for k, v in boot.items()}}
 
@@ -209,69 +246,134 @@ def arrays(img_f: dict, test: TestData) -> dict:
     return {s: part(test.split[s]) for s in ("train", "val", "test")}
 
 
-def zero_shot_and_probe(heads, parts: dict, prompt_f, emb: dict, test: TestData,
-                        settings: Settings, bar) -> tuple[dict, dict]:
-    """(block, the probe's {C, val_f1}) of zero-shot and the linear probe (C by validation
-    weighted F1)."""
-    y_te = parts["test"][1].numpy()
-    zs = protocol.zeroshot_probs(heads, parts["test"][0], prompt_f, parts["test"][2])
-    boot = (settings.bootstrap, settings.seed, bar)
-    zs_block = scored("zs", zs, y_te, test.test_groups, *boot)
-    probs, probe_info = protocol.linear_probe(emb["train"], parts["train"][1].numpy(), emb["val"],
-                                              parts["val"][1].numpy(), emb["test"], test.n_classes,
-                                              bar=bar)
-    return merge(zs_block, scored("probe", probs, y_te, test.test_groups, *boot)), probe_info
+def prompt_features(txt_f: dict, test: TestData) -> torch.Tensor:
+    """[O, C, F']: each organ's class prompts' text features."""
+    return torch.stack([torch.stack([txt_f[t] for t in ps]) for ps in test.prompts])
 
 
-def fewshot_probe(name: str, parts: dict, emb: dict, test: TestData, settings: Settings) -> dict:
-    """{fraction: [report per seed]} of the few-shot linear probe."""
-    y = {s: parts[s][1].numpy() for s in parts}
-    total = len(settings.probe_fractions) * len(settings.probe_seeds)
-    with protocol.progress(total, f"few-shot probe ({name})") as bar:
-        return protocol.fewshot_probe(emb["train"], y["train"], emb["val"], y["val"], emb["test"],
-                                      y["test"], settings.probe_fractions, settings.probe_seeds,
-                                      test.n_classes, groups=test.test_groups, bar=bar)
+def zero_shot(heads, img_f: dict, txt_f: dict, test: TestData, settings: Settings, bar) -> dict:
+    """The zero-shot block alone, on the split's test part: every image with --split all (as
+    the authors scored their liver set), where no training images are left for the probes."""
+    keys = test.split["test"]
+    organ = torch.tensor([test.organ_index[k] for k in keys])
+    probs = zeroshot_probs(heads, torch.stack([img_f[k] for k in keys]),
+                           prompt_features(txt_f, test), organ)
+    y = np.array([test.label[k] for k in keys])
+    return scored("zs", probs, y, test.test_groups, settings.bootstrap, settings.seed, bar)
 
 
-def fewshot_e2e(name: str, heads, parts: dict, prompt_f, lr: float, test: TestData,
-                settings: Settings) -> dict:
-    """{fraction: [report per seed]} of the end-to-end few-shot (heads and temperature train)."""
-    total = len(settings.e2e_fractions) * len(settings.e2e_seeds) * settings.e2e_epochs
-    with protocol.progress(total, f"end-to-end few-shot ({name})") as bar:
-        return protocol.e2e_fewshot(heads, parts["train"], parts["val"], parts["test"], prompt_f,
-                                    settings.e2e_fractions, settings.e2e_seeds, lr,
-                                    settings.e2e_epochs, settings.e2e_batch_size,
-                                    groups=test.test_groups, bar=bar)
+def fit_arrays(emb: dict, fit) -> dict:
+    """{part: the fit's rows of emb[part]}."""
+    return {s: emb[s][fit.rows[s]] for s in fit.rows}
 
 
-def fewshot_block(probe_runs: dict, e2e_runs: dict, groups: dict) -> dict:
-    """The few-shot summaries: overall under "fewshot", each organ's under its per_organ."""
-    def summary(organ=None):
-        return {**protocol.fewshot_summary(probe_runs, "probe", organ),
-                **protocol.fewshot_summary(e2e_runs, "e2e", organ)}
-    return {"fewshot": summary(), "per_organ": {o: {"fewshot": summary(o)} for o in groups}}
+def probe_block(fits: list, emb: dict, test: TestData, settings: Settings, bar) -> tuple[dict, dict]:
+    """(block, the probe's {C, val_f1} per fit) of the linear probe: pooled, scored overall and
+    per organ; or per organ, each organ's own fit under its per_organ, and overall the macro
+    mean across organs with both aggregates under "across_organs" (no overall CI: the authors'
+    interval resamples per-organ means)."""
+    boot, out, info, reports, n = (settings.bootstrap, settings.seed, bar), {}, {}, {}, {}
+    for fit in fits:
+        x = fit_arrays(emb, fit)
+        probs, info[fit.name] = linear_probe(x["train"], fit.y["train"], x["val"], fit.y["val"],
+                                             x["test"], len(fit.classes), bar=bar)
+        if settings.fit == "pooled":
+            return scored("probe", probs, fit.y["test"], test.test_groups, *boot), info
+        one = scored("probe", probs, fit.y["test"], {}, *boot)
+        out[fit.name] = {"metrics": one["metrics"], "ci": one["ci"]}
+        reports[fit.name], n[fit.name] = classification_report(probs, fit.y["test"]), len(probs)
+    agg = across_organs(reports, n)
+    return {"metrics": {f"probe_{k}": metric(v) for k, v in agg["macro"].items()}, "per_organ": out,
+            "across_organs": {"probe": agg, "n_test": n}}, info
+
+
+def fewshot_inputs(emb: dict, fit) -> tuple:
+    """x_train, y_train, x_val, y_val, x_test, y_test of a fit (fewshot_probe's arguments)."""
+    x = fit_arrays(emb, fit)
+    return x["train"], fit.y["train"], x["val"], fit.y["val"], x["test"], fit.y["test"]
+
+
+def fewshot_probe_runs(name: str, fits: list, emb: dict, test: TestData, settings: Settings) -> dict:
+    """{fit name: {fraction: [report per seed]}} of the few-shot linear probe."""
+    total = len(settings.probe_fractions) * len(settings.probe_seeds) * len(fits)
+    groups = test.test_groups if settings.fit == "pooled" else None
+    with progress(total, f"few-shot probe ({name})") as bar:
+        return {f.name: fewshot_probe(*fewshot_inputs(emb, f), settings.probe_fractions,
+                                      settings.probe_seeds, len(f.classes), groups=groups, bar=bar)
+                for f in fits}
+
+
+def e2e_task(model, heads, parts: dict, prompt_f, paths: dict, test: TestData, mode: str):
+    """What the end-to-end few-shot trains: the whole model on the images (ImageTask, the
+    authors'), or the heads on cached features (FeatureTask, --e2e heads)."""
+    if mode == "whole":
+        if model.whole is None:
+            raise ValueError(f"{model.name}: no trainable whole model; use --e2e heads")
+        files = {s: [paths[k] for k in test.split[s]] for s in ("train", "val", "test")}
+        return ImageTask(model.whole, files, model.preprocess, test.prompts, model.device)
+    total = sum(p.numel() for p in (model.whole or heads).parameters())
+    return FeatureTask(heads, {s: parts[s][0] for s in parts}, prompt_f, total)
+
+
+def fewshot_e2e(task, fits: list, lr: float, test: TestData, settings: Settings) -> dict:
+    """{fit name: {fraction: [report per seed]}} of the end-to-end few-shot, a bar per fit."""
+    groups = test.test_groups if settings.fit == "pooled" else None
+    return {f.name: e2e_fewshot(task, f, settings.e2e_fractions, settings.e2e_seeds, lr,
+                                settings.e2e_epochs, settings.e2e_batch_size, groups=groups,
+                                progress_bar=progress) for f in fits}
+
+
+def fewshot_block(probe_runs: dict, e2e_runs: dict, test: TestData, how: str, n_test: dict) -> dict:
+    """The few-shot summaries. Pooled: overall under "fewshot", each organ's under its
+    per_organ. Per organ: each organ's own fits under its per_organ; overall the macro mean
+    across organs, and both aggregates under across_organs.fewshot."""
+    if how == "pooled":
+        def summary(organ=None):
+            return {**fewshot_summary(probe_runs["all"], "probe", organ),
+                    **fewshot_summary(e2e_runs["all"], "e2e", organ)}
+        return {"fewshot": summary(), "per_organ": {o: {"fewshot": summary(o)} for o in test.test_groups}}
+    across = {h: {**fewshot_across(probe_runs, n_test, "probe", h), **fewshot_across(e2e_runs, n_test, "e2e", h)}
+              for h in ("macro", "weighted")}
+    per = {o: {"fewshot": {**fewshot_summary(probe_runs[o], "probe"), **fewshot_summary(e2e_runs[o], "e2e")}}
+           for o in probe_runs}
+    return {"fewshot": across["macro"], "per_organ": per, "across_organs": {"fewshot": across}}
+
+
+def e2e_details(runs: dict, lr: float, task, settings: Settings, skipped: dict, model) -> dict:
+    """details.e2e: the mode, the fits, the learning rate, the best epochs and each fit's scope
+    (trained and total parameters), and the organs not fitted."""
+    first = {name: next(iter(by_f.values()))[0] for name, by_f in runs.items()}
+    return {"mode": task.mode, "fit": settings.fit, "lr": lr,
+            "best_epoch": {n: {f"{f:g}": [r["best_epoch"] for r in reps] for f, reps in by_f.items()}
+                           for n, by_f in runs.items()},
+            "scope": {n: {k: r[k] for k in ("trained_parameters", "total_parameters")} for n, r in first.items()},
+            "organs_not_fitted": skipped, "heads_trainable": model.source.get("heads_trainable", True)}
 
 
 def classification(model, heads, img_f: dict, txt_f: dict, test: TestData, settings: Settings,
-                   bar) -> dict:
+                   bar, paths: dict | None = None) -> dict:
     """The block of zero-shot, linear probe, few-shot probe and end-to-end few-shot, with
-    "details": the probe's C and the end-to-end learning rate and best epochs. The scoring
-    `bar` closes before the few-shot stages, which have their own."""
+    "details": the probe's C and the end-to-end mode, learning rate, best epochs and scope.
+    `paths`: image key -> file, for the whole-model end-to-end few-shot. The scoring `bar`
+    closes before the few-shot stages, which have their own."""
     parts = arrays(img_f, test)
-    # each organ's class prompts: [O, C, F']
-    prompt_f = torch.stack([torch.stack([txt_f[t] for t in ps]) for ps in test.prompts])
+    prompt_f = prompt_features(txt_f, test)  # each organ's class prompts: [O, C, F']
     with torch.no_grad():
         emb = {s: heads.embed_image(parts[s][0]).double().numpy() for s in parts}
-    block, probe_info = zero_shot_and_probe(heads, parts, prompt_f, emb, test, settings, bar)
+    zs = zeroshot_probs(heads, parts["test"][0], prompt_f, parts["test"][2])
+    zs_block = scored("zs", zs, parts["test"][1].numpy(), test.test_groups, settings.bootstrap,
+                      settings.seed, bar)
+    fits, skipped = fits_for(test, settings.fit)
+    probe, probe_info = probe_block(fits, emb, test, settings, bar)
     bar.close()
-    probe_runs = fewshot_probe(model.name, parts, emb, test, settings)
+    probe_runs = fewshot_probe_runs(model.name, fits, emb, test, settings)
     lr = settings.e2e_lr or (5e-6 if model.vanilla else 1e-5)
-    e2e_runs = fewshot_e2e(model.name, heads, parts, prompt_f, lr, test, settings)
-    best = {f"{f:g}": [r["best_epoch"] for r in reps] for f, reps in e2e_runs.items()}
-    e2e = {"lr": lr, "best_epoch": best,
-           "heads_trainable": model.source.get("heads_trainable", True)}
-    return merge(block, fewshot_block(probe_runs, e2e_runs, test.test_groups),
-                 {"details": {"probe": probe_info, "e2e": e2e}})
+    task = e2e_task(model, heads, parts, prompt_f, paths or {}, test, settings.e2e)
+    e2e_runs = fewshot_e2e(task, fits, lr, test, settings)
+    n_test = {f.name: len(f.rows["test"]) for f in fits}
+    return merge(zs_block, probe, fewshot_block(probe_runs, e2e_runs, test, settings.fit, n_test),
+                 {"details": {"probe": probe_info if settings.fit == "organ" else probe_info["all"],
+                              "e2e": e2e_details(e2e_runs, lr, task, settings, skipped, model)}})
 
 
 # ----------------------------------------------------------------------------- results
@@ -280,8 +382,9 @@ def summary_line(name: str, found: dict, labelled: bool) -> str:
     line = (f"{name}: paired {found['paired']['mean']:.3f} cross {found['cross']['mean']:.3f} "
             f"gap {found['gap']['mean']:.3f}")
     if labelled:
-        line += (f"  zero-shot acc {found['zs_acc']['mean']:.3f}  "
-                 f"probe acc {found['probe_acc']['mean']:.3f}")
+        line += f"  zero-shot acc {found['zs_acc']['mean']:.3f}"
+    if "probe_acc" in found:  # not with --split all
+        line += f"  probe acc {found['probe_acc']['mean']:.3f}"
     return line
 
 

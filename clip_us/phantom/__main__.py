@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..captions.templates import phantom_manifest
-from ..config import opt, parse_config, required
+from ..captions import phantom_manifest
+from ..config import opt, parse_config, report_errors, required
 from . import ORGANS, PhantomConfig, write_dataset
 
 
@@ -23,11 +23,13 @@ class PhantomCommand:
                           "is 0.17)")
     captions: bool = opt(False, "also write a three-tier template caption manifest "
                          "(clip_us.captions)")
+    debug: bool = opt(False, "show the traceback of an error")
 
 
 def main(argv=None) -> None:
     a = parse_config(PhantomCommand, argv, description=PhantomCommand.__doc__,
                      prog="python -m clip_us.phantom")
+    report_errors(a.debug)  # e.g. a folder that is not empty: one line, exit status 2
     cfg = PhantomConfig(size=a.size, n=a.n, seed=a.seed, organs=tuple(a.organs),
                         p_malignant=a.p_malignant, p_normal=a.p_normal)
     t0 = time.perf_counter()
