@@ -14,6 +14,8 @@ train_seg.py, train_cls.py and zeroshot.py reads. The options are clip_us.config
 
     python train_contrastive.py                                   # the phantom's captions
     python train_contrastive.py --manifest data/pmc_curd/pmc_curd_dataset.csv --adapter lora
+    python train_contrastive.py --manifest data/medpix/medpix_dataset.csv \\
+        --manifest data/pmc_curd/pmc_curd_dataset.csv      # both, as the official code
     python train_contrastive.py --manifest captions.csv --train heads --split 70,15,15 \\
         --hold-out busi,liver
     torchrun --nproc_per_node 2 train_contrastive.py ...           # DDP (gloo on CPU, nccl on CUDA)
@@ -110,7 +112,7 @@ is_main = rank == 0
 precision = resolve_precision(cfg.precision, device, verbose=is_main)  # what validation runs in
 row = "EchoCare-CLIP" if cfg.model == "echocare" else row_name("clip", cfg.adapter, True,
                                                                 train=cfg.train)
-dataset_name = Path(cfg.manifest).stem if cfg.manifest else "phantom"
+dataset_name = "+".join(Path(m).stem for m in cfg.manifest) or "phantom"
 out = Path(cfg.out_dir or default_out_dir("train_contrastive", dataset_name, cfg.train,
                                           cfg.adapter))
 what = identity("train_contrastive", "contrastive", cfg.model, cfg.adapter, cfg.train)  # its record
@@ -123,18 +125,20 @@ torch.manual_seed(cfg.seed)
 
 
 # ----------------------------------------------------------------------------- data
-def manifest_path() -> Path:
-    """--manifest, or the phantom's caption manifest (written once into the cache, offline)."""
+def manifest_paths() -> list[Path]:
+    """--manifest (each, in the order given), or the phantom's caption manifest (written once
+    into the cache, offline)."""
     if cfg.manifest:
-        return Path(cfg.manifest)
+        return [Path(m) for m in cfg.manifest]
     pcfg = phantom.PhantomConfig(n=cfg.phantom_n, size=cfg.phantom_size, organs=phantom.ORGANS,
                                  p_normal=0.17)
-    return phantom_manifest(cfg=pcfg)
+    return [phantom_manifest(cfg=pcfg)]
 
 
-def read_split(pairs: list, path: Path) -> dict:
-    """--split-file, else the run's own split.json (a resumed run), else a new one, which the run
-    folder saves when the run begins (its record names the manifest `path`)."""
+def read_split(pairs: list, report: dict) -> dict:
+    """--split-file, else the run's own split.json (a resumed run), else a new one over all the
+    manifests' pairs together (as the official code splits MedPix + PMC-CURD), which the run
+    folder saves when the run begins (its record names each manifest, with its counts)."""
     saved = Path(cfg.split_file) if cfg.split_file else out / "split.json"
     if saved.is_file():
         return manifest.load_split(saved, pairs)
@@ -145,23 +149,23 @@ def read_split(pairs: list, path: Path) -> dict:
         if is_main:
             print(said)
     split = manifest.make_split(pairs, cfg.split, seed, hold)
-    folder.split = {"manifest": str(path), "seed": seed, "spec": cfg.split,
+    folder.split = {"manifests": report["manifests"], "seed": seed, "spec": cfg.split,
                     "hold_out": cfg.hold_out, **split}
     return split
 
 
 if not is_main:  # rank 0 writes the phantom first; the other ranks then read it (same split)
     barrier()
-path = manifest_path()
-pairs, report = manifest.read_manifest(path, cfg.image_col or None, cfg.caption_col or None,
-                                       cfg.ascii_only, cfg.skip_bad)
-split = read_split(pairs, path)
+paths = manifest_paths()
+pairs, report = manifest.merge_manifests(paths, cfg.image_col or None, cfg.caption_col or None,
+                                         cfg.ascii_only, cfg.skip_bad)
+split = read_split(pairs, report)
 if is_main:
     barrier()
     print(manifest.describe(report))
 parts = manifest.split_pairs(pairs, split)
 if not parts["train"] or len(parts["val"]) < 2:
-    fail(f"{path}: {len(parts['train'])} training and {len(parts['val'])} validation pairs after "
+    fail(f"{', '.join(map(str, paths))}: {len(parts['train'])} training and {len(parts['val'])} validation pairs after "
          f"the split ({split['how']}); contrastive training needs both (>= 2 for validation)")
 train_set = caption_dataset(parts["train"], cfg.image_size, cfg.clip_norm)
 val_set = caption_dataset(parts["val"], cfg.image_size, cfg.clip_norm)
@@ -266,8 +270,9 @@ if is_main:
         backbone=cfg.model, adapter=cfg.adapter, seeds=[cfg.seed],
         metrics=summarize_seeds([{k: final.get(k) for k in METRICS}], METRICS),
         precision=precision, config=cfg,
-        data={k: report[k] for k in ("format", "rows", "kept", "dropped", "mostly_non_ascii")},
-        train=cfg.train, manifest=str(path), untrained={k: untrained.get(k) for k in METRICS},
+        data={k: report[k] for k in ("format", "rows", "kept", "dropped", "mostly_non_ascii",
+                                     "manifests")},
+        train=cfg.train, manifest=str(paths[0]) if len(paths) == 1 else list(map(str, paths)), untrained={k: untrained.get(k) for k in METRICS},
         temperature=final["temperature"], best_epoch=state["best_epoch"],
         epochs_run=state["epoch"], skipped_batches=state["skipped"], n_train=len(train_set),
         n_val=len(val_set), split=split["how"],

@@ -557,6 +557,11 @@ class ContrastiveConfig(RunOptions, EchoCareOptions, TrainOptions, ModelOptions,
     batch_size: int = default_of(RunOptions, "batch_size", 32, note="32 is the paper's; the "
                                  "official src/models/clip/finetune.py's is 64")
     phantom_n: int = default_of(PhantomOptions, "phantom_n", 400)
+    # several: merged as src/datasets/finetune.py merges MedPix and PMC-CURD (merge_manifests)
+    manifest: list = opt([], "image-caption manifest, CSV or JSONL (default: the phantom's "
+                         "caption manifest, written offline); repeatable: --manifest MEDPIX "
+                         "--manifest PMC_CURD concatenates them in that order, cleaned alike and "
+                         "split as one set, as the official code", repeat=True)
     epochs: int = default_of(TrainOptions, "epochs", 1000)
     patience: int = default_of(TrainOptions, "patience", 10)
     grad_clip: float = default_of(TrainOptions, "grad_clip", 1.0)
@@ -602,12 +607,14 @@ class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
                    "organs (the authors'); pooled = one fit on all organs (ours)",
                    choices=["organ", "pooled"])
     e2e: str = opt("whole", "end-to-end few-shot: whole = a copy of the whole model trains (both "
-                   "encoders, heads, temperature; the authors'). One run (4 epochs, 16 images "
-                   "per step) costs per training step, batch 16, fp32: ViT-B/16 at 224 about "
-                   "7 s on a 2-core AVX2 CPU and about 0.1 s on one A100/H100-class GPU "
-                   "(estimate); the EchoCare Swin at 256 about 12 s on that CPU, about 0.15 s on "
-                   "such a GPU (estimate); bench/bench_e2e.py, BENCHMARKS.md. heads = only the "
-                   "heads and temperature on cached features (ours, far cheaper)",
+                   "encoders, heads, temperature; the authors'). Cost, one training step of batch "
+                   "16, fp32 (a run = 4 epochs of ceil(n/16) s / step, plus validation): ViT-B/16 "
+                   "at 224 measured 41 s / step on a 2-core AVX2 CPU (AMD EPYC), ~95 min per run "
+                   "on BUSI's 545 training images; about 0.1 s / step on one H100-class GPU "
+                   "(estimate). EchoCare Swin at 256: not measurable on that 23 GB CPU machine "
+                   "(the step ran out of memory); about 0.2 s / step on such a GPU (estimate). "
+                   "bench/bench_e2e.py, BENCHMARKS.md. heads = only the heads and temperature on "
+                   "cached features (ours, far cheaper)",
                    choices=["whole", "heads"])
     e2e_fractions: list = opt([0.01, 0.05, 0.10], "end-to-end few-shot: fractions of each "
                               "class's training images (the authors' published settings)",

@@ -223,8 +223,14 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     for k in ("paired", "cross", "gap", "strict_i2t_R@1", "dup_t2i_R@10", "strict_i2t_mean_rank",
               "zs_acc", "zs_f1", "zs_auroc", "probe_acc", "probe_f1", "probe_auroc"):
         assert set(res["metrics"][k]) == {"mean", "std", "per_seed"}, k
-    for k in ("paired", "gap", "zs_acc", "zs_auroc", "probe_f1"):
+    for k in ("paired", "gap", "zs_acc", "zs_auroc"):
         assert res["ci"][k]["low"] <= res["metrics"][k]["mean"] <= res["ci"][k]["high"], k
+    # per-organ fits (the default): overall = the macro mean across organs, both aggregates kept
+    agg = res["across_organs"]["probe"]
+    assert res["fit"] == "organ" and res["metrics"]["probe_f1"]["mean"] == pytest.approx(agg["macro"]["f1"])
+    assert set(res["across_organs"]["n_test"]) == {"breast", "thyroid"} and "weighted" in agg
+    scope = res["details"]["e2e"]["scope"]["breast"]  # the whole model trained, per organ
+    assert res["details"]["e2e"]["mode"] == "whole" and scope["trained_parameters"] == scope["total_parameters"]
     assert res["metrics"]["gap"]["mean"] == pytest.approx(res["metrics"]["paired"]["mean"] - res["metrics"]["cross"]["mean"])
     assert res["metrics"]["dup_i2t_R@1"]["mean"] >= res["metrics"]["strict_i2t_R@1"]["mean"]
     assert set(res["per_organ"]) == {"breast", "thyroid"} and "zs_acc" in res["per_organ"]["breast"]["metrics"]
@@ -234,7 +240,7 @@ def test_evaluate_tiny_model_writes_results_tables_and_figures(tmp_path, manifes
     assert set(res["fewshot"]) == {f"{p}_{m}" for p in ("probe", "e2e") for m in ("acc", "f1", "auroc")}
     assert set(res["fewshot"]["probe_acc"]) == {"0.1"} and set(res["fewshot"]["e2e_f1"]) == {"0.3"}
     assert set(res["fewshot"]["e2e_acc"]["0.3"]) == {"mean", "std", "per_seed"}
-    assert res["details"]["probe"]["C"] in (0.01, 0.1, 1.0, 10.0) and res["details"]["e2e"]["lr"] == 5e-6
+    assert res["details"]["probe"]["breast"]["C"] in (0.01, 0.1, 1.0, 10.0) and res["details"]["e2e"]["lr"] == 5e-6
     assert res["split"]["test"] == res["n_test"] > 0 and res["config"]["e2e_epochs"] == 1
     from clip_us import tables
     md = tables.render(*tables.collect(out))
@@ -344,8 +350,9 @@ def test_help_says_every_label_is_a_class(env, capsys):
     assert "binary" in stdout and "--allow-overlap" in stdout and "--e2e-epochs" in stdout
     flat = " ".join(stdout.split())  # the protocol's defaults, as the issue gives them
     for default in ("fractions of each class's training images (default: [0.01, 0.05, 0.1])",
-                    "(default: [42, 43, 44, 45, 46])", "(default: [0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3])",
-                    "batch order per seed (default: [42, 43, 44])", "epochs (default: 8)", "batch (default: 16)",
+                    "(default: [42, 43, 44, 45, 46])", "published settings) (default: [0.01, 0.05, 0.1])",
+                    "(the authors': 42) (default: [42])", "(the authors': 4) (default: 4)", "batch (default: 16)",
+                    "(default: whole)", "(default: organ)", "s / step", "estimate",
                     "no CIs) (default: 1000)", "0 = 1e-5 for trained models, 5e-6 for vanilla"):
         assert default in flat, default
 
@@ -415,6 +422,16 @@ def test_linear_probe_keeps_every_class_column():
     assert probs.shape == (3, 3) and np.all(probs[:, 2] == 0) and info["C"] in protocol.PROBE_CS
 
 
+def e2e_task(heads, train, val, test, prompts):
+    """(FeatureTask, pooled Fit) of (features, labels, organ index) per part: --e2e heads."""
+    from clip_us.evaluation import protocol
+    parts = {"train": train, "val": val, "test": test}
+    fit = protocol.pooled_fit({s: p[1].numpy() for s, p in parts.items()},
+                              {s: p[2].numpy() for s, p in parts.items()}, prompts.shape[1])
+    n = sum(p.numel() for p in heads.parameters())
+    return protocol.FeatureTask(heads, {s: p[0] for s, p in parts.items()}, prompts, n), fit
+
+
 def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
     from clip_us.evaluation import protocol
     torch.manual_seed(0)
@@ -433,14 +450,16 @@ def test_e2e_run_trains_a_copy_and_keeps_the_best_epoch():
     assert (protocol.zeroshot_probs(heads, test[0], prompts, test[2]).argmax(1) == test[1].numpy()).mean() == 0
     before = {k: v.clone() for k, v in heads.state_dict().items()}
     train, val = part(32), part(16)
-    rep = protocol.e2e_run(heads, train, val, test, prompts, lr=3e-2, seed=0, epochs=6)
-    assert set(rep) == {"acc", "f1", "auroc", "best_epoch", "val_f1", "val_f1_per_epoch"}
+    task, fit = e2e_task(heads, train, val, test, prompts)
+    rep = protocol.e2e_run(task, fit, lr=3e-2, seed=0, epochs=6)
+    assert set(rep) == {"acc", "f1", "auroc", "best_epoch", "val_f1", "val_f1_per_epoch",
+                        "trained_parameters", "total_parameters"}
     assert all(torch.equal(before[k], v) for k, v in heads.state_dict().items())  # a copy trained
     assert rep["acc"] >= 0.75 and rep["val_f1"] >= 0.75  # from 0: the heads learnt the classes
     curve = rep["val_f1_per_epoch"]  # here [0, 0, 0, 0.42, 1, 1]: the best epoch is not the last
     assert len(curve) == 6 and rep["best_epoch"] == 1 + int(np.argmax(curve)) < 6  # first best
     # the test figures are the best epoch's heads': the same run stopped at that epoch
-    short = protocol.e2e_run(heads, train, val, test, prompts, lr=3e-2, seed=0, epochs=rep["best_epoch"])
+    short = protocol.e2e_run(task, fit, lr=3e-2, seed=0, epochs=rep["best_epoch"])
     assert {k: short[k] for k in ("acc", "f1", "auroc")} == {k: rep[k] for k in ("acc", "f1", "auroc")}
 
 
@@ -448,17 +467,18 @@ def test_e2e_recipe_adamw_decay_clipping_and_batch(monkeypatch):
     """The authors' recipe: AdamW (weight decay 1e-4), gradient clipping 1.0, batch 16, the lr given."""
     from clip_us.evaluation import protocol
     seen = {"opt": [], "clip": [], "batch": []}
-    adamw, clip_fn, logits = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, protocol.organ_logits
+    adamw, clip_fn, logits = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, protocol.fit_logits
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: seen["opt"].append(kw) or adamw(params, **kw))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: seen["clip"].append(max_norm) or clip_fn(params, max_norm))
-    monkeypatch.setattr(protocol, "organ_logits",
-                        lambda h, x, *a: seen["batch"].append(len(x)) or logits(h, x, *a))
+    monkeypatch.setattr(protocol, "fit_logits",
+                        lambda t, m, f, part, idx, *a: seen["batch"].append(len(idx)) or logits(t, m, f, part, idx, *a))
     prompts = F.normalize(torch.randn(1, 2, 8), dim=-1)
     part = (torch.randn(40, 8), torch.arange(40) % 2, torch.zeros(40, dtype=torch.long))
-    protocol.e2e_run(identity_heads(), part, part, part, prompts, lr=5e-6, seed=0, epochs=1)
+    task, fit = e2e_task(identity_heads(), part, part, part, prompts)
+    protocol.e2e_run(task, fit, lr=5e-6, seed=0, epochs=1)
     assert seen["opt"] == [{"lr": 5e-6, "weight_decay": 1e-4}] and set(seen["clip"]) == {1.0}
-    assert seen["batch"][:3] == [16, 16, 8]  # then the validation and test passes, whole
+    assert seen["batch"][:3] == [16, 16, 8]  # then the validation and test passes, in chunks
 
 
 # ----------------------------------------------------------------------------- results.json

@@ -218,3 +218,63 @@ def test_writer_round_trips_csv_and_jsonl(tmp_path):
     assert header == "image,caption,organ,label,dataset,split,margin,size_mm"
     with pytest.raises(mf.ManifestError, match="needs 'image' and 'caption'"):
         mf.write_manifest(tmp_path / "x.csv", [{"image": "a.png"}])
+
+
+# ----------------------------------------------------------------------------- several manifests
+def two_releases(tmp_path):
+    """MedPix-like (NextGen-UIA CSV) and PMC-CURD-like (ours) folders that both name their first
+    image images/0001.png: different files, so different keys after the merge."""
+    for name, value in (("medpix", 10), ("curd", 200)):
+        for i in (1, 2, 3):
+            png(tmp_path / name / "images" / f"000{i}.png", value + i)
+    a = write(tmp_path / "medpix" / "medpix_dataset.csv",
+              f'Caption,filename\n"{LONG} (a1)",0001.png\ntoo short,0002.png\n'
+              f'"{LONG} a2 ☺",0003.png\n')
+    b = write(tmp_path / "curd" / "curd.csv",
+              f"image,caption\nimages/0001.png,{LONG} b1\n"
+              f"images/0002.png,乳腺低回声结节边界清楚形态规则，未见明显血流信号\n"  # > 20, all deleted
+              f"images/0003.png,{LONG} b3\n")
+    return a, b
+
+
+def test_merge_concatenates_in_the_order_given_each_set_cleaned_alike(tmp_path):
+    # the official src/datasets/finetune.py: pd.concat([medpix, pmc_curd]), one cleaning pass
+    # (whitelist, strip, > 20 characters) over every row, then one seeded shuffle of the whole
+    a, b = two_releases(tmp_path)
+    pairs, rep = mf.merge_manifests([a, b])
+    assert [(p.caption, p.row) for p in pairs] == [
+        (f"{LONG} (a1)", 2), (f"{LONG} a2", 4), (f"{LONG} b1", 2), (f"{LONG} b3", 4)]
+    assert [p.key for p in pairs] == ["medpix/images/0001.png", "medpix/images/0003.png",
+                                      "curd/images/0001.png", "curd/images/0003.png"]
+    assert (rep["rows"], rep["kept"]) == (6, 4) and rep["format"] == "nextgen-uia csv + clip_us csv"
+    assert rep["dropped"] == {"short_caption": 1, "ascii_only": 1, "bad_image": 0}
+    assert rep["manifests"] == [{"path": str(a), "rows": 3, "n_kept": 2},
+                                {"path": str(b), "rows": 3, "n_kept": 2}]
+    assert [r["kept"] for r in rep["sources"]] == [2, 2]
+    assert "merged 2 manifests in the order given: 6 rows, 4 kept" in mf.describe(rep)
+    s = mf.make_split(pairs, "50,50", seed=3)   # over the merged set: df.sample's order
+    order = [pairs[i].key for i in np.random.RandomState(3).permutation(4)]
+    assert s["train"] == order[:2] and s["val"] == order[2:]
+    reversed_pairs, _ = mf.merge_manifests([b, a])
+    assert [p.key for p in reversed_pairs] == [p.key for p in pairs[2:] + pairs[:2]]
+
+
+def test_one_manifest_merges_to_itself_with_its_counts(tmp_path):
+    a, _ = two_releases(tmp_path)
+    pairs, rep = mf.merge_manifests([a])
+    alone, alone_rep = mf.read_manifest(a)
+    assert pairs == alone and [p.key for p in pairs] == ["0001.png", "0003.png"]
+    assert rep == {**alone_rep, "manifests": [{"path": str(a), "rows": 3, "n_kept": 2}]}
+
+
+def test_a_manifest_given_twice_or_an_image_two_manifests_share_is_refused(tmp_path):
+    a, b = two_releases(tmp_path)
+    again = tmp_path / "medpix" / ".." / "medpix" / "medpix_dataset.csv"
+    with pytest.raises(mf.ManifestError, match=r"medpix_dataset.csv is given twice .*give each "
+                                               r"manifest once"):
+        mf.merge_manifests([a, b, again])
+    for caption, same in ((f"{LONG} (a1)", "the same caption"), (f"{LONG} other", "different")):
+        c = write(tmp_path / "c.csv", f'image,caption\nmedpix/images/0001.png,"{caption}"\n')
+        with pytest.raises(mf.ManifestError, match=rf"{a}:2 and {c}:2 list the same image "
+                                                   rf".*0001.png with {same}.*remove it from one"):
+            mf.merge_manifests([a, c])

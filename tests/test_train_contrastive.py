@@ -135,3 +135,45 @@ def test_training_signal_on_the_phantom_captions(tmp_path, env):
     assert res["n_val"] == 20 and res["best_epoch"] >= 2  # measured: epoch 10, R@1 +0.2, gap +0.2
     assert r1(after) >= r1(before) + 0.1, (before, after)
     assert after["gap"] >= before["gap"] + 0.05, (before, after)
+
+
+def phantom_captions(root, seed, n=12):
+    """A small phantom with its template-caption manifest (the phantom's own writer)."""
+    from clip_us.captions import phantom_manifest
+    from clip_us.phantom import ORGANS, PhantomConfig
+    return phantom_manifest(root, PhantomConfig(n=n, size=64, seed=seed, organs=ORGANS,
+                                                p_normal=0.17))
+
+
+def test_two_manifests_are_merged_and_counted(tmp_path, env):
+    """--manifest A --manifest B: both sets in one run, split as one (the official MedPix +
+    PMC-CURD); results.json holds the merged counts and each manifest's, split.json each
+    manifest. Both phantoms name their images alike: the keys stay apart."""
+    from clip_us.captions.manifest import read_rows, write_rows
+    a, b = phantom_captions(tmp_path / "a", 0), phantom_captions(tmp_path / "b", 1)
+    columns, rows, _ = read_rows(b)
+    rows[0]["caption"] = "Breast."  # 20 characters or fewer: dropped by the cleaning
+    write_rows(b, columns, rows)
+    out = tmp_path / "run"
+    run(["--arch", "tiny", "--weights", "none", "--image-size", "32", "--epochs", "1",
+         "--batch-size", "8", "--workers", "0", "--seed", "3", "--manifest", a, "--manifest", b,
+         "--out-dir", out], env)
+    res = json.loads((out / "results.json").read_text())
+    assert (res["data"]["rows"], res["data"]["kept"]) == (24, 23)
+    assert res["data"]["manifests"] == [{"path": str(a), "rows": 12, "n_kept": 12},
+                                        {"path": str(b), "rows": 12, "n_kept": 11}]
+    assert res["manifest"] == [str(a), str(b)] and res["dataset"] == f"{a.stem}+{b.stem}"
+    split = json.loads((out / "split.json").read_text())
+    assert split["manifests"] == res["data"]["manifests"]
+    keys = split["train"] + split["val"]
+    assert len(keys) == len(set(keys)) == 23 and (res["n_train"], res["n_val"]) == (20, 3)
+    assert {k.split("/")[0] for k in keys} == {"a", "b"}
+    assert keys != sorted(keys, key=lambda k: k.split("/")[0])  # shuffled as one set
+
+
+def test_a_manifest_given_twice_is_refused(tmp_path, env):
+    a = phantom_captions(tmp_path / "a", 0, n=4)
+    proc = run(TINY + ["--manifest", a, "--manifest", a, "--out-dir", tmp_path / "run"], env,
+               check=False)
+    assert proc.returncode == 2 and "is given twice" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

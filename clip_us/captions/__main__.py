@@ -1,8 +1,9 @@
-"""python -m clip_us.captions template|fit|refine ...: the command line of the caption tools.
+"""python -m clip_us.captions template|fit|refine|pmc-ultrasound ...: the caption tools' command line.
 
 The tools themselves are templates.py (the tiers, template manifests, fitting to 77 tokens, LLM
-refinement), llm.py (the HTTP client) and manifest.py (the one manifest reader); their module
-docstrings have the examples. Errors end as every clip_us command line's do (clip_us.config):
+refinement), echocare.py (EchoCare-CLIP's LLM captions), pmc.py (PMC-OA's ultrasound subset),
+llm.py (the HTTP client) and manifest.py (the one manifest reader); their module docstrings have
+the examples. Errors end as every clip_us command line's do (clip_us.config):
 one `error:` line and exit status 2, and Ctrl-C one `interrupted:` line and status 130.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..config import (
 )
 from .echocare import SKIP_TOKENS as ECHOCARE_SKIP
 from .llm import ChatConfig
+from .pmc import MIN_SIDE, rule_text, select_ultrasound, selection_path
 from .templates import (
     CONTEXT_LENGTH,
     MODE_DEFAULTS,
@@ -169,12 +171,42 @@ class RefineCommand(_Rewrite):
     progress: bool = opt(True, "a progress bar (--no-progress: none)")
 
 
-COMMANDS = {"template": TemplateCommand, "fit": FitCommand, "refine": RefineCommand}
+@dataclass(kw_only=True)
+class PmcUltrasoundCommand:
+    """PMC-OA's ultrasound subset (the ultrasound-CLIP paper's §4.1; the rule is ours)"""
+    jsonl: str = required("PMC-OA's JSONL (pmc_oa.jsonl or train/valid/test.jsonl): one "
+                          '{"image": ..., "caption": ...} per line', positional=True)
+    out: str = required("manifest to write (.csv, or .jsonl) for train_contrastive.py; the counts "
+                        "go beside it as <stem>.selection.json")
+    images: str | None = opt(None, "folder of PMC-OA's images (default: images/ beside the JSONL)")
+    min_side: int = opt(MIN_SIDE, "drop images whose shorter side is below this many pixels "
+                        f"(default {MIN_SIDE}: CLIP ViT-B/16's input, so none is upsampled)")
+    keep_mixed: bool = opt(False, "keep captions that also name another modality or a "
+                           "non-imaging use (the rule's exclusions)")
+    debug: bool = opt(False, "show the traceback of an error")
+
+
+# the rule's terms in the subcommand's --help (its description is the docstring)
+PmcUltrasoundCommand.__doc__ += f"\n\nThe rule (docs/captions.md): a row is {rule_text()}."
+
+
+def print_selection(s: dict) -> None:
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
+    print(f"kept {s['kept']} of {s['rows']} rows (min side {s['rule']['min_side']} px); "
+          f"dropped: {dropped}")
+    print("  kept by term: " + ", ".join(f"{k} {v}" for k, v in s["kept_by_term"].items()))
+    if s["excluded_by"]:
+        print("  excluded by: " + ", ".join(f"{k} {v}" for k, v in s["excluded_by"].items()))
+    print(f"wrote {s['out']} and {selection_path(s['out'])}")
+
+
+COMMANDS = {"template": TemplateCommand, "fit": FitCommand, "refine": RefineCommand,
+            "pmc-ultrasound": PmcUltrasoundCommand}
 # allow_abbrev=False: a prefix must not quietly become another flag (--api-key as --api-key-env
 # would take the key for a variable name and send no key)
 PARSER = {"prog": "python -m clip_us.captions", "allow_abbrev": False,
           "description": "Caption manifests: three-tier templates, fitting to 77 CLIP tokens, "
-                         "LLM refinement."}
+                         "LLM refinement, PMC-OA's ultrasound subset."}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +253,8 @@ def main(argv=None) -> None:
                               a.context_length)
         print(f"wrote {s['rows']} captions to {s['out']} (tiers 1/2/3: "
               f"{s['tiers'][1]}/{s['tiers'][2]}/{s['tiers'][3]})")
+    elif isinstance(a, PmcUltrasoundCommand):
+        print_selection(select_ultrasound(a.jsonl, a.out, a.images, a.min_side, a.keep_mixed))
     elif isinstance(a, FitCommand):
         s = fit_manifest(a.manifest, a.out, a.caption_col, a.context_length)
         print(f"fitted {s['rows']} captions to {a.context_length} tokens: {s['changed']} "

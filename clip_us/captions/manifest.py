@@ -23,6 +23,11 @@ such as ± ° µ ≤ ≥ → – —), strip the caption and keep it only if it 
 Captions that are mostly non-ASCII (untranslated CURD captions, for instance) are counted either
 way: ``python -m clip_us.captions refine --mode translate`` translates them.
 
+Several manifests (``merge_manifests``; ``train_contrastive.py --manifest A --manifest B``) are
+merged as the official code merges MedPix and PMC-CURD: each read and cleaned alike, concatenated
+in the order given, split as one set. Keys are then the images' paths relative to the manifests'
+common folder; a manifest given twice, or an image two manifests list, is refused.
+
 Splits: a ``split`` column is used as it is; otherwise a seeded 90/10 train/val shuffle that
 reproduces the official code's ``df.sample(frac=1, random_state=seed)`` order, or three fractions
 (``70,15,15``, EchoCare-CLIP) stratified by ``dataset``. ``hold_out`` keeps whole data sets out of
@@ -39,7 +44,7 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -48,7 +53,7 @@ from .. import splits
 from ..fileio import write_text
 from ..splits import save_split
 
-__all__ = ["Pair", "ManifestError", "read_manifest", "read_rows", "pick_column", "clean_caption",
+__all__ = ["Pair", "ManifestError", "read_manifest", "merge_manifests", "read_rows", "pick_column", "clean_caption",
            "is_mostly_non_ascii", "describe", "make_split", "save_split", "load_split",
            "split_pairs", "write_rows", "write_manifest", "COLUMNS", "IMAGE_COLS", "CAPTION_COLS",
            "REFINE_HINT"]
@@ -117,10 +122,10 @@ def _csv_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]]:
     return list(reader.fieldnames), [r for _, r in numbered], [n for n, _ in numbered]
 
 
-def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]]:
-    """One JSON object per non-empty line; the columns are the keys in first-seen order."""
-    rows, lines = [], []
-    for n, line in enumerate(io.StringIO(text), 1):   # "\n" only: U+2028 may stand in a string
+def jsonl_objects(path, lines):
+    """(line number, object) per non-empty line of `lines` (a file or lines of text), each one
+    JSON object; pmc.py streams PMC-OA's 1.85 M lines through it."""
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -131,8 +136,14 @@ def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]
         if not isinstance(obj, dict):
             raise ManifestError(f"{path}:{n}: expected one JSON object per line "
                                 f"({{\"image\": ..., \"caption\": ...}}), got {type(obj).__name__}")
-        rows.append(obj)
-        lines.append(n)
+        yield n, obj
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[str], list[dict], list[int]]:
+    """One JSON object per non-empty line; the columns are the keys in first-seen order."""
+    # io.StringIO splits at "\n" only: U+2028 may stand in a string
+    numbered = list(jsonl_objects(path, io.StringIO(text)))
+    rows, lines = [obj for _, obj in numbered], [n for n, _ in numbered]
     return list(dict.fromkeys(k for r in rows for k in r)), rows, lines
 
 
@@ -292,6 +303,10 @@ def _pair(path, n, row, icol, ccol, ascii_only, check_images, bad, report) -> Pa
 
 def describe(report: dict) -> str:
     """A few lines for the user: what was read, what each rule dropped, what to do next."""
+    if "sources" in report:  # merged: each manifest's lines, then the total
+        return "\n".join([*(describe(r) for r in report["sources"]),
+                          f"merged {len(report['sources'])} manifests in the order given: "
+                          f"{report['rows']} rows, {report['kept']} kept"])
     d = report["dropped"]
     lines = [f"manifest {report['manifest']} ({report['format']}, image column "
              f"{report['image_col']!r}, caption column {report['caption_col']!r}): "
@@ -306,6 +321,87 @@ def describe(report: dict) -> str:
         lines.append(f"  {report['mostly_non_ascii']} captions are mostly non-ASCII (untranslated "
                      f"text?): {REFINE_HINT}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- several manifests
+def _given_once(paths: list[Path]) -> None:
+    """A manifest named twice (by any path) would double every one of its rows: refused."""
+    seen = {}
+    for i, p in enumerate(paths):
+        first = seen.setdefault(os.path.realpath(p), i)
+        if first != i:
+            raise ManifestError(f"--manifest {p} is given twice (also as {paths[first]}); give "
+                                f"each manifest once")
+
+
+def _rekey(groups: list[list[Pair]]) -> list[list[Pair]]:
+    """Keys unique across manifests: each image's real path relative to the manifests' common
+    folder (two releases both write `images/0001.png` for different files; one file listed by
+    two manifests gets one key). split.json stores these keys."""
+    real = {p.image: os.path.realpath(p.image) for g in groups for p in g}
+    try:
+        root = os.path.commonpath([os.path.dirname(r) for r in real.values()])
+    except ValueError:  # no pairs, or images on several Windows drives: absolute keys
+        root = None
+    key = (lambda f: Path(f).as_posix()) if root is None else \
+        (lambda f: Path(os.path.relpath(f, root)).as_posix())
+    return [[replace(p, key=key(real[p.image])) for p in g] for g in groups]
+
+
+def _no_shared_images(paths: list[Path], groups: list[list[Pair]]) -> None:
+    """An image listed by two manifests is refused (docs/contrastive.md says why): the official
+    code's two sets, MedPix and PMC-CURD, share none."""
+    first = {}
+    for path, group in zip(paths, groups):
+        for p in group:
+            where, other = first.setdefault(p.key, (path, p))
+            if where != path:
+                same = "the same caption" if other.caption == p.caption else "different captions"
+                raise ManifestError(
+                    f"{where}:{other.row} and {path}:{p.row} list the same image {p.image} with "
+                    f"{same}; remove it from one manifest (an image with several captions "
+                    f"belongs in one manifest, one row per caption)")
+
+
+def _merged_report(paths: list[Path], reports: list[dict], kept: int) -> dict:
+    """The sum of the manifests' reports, each manifest's counts under `manifests`."""
+    return {"manifest": [str(p) for p in paths],
+            "format": " + ".join(dict.fromkeys(r["format"] for r in reports)),
+            "rows": sum(r["rows"] for r in reports), "kept": kept,
+            "ascii_only": reports[0]["ascii_only"],
+            "dropped": {k: sum(r["dropped"][k] for r in reports) for k in reports[0]["dropped"]},
+            **{k: sum(r[k] for r in reports) for k in ("ascii_changed", "mostly_non_ascii")},
+            "bad_rows": [m for r in reports for m in r["bad_rows"]],
+            "manifests": [{"path": str(p), "rows": r["rows"], "n_kept": r["kept"]}
+                          for p, r in zip(paths, reports)],
+            "sources": reports}
+
+
+def merge_manifests(paths, image_col: str | None = None, caption_col: str | None = None,
+                    ascii_only: bool = True, skip_bad: bool = False,
+                    check_images: bool = True) -> tuple[list[Pair], dict]:
+    """(pairs, report) of several manifests, merged as the official fine-tuning data
+    (NextGen-UIA src/datasets/finetune.py: pd.concat([medpix_df, pmc_curd_df]), then one
+    cleaning pass, then df.sample over the whole): each manifest read and cleaned by
+    read_manifest (the same rule on every row of every set), the pairs concatenated in the order
+    given; make_split then shuffles the merged set at once.
+
+    One manifest: read_manifest's pairs and report, plus `manifests`. Several: keys rewritten
+    unique (_rekey); a manifest given twice, or an image two manifests list, is refused. The
+    report sums the counts; `manifests` holds [{path, rows, n_kept}] per manifest.
+    """
+    paths = [Path(p) for p in paths]
+    _given_once(paths)
+    read = [read_manifest(p, image_col, caption_col, ascii_only, skip_bad, check_images)
+            for p in paths]
+    if len(read) == 1:
+        pairs, report = read[0]
+        return pairs, {**report, "manifests": [{"path": str(paths[0]), "rows": report["rows"],
+                                                "n_kept": report["kept"]}]}
+    groups = _rekey([pairs for pairs, _ in read])
+    _no_shared_images(paths, groups)
+    pairs = [p for g in groups for p in g]
+    return pairs, _merged_report(paths, [r for _, r in read], len(pairs))
 
 
 # ----------------------------------------------------------------------------- splits

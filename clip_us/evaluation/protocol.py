@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import metrics
+from ..precision import inference
 from .probe import PROBE_CS, StandardScaler, select_C
 
 CLS_METRICS = ("acc", "f1", "auroc")
@@ -215,10 +216,16 @@ class ImageTask:
     ``whole``: evaluation.models' trainable model; ``paths``: part -> [N] image files."""
     mode = "whole"
 
-    def __init__(self, whole, paths: dict, preprocess, prompt_texts: list, device):
+    def __init__(self, whole, paths: dict, preprocess, prompt_texts: list, device,
+                 precision: str = "fp32"):
         self.module, self.paths, self.preprocess = whole, paths, preprocess
         self.texts, self.device = prompt_texts, device
+        self.precision = precision  # the validation and test passes: --precision, as resolved
         self.total_parameters = sum(p.numel() for p in whole.parameters())
+
+    def scoring(self, m):
+        """The context of a validation or test pass of the trained copy `m`."""
+        return inference(m, self.precision, self.device)
 
     def images(self, m, part: str, rows) -> torch.Tensor:
         x = torch.stack([self.preprocess(self.paths[part][r]) for r in np.asarray(rows)])
@@ -241,11 +248,11 @@ def fit_logits(task, m, fit: Fit, part: str, idx, prompts=None) -> torch.Tensor:
 def fit_probs(task, m, fit: Fit, part: str, chunk: int = 64) -> torch.Tensor:
     """[n, K] probabilities of every row of a part, in chunks, the model in eval mode."""
     m.eval()
-    with torch.no_grad():
+    with task.scoring(m) if hasattr(task, "scoring") else torch.no_grad():
         prompts = task.prompts(m)
         return torch.cat([fit_logits(task, m, fit, part, idx, prompts).softmax(-1).cpu()
                           for idx in np.array_split(np.arange(len(fit.rows[part])),
-                                                    max(1, -(-len(fit.rows[part]) // chunk)))])
+                                                    max(1, -(-len(fit.rows[part]) // chunk)))]).float()
 
 
 def train_step(task, m, fit: Fit, idx, opt, clip: float) -> float:

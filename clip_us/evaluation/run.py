@@ -310,7 +310,8 @@ def e2e_task(model, heads, parts: dict, prompt_f, paths: dict, test: TestData, m
         if model.whole is None:
             raise ValueError(f"{model.name}: no trainable whole model; use --e2e heads")
         files = {s: [paths[k] for k in test.split[s]] for s in ("train", "val", "test")}
-        return ImageTask(model.whole, files, model.preprocess, test.prompts, model.device)
+        return ImageTask(model.whole, files, model.preprocess, test.prompts, model.device,
+                         model.identity["precision"])
     total = sum(p.numel() for p in (model.whole or heads).parameters())
     return FeatureTask(heads, {s: parts[s][0] for s in parts}, prompt_f, total)
 
