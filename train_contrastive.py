@@ -17,7 +17,7 @@ train_seg.py, train_cls.py and zeroshot.py reads. The options are clip_us.config
     python train_contrastive.py --manifest data/medpix/medpix_dataset.csv \\
         --manifest data/pmc_curd/pmc_curd_dataset.csv      # both, as the official code
     python train_contrastive.py --manifest captions.csv --train heads --split 70,15,15 \\
-        --hold-out busi,liver
+        --hold-out Dataset_BUSI_with_GT,Liver_ultrasound
     torchrun --nproc_per_node 2 train_contrastive.py ...           # DDP (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations

@@ -607,12 +607,16 @@ class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
                    "organs (the authors'); pooled = one fit on all organs (ours)",
                    choices=["organ", "pooled"])
     e2e: str = opt("whole", "end-to-end few-shot: whole = a copy of the whole model trains (both "
-                   "encoders, heads, temperature; the authors'). Cost, one training step of batch "
-                   "16, fp32 (a run = 4 epochs of ceil(n/16) s / step, plus validation): ViT-B/16 "
-                   "at 224 measured 41 s / step on a 2-core AVX2 CPU (AMD EPYC), ~95 min per run "
-                   "on BUSI's 545 training images; about 0.1 s / step on one H100-class GPU "
-                   "(estimate). EchoCare Swin at 256: not measurable on that 23 GB CPU machine "
-                   "(the step ran out of memory); about 0.2 s / step on such a GPU (estimate). "
+                   "encoders, heads, temperature; the authors'). Cost: a run per fraction, seed and "
+                   "organ trains on that fraction of the training images (n_frac, at least 1 per "
+                   "class): ceil(n_frac/16) steps x 4 epochs, a validation pass each epoch and one "
+                   "test pass. One training step of batch 16, fp32: ViT-B/16 at 224 measured "
+                   "40.9 s on a 2-core AVX2 CPU (AMD EPYC); on BUSI's split (545 training "
+                   "images) 1/5/10 %% are 8/29/56 images = 1/2/4 steps an epoch, 2.7/5.5/11 min of "
+                   "training per run, plus the passes over 118 validation images x 4 and 117 test "
+                   "images (not measured). EchoCare Swin at 256: not measured (batch-16 training "
+                   "ran out of memory on that 23 GB CPU machine); about 0.2 s / step on one "
+                   "H100-class GPU, ViT-B/16 about 0.1 s (estimates, not measured). "
                    "bench/bench_e2e.py, BENCHMARKS.md. heads = only the heads and temperature on "
                    "cached features (ours, far cheaper)",
                    choices=["whole", "heads"])

@@ -419,10 +419,21 @@ def _first_match(sim: np.ndarray, match: np.ndarray, stable: bool) -> np.ndarray
     return hits.argmax(axis=1)
 
 
+# The authors' order among tied scores is numpy's unstable sort on their one float32 matrix, and
+# a block product can round differently in the last bit, which reorders ties: up to this many
+# pairs (a [20k, 20k] float32 matrix, 1.6 GB, plus its argsort) the authors' mode computes theirs.
+ONE_BLOCK = 20_000
+
+
 def _chunked_ranks(a: np.ndarray, b: np.ndarray, g: np.ndarray, chunk: int, stable: bool) -> dict:
     """{"i2t", "t2i"}: each row's rank, where columns with the row's group id match.
-    [chunk, N] similarity blocks keep memory O(chunk·N). Text-to-image ranks the transposed
-    image-text products, as the authors rank ``sim.T`` (up to `chunk` pairs, the very matrix)."""
+    In the authors' mode (not `stable`) up to ONE_BLOCK pairs: their single ``img @ txt.T`` and
+    its transpose for text-to-image, whatever `chunk`. Otherwise [chunk, N] similarity blocks
+    keep memory O(chunk·N); beyond ONE_BLOCK pairs the authors' tie order then holds only as far
+    as the blocks' products equal the whole matrix's bit for bit."""
+    if not stable and len(a) <= ONE_BLOCK:
+        sim, match = a @ b.T, g[:, None] == g[None, :]  # [N, N]; match is symmetric
+        return {"i2t": _first_match(sim, match, stable), "t2i": _first_match(sim.T, match, stable)}
     ranks = {"i2t": [], "t2i": []}
     for start in range(0, len(a), chunk):
         rows = slice(start, start + chunk)

@@ -6,13 +6,13 @@ parts on any machine. The algorithms share one signature, ``(keys, strata, fract
 
 - ``stratified``: per stratum (label, data set, ...), a seeded shuffle cut by the fractions;
   every part but the first gets round(n * f) of each stratum, the first the rest. The supervised
-  scripts split 8:1:1 by label (the ultrasound-CLIP paper, Qu et al. §4.2), train_contrastive.py's
-  three-part ``--split`` by data set;
+  scripts split 8:1:1 by label (the ultrasound-CLIP paper, Qu et al. §4.2);
 - ``seeded_shuffle``: the official NextGen-UIA fine-tuning split, pandas'
   ``df.sample(frac=1, random_state=seed)`` cut at int(n * 0.9) (train_contrastive.py's default);
 - ``train_test_split_twice``: EchoCare-CLIP's split (its ``training_experiments/prepare_data.py``),
   scikit-learn's stratified ``train_test_split`` run twice, rebuilt draw for draw with numpy's
-  legacy RandomState, so the same rows and seed give the authors' very parts (evaluate.py's).
+  legacy RandomState, so the same rows and seed give the authors' very parts (evaluate.py's, and
+  train_contrastive.py's three-part ``--split``, by data set).
 
 split.json holds the parts (``train``, ``val``, ``test`` and, for manifests, ``held_out``) beside
 whatever says how they were made (seed, data fingerprint, ...); ``read_split`` and

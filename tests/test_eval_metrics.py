@@ -60,6 +60,17 @@ def test_strict_retrieval_is_the_authors_ranking_on_repeated_captions():
     assert metrics.strict_retrieval(img, txt, stable=True)["strict_i2t_R@5"] == stable["i2t_R@5"]
 
 
+def test_authors_ranking_is_one_matrix_on_1500_pairs_with_ties():
+    """Past the 1024-row blocks the authors' tie order still comes from their one img @ txt.T:
+    a block's products round differently in the last bit, and numpy's unstable sort reorders
+    ties on them (on these pairs the blocked ranking missed the authors' R@K)."""
+    img, txt, captions = template_pairs(n=1500, distinct=40, seed=1)
+    want = authors_recall(img, txt)
+    for chunk in (1024, 64):  # chunk sizes memory for the stable order only
+        got = metrics.retrieval_ranked(img, txt, chunk=chunk)
+        assert {k: got[k] for k in want} == want
+
+
 def tied_pairs():
     """12 pairs; images 0-3 identical and texts 4-7 identical, so many similarities tie."""
     rng = np.random.default_rng(0)

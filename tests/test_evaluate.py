@@ -357,6 +357,16 @@ def test_help_says_every_label_is_a_class(env, capsys):
         assert default in flat, default
 
 
+def test_e2e_defaults_are_the_authors_published_settings():
+    """The last lines of the authors' settings cell (echocare-clip-exp-organized-Apr25.ipynb):
+    fractions 1/5/10 %, one seed (42), 4 epochs; batch 16; whole model, fitted per organ."""
+    from clip_us.config import EvaluateConfig
+    cfg = EvaluateConfig()
+    assert (cfg.e2e_fractions, cfg.e2e_seeds, cfg.e2e_epochs, cfg.e2e_batch_size) == \
+        ([0.01, 0.05, 0.1], [42], 4, 16)
+    assert (cfg.e2e, cfg.fit, cfg.e2e_lr) == ("whole", "organ", 0.0)  # 0: the authors' 1e-5 / 5e-6
+
+
 # ----------------------------------------------------------------------------- protocol pieces
 def identity_heads(log_t=np.log(0.07)):
     return evalmodels.ModuleHeads(torch.nn.Identity(), torch.nn.Identity(), torch.tensor(log_t))

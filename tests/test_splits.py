@@ -35,6 +35,9 @@ def pairs(n, datasets=("busi", "thyroid", "liver")):
         [pair(i, "second caption", n + i + 2) for i in range(0, n, 5)]
 
 
+TWICE = "as scikit-learn's train_test_split twice, stratified by dataset"
+
+
 def sizes(parts, names=splits.PARTS):
     return [len(parts[k]) for k in names]
 
@@ -72,9 +75,11 @@ def test_supervised_small_split_keys():
 @pytest.mark.parametrize("spec,seed,hold,expected,how,n", [
     ("90,10", 0, (), "3478653b042f5fc4", "seeded shuffle 90,10", [90, 11, 0, 0]),
     ("90,10", 7, (), "a96cb64105b1a26b", "seeded shuffle 90,10", [90, 11, 0, 0]),
-    ("70,15,15", 0, (), "69201f2371c716cf", "70,15,15 stratified by dataset", [69, 16, 16, 0]),
-    ("70,15,15", 42, ("liver",), "fded8aa962d110df",
-     "70,15,15 stratified by dataset, held out ['liver']", [50, 12, 12, 27]),
+    # Three parts: EchoCare-CLIP's split (train_test_split twice), pinned since make_split moved to
+    # it from splits.stratified (whose digests were 69201f2371c716cf and fded8aa962d110df).
+    ("70,15,15", 0, (), "bdccc6d90e8274d6", f"70,15,15 {TWICE}", [69, 16, 16, 0]),
+    ("70,15,15", 42, ("liver",), "be3dd96fbdb8f4f8", f"70,15,15 {TWICE}, held out ['liver']",
+     [51, 11, 12, 27]),
     ("80,20", 3, ("BUSI",), "33d5d7d38361597d", "seeded shuffle 80,20, held out ['busi']",
      [51, 13, 0, 37])])
 def test_manifest_splits_are_unchanged(spec, seed, hold, expected, how, n):
@@ -83,11 +88,15 @@ def test_manifest_splits_are_unchanged(spec, seed, hold, expected, how, n):
 
 
 def test_manifest_small_split_keys():
-    assert mf.make_split(pairs(12), "70,15,15", 1) == {
-        "train": ["img011.png", "img000.png", "img002.png", "img007.png", "img005.png",
-                  "img009.png", "img010.png", "img008.png"],
-        "val": ["img004.png", "img001.png"], "test": ["img006.png", "img003.png"],
-        "held_out": [], "how": "70,15,15 stratified by dataset"}
+    assert mf.make_split(pairs(20), "70,15,15", 1) == {
+        "train": ["img003.png", "img010.png", "img006.png", "img011.png", "img007.png", "img009.png",
+                  "img015.png", "img012.png", "img019.png", "img004.png", "img000.png", "img017.png",
+                  "img008.png", "img018.png"],
+        "val": ["img016.png", "img002.png", "img001.png"],
+        "test": ["img013.png", "img014.png", "img005.png"], "held_out": [], "how": f"70,15,15 {TWICE}"}
+    # 12 images: 2 test images for 3 data sets, below scikit-learn's rule
+    with pytest.raises(mf.ManifestError, match="test part 2 images, fewer than the 3 strata.*split column"):
+        mf.make_split(pairs(12), "70,15,15", 1)
 
 
 # ----------------------------------------------------------------------------- evaluate.py: the authors'
@@ -151,6 +160,21 @@ def test_other_shares_split_as_scikit_learn():
     train, val = train_test_split(np.array(keys), test_size=0.2, random_state=5,
                                   stratify=[dataset[k] for k in keys])
     assert two == {"train": train.tolist(), "val": val.tolist(), "test": []}
+
+
+def test_manifest_70_15_15_is_the_authors_split_after_hold_out():
+    """make_split on a manifest of several data sets, one held out: the held-out rows leave
+    first, then scikit-learn's two train_test_split calls on the rest, as prepare_data.py."""
+    pytest.importorskip("sklearn")
+    keys, dataset = uneven((90, 140, 35, 60), 11)
+    manifest = [mf.Pair(key=k, image=None, caption=f"caption of {k} " * 2, row=i + 2,
+                        dataset=dataset[k]) for i, k in enumerate(keys)]
+    parts = mf.make_split(manifest, "70,15,15", 42, ["SET_C"])
+    rest = [k for k in keys if dataset[k] != "set_c"]
+    assert {k: parts[k] for k in splits.PARTS} == authors_split(rest, dataset, 42)
+    assert parts["held_out"] == [k for k in keys if dataset[k] == "set_c"]
+    assert mf.make_split(manifest, "90,10", 42)["train"] == [  # two parts: the official shuffle
+        keys[i] for i in np.random.RandomState(42).permutation(len(keys))[:int(len(keys) * 0.9)]]
 
 
 def test_too_small_for_scikit_learns_rules_fails_saying_what_to_do():

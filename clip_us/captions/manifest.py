@@ -30,7 +30,8 @@ common folder; a manifest given twice, or an image two manifests list, is refuse
 
 Splits: a ``split`` column is used as it is; otherwise a seeded 90/10 train/val shuffle that
 reproduces the official code's ``df.sample(frac=1, random_state=seed)`` order, or three fractions
-(``70,15,15``, EchoCare-CLIP) stratified by ``dataset``. ``hold_out`` keeps whole data sets out of
+(``70,15,15``, EchoCare-CLIP) split as its authors split: scikit-learn's ``train_test_split``
+twice, stratified by ``dataset``, rebuilt without scikit-learn. ``hold_out`` keeps whole data sets out of
 training (EchoCare-CLIP holds out BUSI and its liver set). Splits are made per image, so an image
 with several captions never sits on both sides, and are saved as ``split.json`` for reuse; the
 algorithms and split.json are clip_us/splits.py's.
@@ -414,8 +415,10 @@ def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> d
     """{"train", "val", "test", "held_out": [image keys], "how": ...}.
 
     A manifest with a split column decides itself (every row must have one). Otherwise two
-    fractions give the official seeded shuffle, three a split stratified by `dataset`.
-    ``hold_out`` names data sets kept out of train/val/test entirely ("held_out").
+    fractions give the official seeded shuffle (the ultrasound-CLIP paper's), three EchoCare-CLIP's
+    split: scikit-learn's train_test_split twice, stratified by `dataset`, on the rows left after
+    the held-out data sets are removed (training_experiments/prepare_data.py). ``hold_out`` names
+    data sets kept out of train/val/test entirely ("held_out").
     """
     hold = {h.strip().lower() for h in hold_out if h.strip()}
     unknown = hold - {p.dataset.lower() for p in pairs}
@@ -429,8 +432,12 @@ def make_split(pairs: list[Pair], spec="90,10", seed: int = 0, hold_out=()) -> d
     else:
         fractions = splits.parse_fractions(spec, ManifestError)
         algorithm, how = ((splits.seeded_shuffle, f"seeded shuffle {spec}") if len(fractions) == 2
-                          else (splits.stratified, f"{spec} stratified by dataset"))
-        out = algorithm(_images(rest), {p.key: p.dataset for p in rest}, fractions, seed)
+                          else (splits.train_test_split_twice, f"{spec} as scikit-learn's "
+                                "train_test_split twice, stratified by dataset"))
+        try:
+            out = algorithm(_images(rest), {p.key: p.dataset for p in rest}, fractions, seed)
+        except ValueError as e:   # scikit-learn's rules on too few images per data set
+            raise ManifestError(f"{e}; or give the manifest a split column") from e
     return {**out, "held_out": held, "how": how + (f", held out {sorted(hold)}" if hold else "")}
 
 

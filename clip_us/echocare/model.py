@@ -66,11 +66,12 @@ TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, int
                  max_position_embeddings=128)
 # The authors' recipe: the defaults of `train_contrastive.py --model echocare`. betas are torch's
 # AdamW defaults (their code passes none); CosineAnnealingLR(T_max=epochs) steps once an epoch
-# down to 0; no clipping; no early stopping (the best validation loss picks the checkpoint); a
-# 70/15/15 split stratified by data set with seed 42, BUSI and the liver set held out (named as in
+# down to 0; no clipping; no early stopping (the best validation loss picks the checkpoint); the
+# 70/15/15 split of prepare_data.py with seed 42: BUSI and the liver set held out first (named as in
 # training_experiments/config.json's held_out_datasets; prepare_data.py matches them exactly,
-# clip_us.captions.manifest.make_split ignoring case); captions keep every character (the
-# NextGen-UIA whitelist is the ultrasound-CLIP paper's code's).
+# clip_us.captions.manifest.make_split ignoring case), then scikit-learn's train_test_split twice
+# stratified by data set (clip_us.splits.train_test_split_twice); captions keep every character
+# (the NextGen-UIA whitelist is the ultrasound-CLIP paper's code's).
 RECIPE = {"lr": 1e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999], "schedule": "epoch",
           "min_lr": 0.0, "epochs": 20, "batch_size": 128, "grad_clip": 0.0, "patience": 20,
           "split": "70,15,15", "split_seed": 42, "hold_out": "Dataset_BUSI_with_GT,Liver_ultrasound",
