@@ -614,9 +614,10 @@ class EvaluateConfig(RunOptions, ModelOptions, DataOptions, ManifestOptions):
                    "40.9 s on a 2-core AVX2 CPU (AMD EPYC); on BUSI's split (545 training "
                    "images) 1/5/10 %% are 8/29/56 images = 1/2/4 steps an epoch, 2.7/5.5/11 min of "
                    "training per run, plus the passes over 118 validation images x 4 and 117 test "
-                   "images (not measured). EchoCare Swin at 256: not measured (batch-16 training "
-                   "ran out of memory on that 23 GB CPU machine); about 0.2 s / step on one "
-                   "H100-class GPU, ViT-B/16 about 0.1 s (estimates, not measured). "
+                   "images (not measured). EchoCare Swin + CLIP text at 256: 154 s per 16 images "
+                   "on the same CPU (measured at batch 4 and scaled: batch 16 ran out of memory "
+                   "in 23 GB), so 10/21/41 min of training per run. On one H100-class GPU about "
+                   "0.2 s / step (Swin) and 0.1 s (ViT-B/16): estimates, not measured. "
                    "bench/bench_e2e.py, BENCHMARKS.md. heads = only the heads and temperature on "
                    "cached features (ours, far cheaper)",
                    choices=["whole", "heads"])
