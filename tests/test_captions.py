@@ -938,7 +938,9 @@ def test_ctrl_c_in_a_real_run_is_one_line(tmp_path, serve):
     out, cache = tmp_path / "out.csv", tmp_path / "out.csv.cache.jsonl"
     cmd = [sys.executable, "-m", "clip_us.captions", "refine", str(tmp_path / "m.csv"), "--out", str(out),
            "--endpoint", server.url, "--model", "m", "--concurrency", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a background job inherits it ignored
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not (cache.exists() and cache.read_text().count("\n")):
         time.sleep(0.05)

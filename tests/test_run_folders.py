@@ -70,9 +70,16 @@ def files(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def default_sigint():
+    """In the child: Ctrl-C as a terminal delivers it. A shell's background job inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler, so the test's SIGINT would
+    be lost wherever the suite itself runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def python(args, cache, cwd=ROOT, **kw):
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "CLIP_US_CACHE": str(cache),
                                  "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, **kw)
 
