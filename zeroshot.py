@@ -32,6 +32,7 @@ from clip_us.precision import inference, resolve_precision
 from clip_us.runs import (
     RunFolder,
     data_config,
+    dataset_name,
     default_out_dir,
     init_checkpoint,
     make_results,
@@ -117,7 +118,7 @@ print(f"{row} zero-shot on {cfg.dataset} ({len(rows)} images, prompts: {source})
       f"Acc {report['acc']:.4f}  AUC {report['auc']:.4f}")
 print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
 results = make_results(
-    script="zeroshot.py", task="zeroshot", dataset=cfg.dataset, row=row, backbone="clip",
+    script="zeroshot.py", task="zeroshot", dataset=dataset_name(cfg), row=row, backbone="clip",
     adapter=cfg.adapter, init=cfg.init or None, init_from=init_from, seeds=[],
     metrics=summarize_seeds([report], ZS_METRICS), units={k: "fraction" for k in ZS_METRICS},
     n_test=len(rows), n_dropped=0, precision=precision, data=info.get("health", {}), config=cfg,

@@ -102,7 +102,7 @@ def _add_option(parser, f: dataclasses.Field):
     default, helptext = _default(f), f.metadata.get("help", "")
     kind, choices = _option_type(f, default), f.metadata.get("choices")
     if f.metadata.get("positional"):
-        return parser.add_argument(f.name, type=kind, help=helptext)
+        return parser.add_argument(f.name, type=kind, choices=choices, help=helptext)
     flag = "--" + f.name.replace("_", "-")
     if default is dataclasses.MISSING:
         return parser.add_argument(flag, required=True, type=kind, choices=choices, help=helptext)
@@ -110,8 +110,9 @@ def _add_option(parser, f: dataclasses.Field):
         return parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                                    help=helptext)
     if isinstance(default, (list, tuple)):
-        return parser.add_argument(flag, default=list(default), nargs="+", type=kind,
-                                   choices=choices, help=helptext,
+        return parser.add_argument(flag, default=list(default), nargs=f.metadata.get("nargs", "+"),
+                                   type=kind, choices=choices, help=helptext,
+                                   metavar=f.metadata.get("metavar"),
                                    action="extend" if f.metadata.get("repeat") else "store")
     return parser.add_argument(flag, default=default, type=kind, choices=choices, help=helptext)
 

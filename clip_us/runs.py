@@ -105,6 +105,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "model"
 
 
+def dataset_name(cfg) -> str:
+    """The data set a run's results name: the NextGen-UIA layout's <DS> (--nextgen-name LN-1)
+    when given, as the tables file LN-1 and LN-2 under their own names; else --dataset."""
+    return getattr(cfg, "nextgen_name", "") or cfg.dataset
+
+
 def default_out_dir(script: str, *names: str) -> Path:
     """The default --out-dir of every script: runs/<script>/<names, slugged>-<time>."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -316,8 +322,9 @@ class Run:
         checkpoint trained on."""
         cfg = self.cfg
         if getattr(cfg, "eval_only", False):
-            more["trained_on"] = self.ckpt["config"].get("dataset")
-        return make_results(script=f"{self.script}.py", task=task, dataset=cfg.dataset,
+            saved = self.ckpt["config"]
+            more["trained_on"] = saved.get("nextgen_name") or saved.get("dataset")
+        return make_results(script=f"{self.script}.py", task=task, dataset=dataset_name(cfg),
                             row=self.row, backbone=cfg.backbone, adapter=cfg.adapter,
                             init=cfg.init or None, init_from=self.init_from, seeds=cfg.seeds,
                             metrics=metrics, units=units,

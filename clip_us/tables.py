@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from .config import opt, parse_config, report_errors, required
 from .fileio import write_text
+from .metrics import seed_summary
 
 # ----------------------------------------------------------------------------- paper numbers
 
@@ -160,6 +161,7 @@ COLUMN_NAMES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "asd_directed": "A
 OPTIONAL = {"align": ("zs_acc", "zs_f1", "zs_auroc", "probe_acc", "probe_f1", "probe_auroc")}
 PERCENT = {"dice", "iou", "acc", "auc"}  # stored as fractions, shown x100
 MISSING = "—"
+PENDING = "…"  # a run python -m clip_us.reproduce planned that has no results.json yet
 
 
 def _display(key, value):
@@ -266,10 +268,55 @@ def _eval_only(res):
     return bool(res.get("eval_only", (res.get("config") or {}).get("eval_only", False)))
 
 
+# config keys in which the runs of one row's seeds differ (python -m clip_us.reproduce runs each
+# seed in its own folder; an --eval-only result's checkpoint is its seed's)
+SEED_FREE = ("seeds", "out_dir", "resume", "device", "workers", "debug", "checkpoint")
+
+
+def _config_but_seed(res) -> dict:
+    return {k: v for k, v in (res.get("config") or {}).items() if k not in SEED_FREE}
+
+
+def _joinable(group) -> bool:
+    """Several runs of one row that differ only in their seeds, each metric kept per seed."""
+    seeds = [s for r in group for s in r.get("seeds") or []]
+    same = all(_config_but_seed(r) == _config_but_seed(group[0]) for r in group)
+    per_seed = all("per_seed" in m for r in group for m in r["metrics"].values())
+    keys = {frozenset(r["metrics"]) for r in group}
+    return len(group) > 1 and len(set(seeds)) == len(seeds) and same and per_seed and len(keys) == 1
+
+
+def _join_dropped(group):
+    """n_dropped of joined runs: {metric: [count per seed]} lists concatenated."""
+    dropped = [r.get("n_dropped") for r in group]
+    if not all(isinstance(d, dict) for d in dropped):
+        return group[0].get("n_dropped")
+    return {k: [c for d in dropped for c in (d.get(k) if isinstance(d.get(k), list) else [d.get(k)])]
+            for k in dropped[0]}
+
+
+def _join_seeds(group):
+    """One result from the per-seed runs of one row: each metric's per-seed values in seed
+    order, mean and std over all of them (metrics.seed_summary, as one run of several seeds
+    reports them)."""
+    group = sorted(group, key=lambda r: min(r["seeds"]))
+    joined = dict(group[0])
+    joined["metrics"] = {k: seed_summary([v for r in group for v in r["metrics"][k]["per_seed"]])
+                         for k in group[0]["metrics"]}
+    joined.update(seeds=[s for r in group for s in r["seeds"]], n_dropped=_join_dropped(group),
+                  _path=", ".join(r["_path"] for r in group),
+                  _mtime=max(r["_mtime"] for r in group))
+    return joined
+
+
 def _newest(found):
-    """{key: newest result} from {key: [results]}, and a note per key that had several."""
+    """{key: result} from {key: [results]}: the runs of one row's seeds joined, else the newest,
+    with a note per key that had several."""
     chosen, notes = {}, []
     for key, group in found.items():
+        if _joinable(group):
+            chosen[key] = _join_seeds(group)
+            continue
         group.sort(key=lambda r: r["_mtime"], reverse=True)
         chosen[key] = group[0]
         if len(group) > 1:
@@ -344,6 +391,8 @@ def _dinov2_note(res) -> str:
 
 def _fmt_ours(res, key):
     """'mean ± std' over seeds (just the mean for one seed), in table units; '—' when absent."""
+    if (res or {}).get("_pending"):
+        return PENDING
     m = (res or {}).get("metrics", {}).get(key)
     if m is None:
         return MISSING
@@ -362,14 +411,16 @@ def _fmt_paper(value):
 
 def _fmt_size(res):
     """The run's square input and mask side, from its config: distances are pixels at this size."""
+    if (res or {}).get("_pending"):
+        return PENDING
     size = ((res or {}).get("config") or {}).get("image_size")
     return MISSING if size is None else f"{size}×{size}"
 
 
 def _fmt_count(res):
     """Seeds and test-set size (with the largest number of images dropped from any metric)."""
-    if res is None:
-        return [MISSING, MISSING]
+    if res is None or res.get("_pending"):
+        return [PENDING if res else MISSING] * 2
     dropped = res.get("n_dropped") or 0
     # {metric: count} or, as the scripts write it, {metric: [count per seed]}
     counts = dropped.values() if isinstance(dropped, dict) else [dropped]
@@ -479,21 +530,51 @@ def render_table3(chosen, marks, all_datasets=False):
                     "vanilla CLIP."]
 
 
-def render(chosen, notes=(), all_datasets=False):
+SECTIONS = ("table2", "table3", "echocare")
+
+
+def render(chosen, notes=(), all_datasets=False, sections=SECTIONS):
     """The whole Markdown document: Tables 2 and 3, the EchoCare-CLIP table when there are
-    evaluate.py results, duplicate notes and the source files."""
+    evaluate.py results, duplicate notes and the source files; `sections` picks the tables."""
     merged = {}
     for key, text in notes:  # one footnote per row, however many notes it has
         merged.setdefault(key, []).append(text)
     marks = {key: f"d{i + 1}" for i, key in enumerate(merged)}
-    lines = ["# clip_us results beside Tables 2 and 3 of Qu et al., \"Adapting Vision-Language "
-             "Foundation Model for Next Generation Medical Ultrasound Image Analysis\"", ""]
-    lines += render_table2(chosen, marks, all_datasets) + [""]
-    lines += render_table3(chosen, marks, all_datasets) + [""]
-    lines += render_echocare(chosen) + [""] if any(t == "align" for t, _, _ in chosen) else []
+    title = ("# clip_us results beside EchoCare-CLIP's" if sections == ("echocare",) else
+             "# clip_us results beside Tables 2 and 3 of Qu et al., \"Adapting Vision-Language "
+             "Foundation Model for Next Generation Medical Ultrasound Image Analysis\"")
+    lines = [title, ""]
+    lines += render_table2(chosen, marks, all_datasets) + [""] if "table2" in sections else []
+    lines += render_table3(chosen, marks, all_datasets) + [""] if "table3" in sections else []
+    if "echocare" in sections and any(t == "align" for t, _, _ in chosen):
+        lines += render_echocare(chosen) + [""]
+    if any(r.get("_pending") for r in chosen.values()):
+        lines += [f"{PENDING} marks a run that `python -m clip_us.reproduce` planned and that has "
+                  "no results.json yet: not run, failed, or still running.", ""]
     lines += [f"[^{marks[key]}]: {' '.join(texts)}" for key, texts in merged.items()]
     lines += [""] if notes else []
     return "\n".join(lines + _sources(chosen)) + "\n"
+
+
+SWEEP_TASKS = {"table2": ("seg",), "table3": ("cls", "zeroshot"), "echocare": ("align",)}
+
+
+def render_sweep(runs_dir, table: str, jobs) -> str:
+    """The table a sweep (python -m clip_us.reproduce) renders: the results under runs_dir
+    beside the paper's, and PENDING for each planned run of a seg/cls/zero-shot row without
+    a results.json yet. `jobs`: the plan's jobs (task, dataset, row)."""
+    try:
+        chosen, notes = collect(runs_dir)
+    except FileNotFoundError:  # nothing finished yet
+        chosen, notes = {}, []
+    tasks = SWEEP_TASKS[table]
+    chosen = {k: r for k, r in chosen.items() if k[0] in tasks}
+    for job in jobs:
+        if job.task in tasks and job.task != "align":
+            key = (job.task, _canonical(job.dataset, DATASETS), _canonical(job.row, ROWS))
+            chosen.setdefault(key, {"_pending": True, "metrics": {},
+                                    "_path": "planned, no results.json yet"})
+    return render(chosen, [(k, t) for k, t in notes if k in chosen], sections=(table,))
 
 
 def _sources(chosen):
