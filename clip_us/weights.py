@@ -7,6 +7,7 @@ open_clip's checkpoint layout (`state_dict`, `module.` prefixes), which MetaCLIP
 
     model, preprocess = load("ViT-B/16")              # cache, else download (SHA256-checked)
     sd, info = load_state_dict("path/to/hf_folder")   # OpenAI keys + info["config"]
+    hf = openai_to_hf(sd); hf_config_for(info["config"])  # and back (clip_us.export writes them)
     clip = build_clip("none", "tiny")                 # the scripts' --weights/--arch: a CLIP
 
 Formats (`load_state_dict` detects them from the file, not its name):
@@ -14,7 +15,8 @@ Formats (`load_state_dict` detects them from the file, not its name):
   is read; nothing in the archive runs. (`torch.load(weights_only=True)` cannot read them.)
 - any other pickle (plain state dicts, open_clip/MetaCLIP checkpoints, HF `pytorch_model.bin`):
   `torch.load(weights_only=True)`. A file that needs code to unpickle is refused, never run.
-- HF `model.safetensors`: read by `read_safetensors` below; the package is not a dependency.
+- HF `model.safetensors`: read by `read_safetensors` below (and written by `write_safetensors`, for
+  clip_us.export); the package is not a dependency.
 
 Activation (not visible in tensors; a wrong one silently costs accuracy, so it is printed):
 HF `config.json` decides when present; else `quick_gelu=`; else QuickGELU for OpenAI names and
@@ -181,6 +183,48 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+# safetensors lays tensors out by dtype, widest first (its Rust `Dtype` enum, declared narrow to
+# wide: this is that order for the dtypes above), then by name; written the same way, with its
+# compact JSON header, our files are byte-identical to safetensors.torch.save_file's.
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+def _st_layout(tensors: dict, metadata: dict | None) -> tuple[bytes, list]:
+    """(8-byte length + JSON header padded with spaces to 8 bytes, tensors in file order)."""
+    bad = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in _ST_NAMES]
+    if bad:
+        raise ValueError(f"safetensors cannot hold {_listing(bad)}; convert them to one of "
+                         f"{sorted(_ST_NAMES, key=str)}")
+    order = sorted(tensors.items(), key=lambda kv: (-_ST_ORDER.index(_ST_NAMES[kv[1].dtype]), kv[0]))
+    header, offset = ({} if metadata is None else {"__metadata__": metadata}), 0
+    for name, t in order:
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [t for _, t in order]
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """The format read_safetensors reads, written through a temporary file (fileio.atomic_path).
+
+    Bytes are the host's, which is little-endian on every machine torch ships for, as the
+    reader also assumes; `metadata` (strings only) becomes "__metadata__".
+    """
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"safetensors metadata holds strings only, got {metadata}")
+    head, order = _st_layout(tensors, metadata)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(head)
+        for t in order:
+            if t.numel():  # [N] uint8 view of the raw bytes; an empty tensor has none
+                f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+
+
 def _is_safetensors(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -321,6 +365,60 @@ def hf_to_openai(sd: dict) -> dict:
     return out
 
 
+# The same tables read backwards, for writing a CLIPModel (clip_us.export).
+_OPENAI_BLOCK = {ours: hf for hf, ours in _HF_BLOCK.items()}
+_OPENAI_TOP = {ours: hf for hf, ours in _HF_TOP.items()}
+_OPENAI_LN = {ours: hf for hf, ours in _HF_LN.items()}
+_OPENAI_TRANSPOSED = {ours: hf for hf, ours in _HF_TRANSPOSED.items()}
+
+
+def _openai_block_key(key: str) -> str | None:
+    """'visual.transformer.resblocks.3.mlp.c_fc.weight' -> 'vision_model.encoder.layers.3.mlp.fc1.weight'."""
+    for hf, ours in _HF_TOWERS:
+        if key.startswith(ours):
+            n, rest = key[len(ours):].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            if module in _OPENAI_BLOCK:
+                return f"{hf}{n}.{_OPENAI_BLOCK[module]}.{leaf}"
+    return None
+
+
+def _split_qkv(key: str, value: torch.Tensor, out: dict) -> bool:
+    """OpenAI's packed in_proj (rows q, k, v) -> HF's q_proj/k_proj/v_proj into `out`; False
+    when `key` is no in_proj."""
+    for hf, ours in _HF_TOWERS:
+        if key.startswith(ours) and key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
+            n, leaf = key[len(ours):].split(".")[0], key.rsplit("_", 1)[1]
+            for p, part in zip("qkv", value.chunk(3)):  # [3 * width, ...] -> 3 x [width, ...]
+                out[f"{hf}{n}.self_attn.{p}_proj.{leaf}"] = part.clone()
+            return True
+    return False
+
+
+def openai_to_hf(sd: dict) -> dict:
+    """OpenAI keys -> Hugging Face CLIPModel keys (hf_to_openai's inverse). Any other key (an
+    adapter's, a head's) is an error that lists them: a CLIPModel has no place for it."""
+    out, bad = {}, []
+    for k, v in sd.items():
+        module, _, leaf = k.rpartition(".")
+        if _split_qkv(k, v, out):
+            continue
+        if k in _OPENAI_TOP:
+            out[_OPENAI_TOP[k]] = v
+        elif k in _OPENAI_TRANSPOSED:
+            out[_OPENAI_TRANSPOSED[k]] = v.t().contiguous()  # x @ proj -> nn.Linear [out, in]
+        elif module in _OPENAI_LN:
+            out[f"{_OPENAI_LN[module]}.{leaf}"] = v
+        elif _openai_block_key(k):
+            out[_openai_block_key(k)] = v
+        else:
+            bad.append(k)
+    if bad:
+        raise ValueError(f"not a plain CLIP state dict: a Hugging Face CLIPModel has no place for "
+                         f"{_listing(bad)}")
+    return out
+
+
 def _listing(items: list, n: int = 12) -> str:
     more = f" ... and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(map(str, items[:n])) + more
@@ -402,6 +500,27 @@ def hf_settings(cfg: dict, path: str) -> dict:
                          f"one of {sorted(_HF_ACTS)} shared by both towers")
     return {"quick_gelu": _HF_ACTS[acts.pop()], "vision_heads": vis.get("num_attention_heads", 12),
             "transformer_heads": txt.get("num_attention_heads", 8)}
+
+
+def hf_config_for(cfg: CLIPConfig) -> dict:
+    """The config.json of a Hugging Face CLIPModel of `cfg` (hf_settings read backwards). Every
+    size is written out: HF's defaults are ViT-B/32's. The token ids are CLIPTextConfig's
+    defaults, the tokenizer's real ones (with them, HF pools at the first end-of-text token,
+    which is where our argmax pools)."""
+    act = {qg: name for name, qg in _HF_ACTS.items()}[cfg.quick_gelu]
+    both = {"hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim}
+    text = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.transformer_width,
+            "intermediate_size": 4 * cfg.transformer_width,
+            "num_hidden_layers": cfg.transformer_layers,
+            "num_attention_heads": cfg.transformer_heads,
+            "max_position_embeddings": cfg.context_length, "bos_token_id": 49406,
+            "eos_token_id": 49407, "model_type": "clip_text_model", **both}
+    vision = {"hidden_size": cfg.vision_width, "intermediate_size": 4 * cfg.vision_width,
+              "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+              "image_size": cfg.image_resolution, "patch_size": cfg.vision_patch_size,
+              "num_channels": 3, "model_type": "clip_vision_model", **both}
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+            "logit_scale_init_value": 2.6592, "text_config": text, "vision_config": vision}
 
 
 def choose_activation(quick_gelu, hf: dict | None, fmt: str, is_name: bool) -> tuple[bool, str]:
