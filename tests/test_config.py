@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_us import contrastive, loop, tables
+from clip_us import contrastive, export, loop, tables
 from clip_us.adapters import adapter_trains
 from clip_us.captions import __main__ as captions
 from clip_us.config import (
@@ -42,7 +42,8 @@ SCRIPTS = {"train_seg.py": SupervisedConfig, "train_cls.py": ClsConfig,
 PARSERS = {**{name: lambda cls=cls: build_parser(cls) for name, cls in SCRIPTS.items()},
            "python -m clip_us.captions": captions.build_parser,
            "python -m clip_us.phantom": lambda: build_parser(phantom_cli.PhantomCommand),
-           "python -m clip_us.tables": lambda: build_parser(tables.TablesCommand)}
+           "python -m clip_us.tables": lambda: build_parser(tables.TablesCommand),
+           "python -m clip_us.export": lambda: build_parser(export.ExportCommand)}
 
 
 @pytest.mark.parametrize("cli", PARSERS)
