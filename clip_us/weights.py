@@ -316,14 +316,16 @@ def is_hf(sd: dict) -> bool:
     return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
 
 
-def _hf_block_key(key: str) -> str | None:
-    """'vision_model.encoder.layers.3.mlp.fc1.weight' -> 'visual.transformer.resblocks.3.mlp.c_fc.weight'."""
-    for hf, ours in _HF_TOWERS:
-        if key.startswith(hf):
-            n, rest = key[len(hf):].split(".", 1)
+def _block_key(key: str, towers=_HF_TOWERS, modules=_HF_BLOCK) -> str | None:
+    """A block tensor's name in the other format, by the (from, to) tower prefixes and the module
+    map: 'vision_model.encoder.layers.3.mlp.fc1.weight' -> 'visual.transformer.resblocks.3.mlp.c_fc.weight'
+    with the defaults (HF -> OpenAI); None for a key of no block module."""
+    for src, dst in towers:
+        if key.startswith(src):
+            n, rest = key[len(src):].split(".", 1)
             module, leaf = rest.rsplit(".", 1)
-            if module in _HF_BLOCK:
-                return f"{ours}{n}.{_HF_BLOCK[module]}.{leaf}"
+            if module in modules:
+                return f"{dst}{n}.{modules[module]}.{leaf}"
     return None
 
 
@@ -355,8 +357,8 @@ def hf_to_openai(sd: dict) -> dict:
             out[_HF_TRANSPOSED[k]] = v.t()  # nn.Linear weight [out, in] -> OpenAI's x @ proj
         elif module in _HF_LN:
             out[f"{_HF_LN[module]}.{leaf}"] = v
-        elif _hf_block_key(k):
-            out[_hf_block_key(k)] = v
+        elif _block_key(k):
+            out[_block_key(k)] = v
         else:
             bad.append(f"unexpected {k}")
     if bad:
@@ -366,21 +368,11 @@ def hf_to_openai(sd: dict) -> dict:
 
 
 # The same tables read backwards, for writing a CLIPModel (clip_us.export).
+_OPENAI_TOWERS = tuple((ours, hf) for hf, ours in _HF_TOWERS)
 _OPENAI_BLOCK = {ours: hf for hf, ours in _HF_BLOCK.items()}
 _OPENAI_TOP = {ours: hf for hf, ours in _HF_TOP.items()}
 _OPENAI_LN = {ours: hf for hf, ours in _HF_LN.items()}
 _OPENAI_TRANSPOSED = {ours: hf for hf, ours in _HF_TRANSPOSED.items()}
-
-
-def _openai_block_key(key: str) -> str | None:
-    """'visual.transformer.resblocks.3.mlp.c_fc.weight' -> 'vision_model.encoder.layers.3.mlp.fc1.weight'."""
-    for hf, ours in _HF_TOWERS:
-        if key.startswith(ours):
-            n, rest = key[len(ours):].split(".", 1)
-            module, leaf = rest.rsplit(".", 1)
-            if module in _OPENAI_BLOCK:
-                return f"{hf}{n}.{_OPENAI_BLOCK[module]}.{leaf}"
-    return None
 
 
 def _split_qkv(key: str, value: torch.Tensor, out: dict) -> bool:
@@ -409,8 +401,8 @@ def openai_to_hf(sd: dict) -> dict:
             out[_OPENAI_TRANSPOSED[k]] = v.t().contiguous()  # x @ proj -> nn.Linear [out, in]
         elif module in _OPENAI_LN:
             out[f"{_OPENAI_LN[module]}.{leaf}"] = v
-        elif _openai_block_key(k):
-            out[_openai_block_key(k)] = v
+        elif _block_key(k, _OPENAI_TOWERS, _OPENAI_BLOCK):
+            out[_block_key(k, _OPENAI_TOWERS, _OPENAI_BLOCK)] = v
         else:
             bad.append(k)
     if bad:

@@ -17,13 +17,13 @@ from clip_us import export as X
 from clip_us import weights as W
 from clip_us.adapters import load_adapter
 from clip_us.model import ARCHS, build_model
+from clip_us.tokenizer import tokenize
 from clip_us.weights import build_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 open_clip = pytest.importorskip("open_clip")  # test-only peers (requirements-dev.txt)
 transformers = pytest.importorskip("transformers")
 
-EOT = 49407
 TINY = ["--arch", "tiny", "--image-size", "32", "--phantom-size", "64", "--phantom-n", "20",
         "--workers", "0", "--batch-size", "8", "--epochs", "1"]
 CONTRASTIVE = TINY + ["--weights", "none", "--split", "70,30", "--lr", "1e-2"]
@@ -32,13 +32,9 @@ CONTRASTIVE = TINY + ["--weights", "none", "--split", "70,30", "--lr", "1e-2"]
 # ----------------------------------------------------------------------------- peers and inputs
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, 224, 224, generator=g)
-    text = torch.zeros(2, 77, dtype=torch.long)
-    for i, n in enumerate((5, 12)):
-        text[i, :n] = torch.randint(1, 49000, (n,), generator=g)
-        text[i, n] = EOT
-    return images, text
+    """Two random images and two captions as our tokenizer gives them (end-of-text last)."""
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return images, tokenize(["A hypoechoic breast lesion with irregular margins.", "Liver."])
 
 
 def jittered(quick_gelu: bool):
