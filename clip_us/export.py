@@ -5,8 +5,8 @@ checkpoint of another library, which loads it without clip_us.
     python -m clip_us.export runs/.../best.pt --to open_clip clip.pt    # a plain state dict
 
 What exports: train_contrastive.py's --train heads|image|text|full checkpoints, its --train
-adapter --adapter lora ones and the LoRA checkpoints of train_seg.py / train_cls.py (LoRA merged
-into the weights it adapts: lora.merge_lora). The fine-tuned CLIP is rebuilt exactly as `--init`
+adapter --adapter lora ones, the LoRA checkpoints of train_seg.py / train_cls.py and the official
+NextGen-UIA LoRA files (LoRA merged into the weights it adapts: lora.merge_lora). The fine-tuned CLIP is rebuilt exactly as `--init`
 rebuilds it (the recorded --weights, then adapters.load_adapter), so the base weights must be
 found. What does not: Mona adds a module after each vision block that no plain CLIP has, and
 EchoCare-CLIP's dual encoder is not a CLIP. Each refusal is one line, exit status 2.
@@ -38,8 +38,9 @@ OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "
 class ExportCommand:
     """Write a fine-tuned CLIP as a plain open_clip, Hugging Face or OpenAI checkpoint."""
     checkpoint: str = required("a best.pt / last.pt of train_contrastive.py (--train "
-                               "heads|image|text|full, or --adapter lora), or a LoRA checkpoint "
-                               "of train_seg.py / train_cls.py", positional=True)
+                               "heads|image|text|full, or --adapter lora), a LoRA checkpoint of "
+                               "train_seg.py / train_cls.py, or an official NextGen-UIA LoRA file "
+                               "(with --weights)", positional=True)
     out: str = required("where to write: a folder (config.json + model.safetensors) for --to hf, "
                         "one file otherwise", positional=True)
     to: str = required("the library whose format to write: open_clip or openai (a plain state "

@@ -15,7 +15,7 @@ from test_weights import openai_to_hf as independent_openai_to_hf
 
 from clip_us import export as X
 from clip_us import weights as W
-from clip_us.adapters import load_adapter
+from clip_us.adapters import AdapterConfig, apply_adapter, load_adapter
 from clip_us.model import ARCHS, build_model
 from clip_us.tokenizer import tokenize
 from clip_us.weights import build_clip
@@ -272,6 +272,31 @@ def test_seg_lora_checkpoint_exports_its_vision_tower(runs, tmp_path, inputs):
         assert cli(ckpt, "--to", "hf", tmp_path / "again") == 2
     finally:
         shutil.move(tmp_path / "moved.pt", runs("lora"))
+
+
+def official_lora_file(path):
+    """An official NextGen-UIA LoRA dict (`<attn>.q_proj.w_lora_A`, ...) with random tensors for
+    the tiny CLIP; the LoRA keys are ours renamed (adapters.LORA_KEY)."""
+    model = apply_adapter(build_model(config="tiny"), AdapterConfig(kind="lora", r=4, alpha=8))
+    official = {}
+    for key, value in model.state_dict().items():
+        attn, _, part = key.rpartition(".attn.")
+        if part.startswith("out_proj.lora_"):  # out_proj.lora_B -> proj.w_lora_B
+            official[f"{attn}.attn.proj.w_lora_{part[-1]}"] = 0.1 * torch.randn_like(value)
+        elif part.startswith("lora_"):  # lora_A_q -> q_proj.w_lora_A
+            _, ab, target = part.split("_")
+            official[f"{attn}.attn.{target}_proj.w_lora_{ab}"] = 0.1 * torch.randn_like(value)
+    torch.save({"adapter_type": "lora", "lora_state_dict": official, "lora_r": 4, "lora_alpha": 8},
+               path)
+
+
+def test_official_lora_file_exports_on_the_weights_given(runs, tmp_path, inputs, capsys):
+    official_lora_file(tmp_path / "lora.pt")
+    assert cli(tmp_path / "lora.pt", "--to", "hf", tmp_path / "hf") == 2  # it records no base
+    assert "pass --weights" in capsys.readouterr().err
+    export_both(tmp_path / "lora.pt", tmp_path, "--weights", runs("gelu_file"))
+    ours = load_adapter(build_clip(str(runs("gelu_file")), "tiny"), tmp_path / "lora.pt").eval()
+    assert_loads_everywhere(tmp_path, False, ours, inputs)
 
 
 def assert_refused(capsys, status, *message):
