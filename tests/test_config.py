@@ -33,6 +33,7 @@ from clip_us.config import (
     undocumented_options,
 )
 from clip_us.phantom import __main__ as phantom_cli
+from clip_us.reproduce import ReproduceConfig
 from clip_us.runs import row_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,8 @@ PARSERS = {**{name: lambda cls=cls: build_parser(cls) for name, cls in SCRIPTS.i
            "python -m clip_us.captions": captions.build_parser,
            "python -m clip_us.phantom": lambda: build_parser(phantom_cli.PhantomCommand),
            "python -m clip_us.tables": lambda: build_parser(tables.TablesCommand),
-           "python -m clip_us.export": lambda: build_parser(export.ExportCommand)}
+           "python -m clip_us.export": lambda: build_parser(export.ExportCommand),
+           "python -m clip_us.reproduce": lambda: build_parser(ReproduceConfig)}
 
 
 @pytest.mark.parametrize("cli", PARSERS)

@@ -180,7 +180,8 @@ class ReproduceConfig:
     dry_run: bool = opt(False, "print the plan, one command per line, and exit (the data is not "
                         "looked at)")
     emit: list = opt([], "write the plan for a scheduler instead of running it: slurm FILE (an "
-                     "array job, one task per run)", nargs=2, metavar=("KIND", "FILE"))
+                     "array job, one task per run) (default: none, run it here)", nargs=2,
+                     metavar=("KIND", "FILE"))
     debug: bool = opt(False, "show the traceback of an error")
 
 

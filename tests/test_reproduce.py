@@ -1,0 +1,254 @@
+"""python -m clip_us.reproduce: the plan of a whole table, its Slurm form, and a sweep on the
+phantom that is killed and started again."""
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, exit_status
+
+from clip_us.config import SupervisedConfig, parse_config
+from clip_us.metrics import seed_summary
+from clip_us.reproduce import DATA, ReproduceConfig, plan, rows_markdown, table_rows
+from clip_us.reproduce.__main__ import main
+from clip_us.reproduce.slurm import stages
+from clip_us.runs import dataset_name
+from clip_us.tables import PENDING, collect, render_sweep
+
+TABLE2_SETS = ["LN-1", "LN-2", "BUSI", "DDTI", "TN3K", "Prostate"]
+
+
+@pytest.fixture
+def data_tree(tmp_path):
+    """An empty folder tree laid out like the data sets (nothing in them)."""
+    for name in TABLE2_SETS:
+        (tmp_path / "data" / name).mkdir(parents=True)
+    return tmp_path / "data"
+
+
+def dry_run(capsys, *args) -> list[str]:
+    main([*map(str, args), "--dry-run"])
+    return capsys.readouterr().out.splitlines()
+
+
+def test_table2_plan_has_one_command_per_row_dataset_and_seed(data_tree, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    lines = dry_run(capsys, "table2", "--data-root", data_tree)
+    rows = [r.name for r in table_rows("table2")]
+    assert len(rows) == 10
+    # the contrastive stage twice (LoRA, Mona), then 10 rows x 6 data sets x 3 seeds
+    assert len(lines) == 2 + 10 * 6 * 3
+    assert all(line.startswith("python ") for line in lines)
+    assert [shlex.split(line)[1] for line in lines[:2]] == ["train_contrastive.py"] * 2
+    seen = set()
+    for line in lines[2:]:
+        argv = shlex.split(line)
+        out = argv[argv.index("--out-dir") + 1]
+        assert argv[1] == "train_seg.py" and out not in seen
+        seen.add(out)
+    stage_at = {k: i for i, line in enumerate(lines) for k in ("ft/lora", "ft/mona")
+                if line.endswith(f"/{k}")}
+    for i, line in enumerate(lines):  # every ft. row comes after the stage it starts from
+        for kind in ("lora", "mona"):
+            if f"ft/{kind}/best.pt" in line:
+                assert i > stage_at[f"ft/{kind}"]
+    assert sorted(p.name for p in data_tree.iterdir()) == sorted(TABLE2_SETS)  # untouched
+
+
+def test_dry_run_and_emit_never_look_at_the_data(tmp_path, capsys):
+    args = ["table2", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]
+    assert exit_status(lambda: main([*args, "--dry-run"])) == 0
+    assert exit_status(lambda: main([*args, "--emit", "slurm", str(tmp_path / "s.sh")])) == 0
+    assert not (tmp_path / "out").exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_every_planned_command_is_one_the_docs_show(data_tree, monkeypatch):
+    """docs/reproducing.md holds rows_markdown() verbatim, and each command of the plan is the
+    docs' command of its row with only the data set, seed and folders changed."""
+    monkeypatch.chdir(ROOT)
+    docs = (ROOT / "docs" / "reproducing.md").read_text()
+    assert rows_markdown() in docs
+    shown = re.findall(r"`((?:python|torchrun) [^`]+)`", rows_markdown())
+    def template(cmd):  # the command without what differs between data sets and seeds
+        cmd = re.sub(r"--(data-root|out-dir|checkpoint|seeds|seed) \S+", "", cmd)
+        for d in DATA.values():
+            cmd = cmd.replace(shlex.join(d.flags), "")
+        return " ".join(cmd.split())
+    templates = {template(c) for c in shown}
+    for table in ("table2", "table3", "echocare"):
+        for job in plan(ReproduceConfig(table=table, data_root=str(data_tree)))[0]:
+            assert template(job.command().replace(str(data_tree), "data")) in templates, job.key
+
+
+def test_table3_and_echocare_plans(data_tree, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    lines = dry_run(capsys, "table3", "--data-root", data_tree)
+    # stage x2; supervised 9 rows x 3 data sets x 3 seeds; zero-shot 5 rows x 3 data sets, no seed
+    assert len(lines) == 2 + 9 * 3 * 3 + 5 * 3
+    zs = [line for line in lines if "zeroshot.py" in line]
+    assert len(zs) == 15 and not any("--seeds" in line for line in zs)
+    lines = dry_run(capsys, "echocare", "--data-root", data_tree)
+    trains = [line for line in lines if "train_contrastive.py" in line]
+    assert len(trains) == 4 and all("--model echocare" in line for line in trains)
+    assert len([line for line in lines if "evaluate.py" in line]) == 6  # 2 baselines + 4 trained
+
+
+def test_ln2_is_evaluated_with_ln1s_checkpoints(data_tree):
+    jobs, notes = plan(ReproduceConfig(table="table2", data_root=str(data_tree),
+                                       datasets=["LN-1", "LN-2"], rows=["CLIP (Mona)"], seeds=[2]))
+    ln1, ln2 = jobs
+    assert "--eval-only" in ln2.args and ln2.needs == [ln1.key]
+    assert ln2.args[ln2.args.index("--checkpoint") + 1] == f"{ln1.out_dir}/seed2/best.pt"
+    assert ln2.args[ln2.args.index("--nextgen-name") + 1] == "LN-2"
+    assert any("LN-2" in n for n in notes)
+
+
+def test_small_settings_reach_only_what_they_name(data_tree):
+    """--arch/--image-size reach the CLIP rows only (DINOv2 stays ViT-B/14 at 518 px);
+    --weights none reaches every row with weights; --epochs every training run and nothing
+    else; --nproc-per-node makes torchrun commands (evaluate.py has no DDP)."""
+    cfg = ReproduceConfig(table="table2", data_root=str(data_tree), datasets=["BUSI", "LN-2"],
+                          arch="tiny", weights="none", image_size=64, epochs=3, seeds=[1])
+    jobs, notes = plan(cfg)
+    by = {(j.row, j.dataset): j.args for j in jobs}
+    dino, mona, unet = by["DINOv2", "BUSI"], by["CLIP (Mona)", "BUSI"], by["UNet", "BUSI"]
+    assert "--arch" not in dino and dino[dino.index("--image-size") + 1] == "518"
+    assert mona[mona.index("--arch") + 1] == "tiny" and "--image-size" in mona
+    assert "--weights" not in unet and dino[dino.index("--weights") + 1] == "none"
+    assert "--clipseg-weights" in by["CLIPSeg", "BUSI"]
+    assert all(a[a.index("--epochs") + 1] == "3" for (_, d), a in by.items() if d == "BUSI")
+    assert not any("--epochs" in a for (_, d), a in by.items() if d == "LN-2")  # --eval-only
+    assert any("DINOv2 (ViT-B/14 at 518 px)" in n for n in notes)
+    assert jobs[0].command(2).startswith("torchrun --standalone --nproc-per-node 2 ")
+    echo = plan(ReproduceConfig(table="echocare", data_root=str(data_tree), weights="none"))[0]
+    assert all(j.command(2).startswith("python ") for j in echo if j.script == "evaluate.py")
+    assert not any("biomedclip" in j.command() for j in echo)  # no random-weights form
+
+
+def test_slurm_array_runs_the_plans_commands(data_tree, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    common = ["table2", "--data-root", str(data_tree), "--nproc-per-node", "2"]
+    planned = dry_run(capsys, *common)
+    script = tmp_path / "t2.sh"
+    main([*common, "--emit", "slurm", str(script)])
+    text = script.read_text()
+    runs = re.search(r"^RUNS=\(\n(.*?)\n\)", text, re.S | re.M).group(1).splitlines()
+    emitted = [shlex.split(line.split("  # ")[0])[0] for line in runs]
+    assert emitted == planned and all(c.startswith("torchrun ") for c in emitted)
+    jobs = plan(ReproduceConfig(table="table2", data_root=str(data_tree)))[0]
+    at = stages(jobs)
+    for job, s in zip(jobs, at):  # ft. rows after the stage; LN-2 after LN-1's run
+        ft, ln2 = "-ft-" in job.key, job.dataset == "LN-2"
+        assert s == (0 if job.key.startswith("ft/") else int(ft) + int(ln2)), job.key
+    assert re.search(r'^STAGES=\("0-\d+(,\d+(-\d+)?)*" "\d', text, re.M)
+    assert "#SBATCH --gres=gpu:2" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_bad_rows_and_missing_data_stop_before_anything_runs(tmp_path, capsys):
+    assert exit_status(lambda: main(["table2", "--rows", "CLIP (Monaa)"])) == 2
+    assert "its rows: UNet, CLIP (LoRA)" in capsys.readouterr().err
+    (tmp_path / "data" / "BUSI").mkdir(parents=True)
+    args = ["table2", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--rows", "CLIP (Mona)", "CLIP (LoRA)", "--seeds", "1", "2"]
+    assert exit_status(lambda: main(args)) == 2
+    err = capsys.readouterr().err
+    for name in ("LN-1", "LN-2", "DDTI", "TN3K", "Prostate"):
+        assert err.count(f"{tmp_path / 'data' / name}: missing") == 1  # once, not per run
+    assert "BUSI: missing" not in err and err.count("NOT PUBLIC") == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_name_of_the_nextgen_layout():
+    class Cfg:
+        dataset, nextgen_name = "nextgen", "LN-1"
+    assert dataset_name(Cfg) == "LN-1"
+    Cfg.nextgen_name = ""
+    assert dataset_name(Cfg) == "nextgen"
+
+
+def _fake_result(folder: Path, seed: int, dice: float, epochs: int = 2):
+    folder.mkdir(parents=True)
+    res = {"task": "seg", "dataset": "phantom", "row": "CLIP (Mona)", "seeds": [seed],
+           "metrics": {"dice": {"mean": dice, "std": 0.0, "per_seed": [dice]}},
+           "n_dropped": {"dice": [0]}, "config": {"epochs": epochs, "seeds": [seed],
+                                                  "out_dir": str(folder)}}
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_tables_join_the_seeds_of_one_row_and_mark_missing_cells(tmp_path):
+    _fake_result(tmp_path / "a", 1, 0.5)
+    _fake_result(tmp_path / "b", 2, 0.7)
+    chosen, _ = collect(tmp_path)
+    m = chosen["seg", "phantom", "CLIP (Mona)"]["metrics"]["dice"]
+    assert m["per_seed"] == [0.5, 0.7] and m["mean"] == pytest.approx(0.6)
+    assert m == seed_summary([0.5, 0.7])  # as one run of the two seeds reports them
+    _fake_result(tmp_path / "c", 3, 0.9, epochs=5)  # another config: not joined, newest wins
+    chosen, notes = collect(tmp_path)
+    assert chosen["seg", "phantom", "CLIP (Mona)"]["metrics"]["dice"]["per_seed"] == [0.9]
+    assert notes
+    job = type("Job", (), {"task": "seg", "dataset": "phantom", "row": "CLIP (LoRA)"})
+    text = render_sweep(tmp_path, "table2", [job])
+    assert re.search(rf"\| CLIP \(LoRA\) \| {PENDING} \|", text) and "Table 3" not in text
+
+
+def test_a_finished_run_of_another_config_is_reported_not_overwritten(tmp_path, capsys):
+    from clip_us.reproduce.sweep import state
+    job = plan(ReproduceConfig(table="table2", datasets=["phantom"], rows=["CLIP (Mona)"],
+                               seeds=[1], epochs=3, out=str(tmp_path)))[0][0]
+    _fake_result(Path(job.out_dir), 1, 0.5, epochs=2)
+    results = Path(job.out_dir) / "results.json"
+    res = json.loads(results.read_text())  # the config the script would have saved, epochs 2
+    saved = dataclasses.asdict(parse_config(SupervisedConfig, [*job.args, "--out-dir", "x"]))
+    res["config"] = {**saved, "epochs": 2}
+    results.write_text(json.dumps(res))
+    assert state(job).startswith("conflict") and "epochs: 2 there, 3 planned" in state(job)
+    job.args[job.args.index("--epochs") + 1] = "2"
+    assert state(job) == "done"
+
+
+SMALL = ["--datasets", "phantom", "--rows", "CLIP (Mona)", "CLIP (Mona, ft.)", "--arch", "tiny",
+         "--weights", "none", "--image-size", "64", "--phantom-n", "40", "--eval-every", "1",
+         "--seeds", "1"]
+
+
+def _sweep(out, epochs, **kw):
+    cmd = [sys.executable, "-m", "clip_us.reproduce", "table2", *SMALL, "--epochs", str(epochs),
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_phantom_sweep_killed_and_started_again(tmp_path):
+    """The sweep on the phantom end to end: killed (SIGKILL to the sweep and its run, as a
+    preempted node) in the middle of the Mona row; the same command then skips the finished
+    contrastive stage, resumes the killed run, runs the rest and renders the table."""
+    out = tmp_path / "sweep"
+    proc = _sweep(out, 15, start_new_session=True)
+    mona = out / "table2" / "phantom" / "clip-mona-seed1" / "seed1" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not mona.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert mona.exists(), proc.communicate()
+    os.killpg(proc.pid, signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=60)
+    assert "[1/3] contrastive stage (Mona) · phantom ... ok" in stdout
+    assert not (mona.parent.parent / "results.json").exists()
+    proc = _sweep(out, 15)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    assert "3 runs: 1 finished before or in conflict, 1 to resume, 1 to start" in stdout
+    assert "[1/2] CLIP (Mona) · phantom · seed 1 (resumed) ... ok" in stdout
+    table = (out / "table2.md").read_text()
+    assert re.search(r"\| CLIP \(Mona\) \| \d+\.\d\d \| — \|", table)  # ours; no paper number
+    assert re.search(r"\| CLIP \(Mona, ft\.\) \| \d+\.\d\d \|", table) and PENDING not in table
+    log = (out / "logs" / "table2__phantom__clip-mona-seed1.log").read_text()
+    assert log.count("\n$ ") == 2 and "--resume" in log.split("\n$ ")[2].splitlines()[0]
