@@ -252,3 +252,24 @@ def test_phantom_sweep_killed_and_started_again(tmp_path):
     assert re.search(r"\| CLIP \(Mona, ft\.\) \| \d+\.\d\d \|", table) and PENDING not in table
     log = (out / "logs" / "table2__phantom__clip-mona-seed1.log").read_text()
     assert log.count("\n$ ") == 2 and "--resume" in log.split("\n$ ")[2].splitlines()[0]
+
+
+def test_a_failed_run_is_reported_and_the_rest_go_on(tmp_path):
+    """An empty BUSI folder fails its run (one error line, in its log); the phantom's run still
+    goes; the summary names the failure and its log; the exit status says a run failed."""
+    (tmp_path / "data" / "BUSI").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "clip_us.reproduce", "table3", "--rows", "CLIP (vanilla)",
+           "--datasets", "BUSI", "phantom", "--data-root", str(tmp_path / "data"), "--arch",
+           "tiny", "--weights", "none", "--image-size", "32", "--phantom-n", "12", "--out",
+           str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "[1/2] CLIP (vanilla) · BUSI ... FAILED (exit 2)" in done.stdout
+    assert "[2/2] CLIP (vanilla) · phantom ... ok" in done.stdout
+    log = tmp_path / "out" / "logs" / "table3__busi__zeroshot-clip-vanilla.log"
+    error = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert error and f"FAILED CLIP (vanilla) · BUSI: {error[-1]}" in done.stdout
+    assert f"log: {log}" in done.stdout and "1 ran" in done.stdout and "1 failed" in done.stdout
+    table = (tmp_path / "out" / "table3.md").read_text()
+    assert re.search(rf"\| Zero-shot \| CLIP \(vanilla\) \| {PENDING} \| 57\.50 \|", table)

@@ -87,13 +87,14 @@ def run_job(job: Job, log: Path, nproc: int, resume: bool) -> int:
 
 
 def last_line(log: Path) -> str:
-    """The last non-empty line of a log: a script's one-line error."""
+    """A failed run's reason: the script's last one-line `error:`, else its log's last line."""
     try:
-        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace")
+                 .splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1].strip()[:300] if lines else ""
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1][:300]
 
 
 # ----------------------------------------------------------------------------- the sweep
