@@ -204,6 +204,11 @@ def undocumented_options(parser: argparse.ArgumentParser) -> list[str]:
     return missing
 
 
+# settings that change where a run writes or how fast it goes, never what it computes (a rerun
+# may change them and still be the same run: clip_us.reproduce, the tables' seed joining)
+NOT_A_SETTING = ("out_dir", "resume", "device", "workers", "debug")
+
+
 # ----------------------------------------------------------------------------- errors
 # Exceptions that carry a message for the user (what to fix), not a bug in clip_us.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError,

@@ -144,7 +144,9 @@ def make_results(*, script: str, task: str, dataset: str, row: str, backbone: st
              "adapter": adapter, "seeds": seeds, "metrics": metrics, "precision": precision, **extra}
     out = {k: given.pop(k) for k in SHARED_KEYS if k in given}
     out.update(given)  # the script's own keys
-    out.update(data=data, config=dataclasses.asdict(config), version=__version__)
+    # argv: the command line as given, which clip_us.reproduce compares to tell its runs apart
+    out.update(data=data, config=dataclasses.asdict(config), argv=sys.argv[1:],
+               version=__version__)
     if random_weights:
         out["warning"] = RANDOM_WEIGHTS
     return out

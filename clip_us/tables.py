@@ -34,7 +34,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import opt, parse_config, report_errors, required
+from .config import NOT_A_SETTING, opt, parse_config, report_errors, required
 from .fileio import write_text
 from .metrics import seed_summary
 
@@ -225,7 +225,7 @@ TASKS = ("seg", "cls", "zeroshot", "align", "contrastive")  # contrastive: liste
 EVAL_ONLY = " (eval-only)"  # suffix of the row an eval-only result gets of its own
 
 
-def _canonical(name, known):
+def canonical(name, known):
     """Match a dataset key or row name to a known one, ignoring case, spaces, '-' and '_'."""
     squash = lambda s: "".join(ch for ch in str(s).lower() if ch not in " -_")  # noqa: E731
     return next((k for k in known if squash(k) == squash(name)), str(name))
@@ -246,8 +246,8 @@ def load_result(path):
     if res["task"] not in TASKS:
         raise ValueError(f"{path}: unknown task {res['task']!r}; expected one of {TASKS}")
     _check_fractions(path, res)
-    res["dataset"] = _canonical(res["dataset"], DATASETS)
-    res["row"] = _canonical(res["row"], ROWS)
+    res["dataset"] = canonical(res["dataset"], DATASETS)
+    res["row"] = canonical(res["row"], ROWS)
     return res
 
 
@@ -270,7 +270,7 @@ def _eval_only(res):
 
 # config keys in which the runs of one row's seeds differ (python -m clip_us.reproduce runs each
 # seed in its own folder; an --eval-only result's checkpoint is its seed's)
-SEED_FREE = ("seeds", "out_dir", "resume", "device", "workers", "debug", "checkpoint")
+SEED_FREE = (*NOT_A_SETTING, "seeds", "checkpoint")
 
 
 def _config_but_seed(res) -> dict:
@@ -280,6 +280,8 @@ def _config_but_seed(res) -> dict:
 def _joinable(group) -> bool:
     """Several runs of one row that differ only in their seeds, each metric kept per seed."""
     seeds = [s for r in group for s in r.get("seeds") or []]
+    if not all(r.get("seeds") for r in group):  # zero-shot has none: nothing to join
+        return False
     same = all(_config_but_seed(r) == _config_but_seed(group[0]) for r in group)
     per_seed = all("per_seed" in m for r in group for m in r["metrics"].values())
     keys = {frozenset(r["metrics"]) for r in group}
@@ -331,9 +333,9 @@ def _place_eval_only(res, trained):
     when a trained run holds its row; returns the note to show beside it."""
     ds = DATASETS.get(res["dataset"], res["dataset"])
     known = res.get("trained_on")
-    on_own_data = _canonical(known, DATASETS) == res["dataset"] if known else _key(res) in trained
+    on_own_data = canonical(known, DATASETS) == res["dataset"] if known else _key(res) in trained
     if not on_own_data and _key(res) not in trained:
-        origin = f"trained on {DATASETS.get(_canonical(known, DATASETS), known)}" if known else \
+        origin = f"trained on {DATASETS.get(canonical(known, DATASETS), known)}" if known else \
             "its training data not recorded"
         return f"`{res['_path']}`: an --eval-only result on every image of {ds} ({origin})."
     why = (f"on {ds}, the data its checkpoint was trained on, so its test set holds the training "
@@ -561,19 +563,17 @@ SWEEP_TASKS = {"table2": ("seg",), "table3": ("cls", "zeroshot"), "echocare": ("
 
 def render_sweep(runs_dir, table: str, jobs) -> str:
     """The table a sweep (python -m clip_us.reproduce) renders: the results under runs_dir
-    beside the paper's, and PENDING for each planned run of a seg/cls/zero-shot row without
-    a results.json yet. `jobs`: the plan's jobs (task, dataset, row)."""
+    beside the paper's, and PENDING in each cell a planned run fills that has no results.json
+    yet. `jobs`: the plan's jobs; each names its cells, (task, dataset, row)."""
     try:
         chosen, notes = collect(runs_dir)
     except FileNotFoundError:  # nothing finished yet
         chosen, notes = {}, []
     tasks = SWEEP_TASKS[table]
     chosen = {k: r for k, r in chosen.items() if k[0] in tasks}
-    for job in jobs:
-        if job.task in tasks and job.task != "align":
-            key = (job.task, _canonical(job.dataset, DATASETS), _canonical(job.row, ROWS))
-            chosen.setdefault(key, {"_pending": True, "metrics": {},
-                                    "_path": "planned, no results.json yet"})
+    for key in (k for job in jobs for k in job.cells if k[0] in tasks):
+        chosen.setdefault(key, {"_pending": True, "metrics": {},
+                                "_path": "planned, no results.json yet"})
     return render(chosen, [(k, t) for k, t in notes if k in chosen], sections=(table,))
 
 
@@ -600,6 +600,8 @@ ECHOCARE_KEYS = ("paired", "cross", "gap", "zs_acc", "probe_acc", "probe_auroc")
 
 def _fmt_ci(res, key):
     """'mean [low, high]' with the bootstrap CI when there is one, 3 decimals, as the paper."""
+    if res.get("_pending"):
+        return PENDING
     m = res["metrics"].get(key)
     if m is None or m.get("mean") is None:
         return MISSING

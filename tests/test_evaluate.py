@@ -513,6 +513,6 @@ def test_make_results_puts_the_shared_keys_first_in_one_order():
                   seeds=[1], metrics={}, precision="fp32", data={"kept": 3}, config=cfg)
     res = make_results(**common, own=1, n_test=5, init=None)
     assert list(res) == ["script", "task", "dataset", "row", "backbone", "adapter", "init", "seeds", "metrics",
-                         "n_test", "precision", "own", "data", "config", "version"]
+                         "n_test", "precision", "own", "data", "config", "argv", "version"]
     assert res["config"]["seed"] == 42 and res["version"] == __version__ and "warning" not in res
     assert make_results(**common, random_weights=True)["warning"] == RANDOM_WEIGHTS

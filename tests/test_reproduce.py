@@ -97,7 +97,15 @@ def test_table3_and_echocare_plans(data_tree, capsys, monkeypatch):
     lines = dry_run(capsys, "echocare", "--data-root", data_tree)
     trains = [line for line in lines if "train_contrastive.py" in line]
     assert len(trains) == 4 and all("--model echocare" in line for line in trains)
-    assert len([line for line in lines if "evaluate.py" in line]) == 6  # 2 baselines + 4 trained
+    # one evaluation of every model on the held-out BUSI captions: one split, one test set
+    evaluate = shlex.split(lines[-1])
+    assert len(lines) == 5 and evaluate[1] == "evaluate.py"
+    assert evaluate[evaluate.index("--manifest") + 1].endswith("echocare/busi.csv")
+    assert evaluate.count("--checkpoint") == 4 and evaluate.count("--weights") == 2
+    assert evaluate.count("--name") == 6
+    jobs = plan(ReproduceConfig(table="echocare", data_root=str(data_tree)))[0]
+    assert jobs[-1].needs == [j.key for j in jobs[:4]]
+    assert jobs[-1].results[0].endswith("evaluate-seed42/echocare-clip-clip-text-heads/results.json")
 
 
 def test_ln2_is_evaluated_with_ln1s_checkpoints(data_tree):
@@ -194,7 +202,7 @@ def test_tables_join_the_seeds_of_one_row_and_mark_missing_cells(tmp_path):
     chosen, notes = collect(tmp_path)
     assert chosen["seg", "phantom", "CLIP (Mona)"]["metrics"]["dice"]["per_seed"] == [0.9]
     assert notes
-    job = type("Job", (), {"task": "seg", "dataset": "phantom", "row": "CLIP (LoRA)"})
+    job = type("Job", (), {"cells": [("seg", "phantom", "CLIP (LoRA)")]})
     text = render_sweep(tmp_path, "table2", [job])
     assert re.search(rf"\| CLIP \(LoRA\) \| {PENDING} \|", text) and "Table 3" not in text
 
@@ -273,3 +281,67 @@ def test_a_failed_run_is_reported_and_the_rest_go_on(tmp_path):
     assert f"log: {log}" in done.stdout and "1 ran" in done.stdout and "1 failed" in done.stdout
     table = (tmp_path / "out" / "table3.md").read_text()
     assert re.search(rf"\| Zero-shot \| CLIP \(vanilla\) \| {PENDING} \| 57\.50 \|", table)
+
+
+def test_slurm_file_submits_stages_in_order_and_skips_finished_runs(tmp_path, monkeypatch):
+    """The emitted file run by bash: submitting calls sbatch once per stage, each later one
+    waiting for the one before; a task whose results exist says so and runs nothing."""
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "e.sh"
+    main(["echocare", "--data-root", str(tmp_path / "d"), "--emit", "slurm", str(script)])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" >> sbatch.calls\necho 10$RANDOM\n')
+    (fake / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    first, second = (tmp_path / "sbatch.calls").read_text().splitlines()
+    assert first.startswith("--parsable --array=0-3 ") and "--dependency" not in first
+    assert re.match(r"--parsable --array=4 --dependency=afterok:10\d+ ", second)
+    assert (tmp_path / "runs" / "reproduce" / "logs").is_dir()
+    job = plan(ReproduceConfig(table="echocare", data_root=str(tmp_path / "d")))[0][0]
+    Path(job.results[0]).parent.mkdir(parents=True)
+    Path(job.results[0]).write_text("{}")
+    done = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "0"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and f"finished before: {job.out_dir}" in done.stdout
+
+
+def test_ln2_alone_needs_ln1s_checkpoints_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "data" / "LN-2").mkdir(parents=True)
+    args = ["table2", "--data-root", str(tmp_path / "data"), "--datasets", "LN-2", "--rows",
+            "UNet", "--seeds", "1", "--out", str(tmp_path / "out")]
+    assert exit_status(lambda: main(args)) == 2
+    err = capsys.readouterr().err
+    assert "ln-1/unet-seed1/seed1/best.pt: missing; UNet on LN-2 evaluates it" in err
+    assert exit_status(lambda: main([*args, "--dry-run", "--emit", "slurm", "x.sh"])) == 2
+
+
+def test_a_smoke_run_is_not_taken_for_the_full_run(tmp_path):
+    """results.json records the command line: a finished --arch tiny run in the folder of a
+    full run is a conflict, not a finished full run (its config alone cannot say which flags
+    were left at their defaults)."""
+    from clip_us.reproduce.sweep import state
+    full = ReproduceConfig(table="table2", datasets=["phantom"], rows=["CLIP (Mona)"], seeds=[1],
+                           out=str(tmp_path))
+    smoke = dataclasses.replace(full, arch="tiny", weights="none", epochs=2)
+    job, small = plan(full)[0][0], plan(smoke)[0][0]
+    _fake_result(Path(job.out_dir), 1, 0.5)
+    results = Path(job.out_dir) / "results.json"
+    res = json.loads(results.read_text())
+    results.write_text(json.dumps({**res, "argv": [*small.args, "--out-dir", small.out_dir]}))
+    assert "arch: 'tiny' there, 'the default' planned" in state(job)
+    assert state(small) == "done"
+
+
+def test_zero_shot_results_are_not_joined(tmp_path):
+    """Zero-shot runs have no seeds: two of one row are the newest, never a crash."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"task": "zeroshot", "dataset": "busi", "row": "CLIP (vanilla)", "seeds": [],
+             "metrics": {"acc": {"mean": 0.5, "std": 0.0, "per_seed": [0.5]}}, "config": {}}))
+    chosen, notes = collect(tmp_path)
+    assert chosen["zeroshot", "busi", "CLIP (vanilla)"]["seeds"] == [] and notes

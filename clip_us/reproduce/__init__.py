@@ -18,6 +18,9 @@ from pathlib import Path
 
 from ..config import opt, required
 from ..runs import slug
+from ..tables import DATASETS as TABLE_DATASETS
+from ..tables import ROWS as TABLE_ROWS
+from ..tables import canonical
 
 TABLES = ("table2", "table3", "echocare")
 
@@ -56,7 +59,10 @@ EXTERNAL = {"LN-2": "LN-1"}  # evaluated with the checkpoints trained on the oth
 # The contrastive stage's captions under --data-root (the NextGen-UIA release's file names),
 # merged in this order as the official code merges them; EchoCare-CLIP's manifests.
 CAPTIONS = {"MedPix": "medpix/medpix_dataset.csv", "PMC-CURD": "pmc_curd/pmc_curd_dataset.csv"}
-ECHOCARE_CAPTIONS = {"template": "echocare/captions.csv", "llm": "echocare/captions_llm.csv"}
+# EchoCare-CLIP: the training captions (template, LLM-refined) and the held-out BUSI captions the
+# evaluation scores (the authors' held-out table: BUSI never trained on)
+ECHOCARE_CAPTIONS = {"template": "echocare/captions.csv", "llm": "echocare/captions_llm.csv",
+                     "busi": "echocare/busi.csv"}
 CAPTION_SOURCE = ("the NextGen-UIA release's caption sets (docs/contrastive.md), or a manifest "
                   "written by python -m clip_us.captions")
 ECHOCARE_SOURCE = ("EchoCare-CLIP's image-caption manifest (image_path,text_caption,label with a "
@@ -187,6 +193,7 @@ class ReproduceConfig:
 
 # ----------------------------------------------------------------------------- the plan
 SCRIPTS_DIR = Path(__file__).resolve().parents[2]  # train_seg.py & co. sit beside clip_us/
+SINGLE_PROCESS = ("zeroshot.py", "evaluate.py")  # no DDP: never under torchrun
 
 
 def script_path(script: str) -> str:
@@ -198,7 +205,8 @@ def script_path(script: str) -> str:
 
 @dataclass
 class Job:
-    """One run of the plan: one script, one row, one data set, one seed."""
+    """One run of the plan: one script, one row (or, for evaluate.py, the rows it scores), one
+    data set, one seed."""
     key: str                 # its run folder under --out, unique in the plan
     row: str
     dataset: str             # the data set's folder name (DATA)
@@ -206,12 +214,17 @@ class Job:
     script: str
     args: list
     out_dir: str
-    task: str = ""           # the tables' task of its results ("" = not a table row)
     needs: list = field(default_factory=list)  # keys of the jobs that must finish first
+    cells: list = field(default_factory=list)  # the tables' (task, dataset, row) it fills
+    results: list = field(default_factory=list)  # its results.json files ([] = out_dir's one)
+
+    def __post_init__(self):
+        self.results = self.results or [str(Path(self.out_dir) / "results.json")]
 
     def argv(self, nproc: int = 0, python: str = "python") -> list[str]:
-        """The command; torchrun with --nproc-per-node N (evaluate.py runs in one process)."""
-        if nproc and self.script != "evaluate.py":
+        """The command; torchrun with --nproc-per-node N (zero-shot and evaluate.py: one
+        process, they have no DDP)."""
+        if nproc and self.script not in SINGLE_PROCESS:
             launch = ["torchrun", "--standalone", "--nproc-per-node", str(nproc)]
         else:
             launch = [python]
@@ -222,17 +235,15 @@ class Job:
 
 
 def _pick(given: list, known: list, what: str, table: str, default=None) -> list:
-    """The named items of `known` (matched ignoring case, spaces, '-', '_' and ','), in the
-    table's order; `default` (all of them) when none is named. An unknown name is an error
+    """The named items of `known` (matched as the tables match names: tables.canonical), in
+    the table's order; `default` (all of them) when none is named. An unknown name is an error
     listing them."""
-    squash = lambda s: "".join(ch for ch in s.lower() if ch not in " -_,")  # noqa: E731
-    index = {squash(k): k for k in known}
-    bad = [g for g in given if squash(g) not in index]
+    chosen = {canonical(g, known) for g in given}
+    bad = [g for g in given if canonical(g, known) not in known]
     if bad:
         raise ValueError(f"{table} has no {what} {', '.join(map(repr, bad))}; its {what}s: "
                          f"{', '.join(known)}")
-    chosen = {index[squash(g)] for g in given} or set(default or known)
-    return [k for k in known if k in chosen]
+    return [k for k in known if k in (chosen or set(default or known))]
 
 
 def _flags(**given) -> list[str]:
@@ -250,7 +261,7 @@ def _model_flags(cfg, row: Row) -> list[str] | None:
     if row.clip:
         return _flags(arch=cfg.arch, weights=cfg.weights, image_size=cfg.image_size)
     if cfg.weights != "none" or "unet" in row.flags:  # UNet has no pretrained weights
-        return []
+        return [] if row.task != "align" or row.train else list(row.flags)
     if row.task == "align" and row.train:
         return ["--weights", "none"]  # EchoCare-CLIP's encoders, random
     if row.task == "align":  # the authors' baselines: a random CLIP of that shape, or nothing
@@ -259,10 +270,13 @@ def _model_flags(cfg, row: Row) -> list[str] | None:
     return ["--weights", "none"] + (["--clipseg-weights", "none"] if "clipseg" in row.flags else [])
 
 
+def _phantom(cfg, dataset: str) -> list[str]:
+    return _flags(phantom_n=cfg.phantom_n) if dataset == "phantom" else []
+
+
 def _data_flags(cfg, dataset: str) -> list[str]:
-    d = DATA[dataset]
     root = [] if dataset == "phantom" else ["--data-root", str(Path(cfg.data_root) / dataset)]
-    return [*d.flags, *root, *(_flags(phantom_n=cfg.phantom_n) if dataset == "phantom" else [])]
+    return [*DATA[dataset].flags, *root, *_phantom(cfg, dataset)]
 
 
 def _run_flags(cfg) -> list[str]:
@@ -278,6 +292,13 @@ def _out(cfg, key: str) -> str:
     return str(Path(cfg.out) / key)
 
 
+def _init(cfg, row: Row) -> tuple[list[str], list[str]]:
+    """An ft. row's --init (its contrastive stage's best.pt) and the job it needs."""
+    if not row.init:
+        return [], []
+    return ["--init", str(Path(_out(cfg, f"ft/{row.init}")) / "best.pt")], [f"ft/{row.init}"]
+
+
 def _stage_job(cfg, kind: str, phantom_only: bool) -> Job:
     """The contrastive stage whose best.pt the ft. rows of this adapter start from: MedPix and
     PMC-CURD merged, as the official code trains (the phantom's captions for a phantom sweep)."""
@@ -286,7 +307,7 @@ def _stage_job(cfg, kind: str, phantom_only: bool) -> Job:
     stage = Row("", "", STAGES[kind], "train_contrastive.py")
     args = [*manifests, "--adapter", kind, *_model_flags(cfg, stage),
             *_train_flags(cfg, "train_contrastive.py"),
-            *(_flags(phantom_n=cfg.phantom_n) if phantom_only else []), *_run_flags(cfg)]
+            *_phantom(cfg, "phantom" if phantom_only else ""), *_run_flags(cfg)]
     key = f"ft/{kind}"
     return Job(key, STAGES[kind], "MedPix + PMC-CURD" if manifests else "phantom", None,
                "train_contrastive.py", args, _out(cfg, key))
@@ -297,116 +318,150 @@ def _key(row: Row, dataset: str, seed: int | None) -> str:
     return f"{row.table}/{slug(dataset)}/{slug(row.name)}{tail}"
 
 
+def _cell(row: Row, dataset: str) -> tuple:
+    return row.task, canonical(dataset, TABLE_DATASETS), canonical(row.name, TABLE_ROWS)
+
+
 def _supervised_job(cfg, row: Row, dataset: str, seed: int, model: list) -> Job:
     """A train_seg.py / train_cls.py run of one seed; an ft. row starts from its stage."""
-    init = ["--init", str(Path(_out(cfg, f"ft/{row.init}")) / "best.pt")] if row.init else []
+    init, needs = _init(cfg, row)
     args = [*_data_flags(cfg, dataset), *row.flags, *init, *model,
             *_train_flags(cfg, row.script), "--seeds", str(seed), *_run_flags(cfg)]
     key = _key(row, dataset, seed)
-    return Job(key, row.name, dataset, seed, row.script, args, _out(cfg, key), row.task,
-               [f"ft/{row.init}"] if row.init else [])
+    return Job(key, row.name, dataset, seed, row.script, args, _out(cfg, key), needs,
+               [_cell(row, dataset)])
 
 
-def _external_job(cfg, row: Row, dataset: str, trained: Job) -> Job:
+def _external_job(cfg, row: Row, dataset: str, trained: Job, keys: set) -> Job:
     """LN-2: the paper's external test set, scored by LN-1's checkpoint of the same row and seed
-    (--eval-only: the model and its settings come from the checkpoint)."""
+    (--eval-only: the model and its settings come from the checkpoint). It needs that run when
+    the plan has it, else a checkpoint of an earlier sweep."""
     ckpt = Path(trained.out_dir) / f"seed{trained.seed}" / "best.pt"
     args = ["--eval-only", "--checkpoint", str(ckpt), *_data_flags(cfg, dataset), *_run_flags(cfg)]
     key = _key(row, dataset, trained.seed)
-    return Job(key, row.name, dataset, trained.seed, row.script, args, _out(cfg, key), row.task,
-               [trained.key])
+    return Job(key, row.name, dataset, trained.seed, row.script, args, _out(cfg, key),
+               [trained.key] if trained.key in keys else [], [_cell(row, dataset)])
 
 
 def _zeroshot_job(cfg, row: Row, dataset: str, model: list) -> Job:
     """Zero-shot trains nothing: one run per row and data set, whatever the seeds."""
-    init = ["--init", str(Path(_out(cfg, f"ft/{row.init}")) / "best.pt")] if row.init else []
+    init, needs = _init(cfg, row)
     args = [*_data_flags(cfg, dataset), *row.flags, *init, *model, *_run_flags(cfg)]
     key = _key(Row(row.table, row.task, f"zeroshot {row.name}", ""), dataset, None)
-    return Job(key, row.name, dataset, None, row.script, args, _out(cfg, key), row.task,
-               [f"ft/{row.init}"] if row.init else [])
+    return Job(key, row.name, dataset, None, row.script, args, _out(cfg, key), needs,
+               [_cell(row, dataset)])
 
 
-def _echocare_jobs(cfg, row: Row, dataset: str, seed: int, model: list) -> list[Job]:
-    """An EchoCare-CLIP row: its dual encoder's training (when it has one), then evaluate.py's
-    protocol on the held-out test images, one seed each (the authors': 42)."""
-    def manifest(kind):
-        return [] if dataset == "phantom" else ["--manifest", str(Path(cfg.data_root) /
-                                                                 ECHOCARE_CAPTIONS[kind])]
-    seed_flag, key = ["--seed", str(seed)], _key(row, dataset, seed)
-    jobs, models = [], ([] if row.train else list(model or row.flags))
-    if row.train:
-        flags, captions = row.train
-        train_key = f"echocare/{slug(dataset)}/train-{slug(row.name)}-seed{seed}"
-        jobs.append(Job(train_key, row.name, dataset, seed, "train_contrastive.py",
-                        ["--model", "echocare", *manifest(captions), *flags, *model,
-                         *_train_flags(cfg, "train_contrastive.py"),
-                         *(_flags(phantom_n=cfg.phantom_n) if dataset == "phantom" else []),
-                         *seed_flag, *_run_flags(cfg)], _out(cfg, train_key)))
-        models = ["--checkpoint", str(Path(jobs[0].out_dir) / "best.pt")]
-    args = [*manifest("template"), *models, "--name", row.name, *seed_flag, *_run_flags(cfg)]
-    return jobs + [Job(key, row.name, dataset, seed, "evaluate.py", args, _out(cfg, key),
-                       row.task, [j.key for j in jobs])]
+def _manifest(cfg, dataset: str, kind: str) -> list[str]:
+    """EchoCare-CLIP's manifest of this kind under --data-root (the phantom's: the default)."""
+    return [] if dataset == "phantom" else ["--manifest", str(Path(cfg.data_root) /
+                                                              ECHOCARE_CAPTIONS[kind])]
+
+
+def _echocare_train(cfg, row: Row, dataset: str, seed: int, model: list) -> Job:
+    """EchoCare-CLIP's dual encoder trained as one published row (the authors' recipe: the
+    script's defaults with --model echocare), held-out sets kept out."""
+    flags, captions = row.train
+    key = f"echocare/{slug(dataset)}/train-{slug(row.name)}-seed{seed}"
+    args = ["--model", "echocare", *_manifest(cfg, dataset, captions), *flags, *model,
+            *_train_flags(cfg, "train_contrastive.py"), *_phantom(cfg, dataset),
+            "--seed", str(seed), *_run_flags(cfg)]
+    return Job(key, row.name, dataset, seed, "train_contrastive.py", args, _out(cfg, key))
+
+
+def _echocare_eval(cfg, rows: list, dataset: str, seed: int, trained: list) -> Job:
+    """One evaluate.py run of every chosen model on the held-out BUSI captions, so that all
+    rows share one split and one test set (the authors' held-out table: 117 BUSI images)."""
+    models, names = [], [r.name for r in rows if r.train] + [r.name for r in rows if not r.train]
+    models += [a for j in trained for a in ("--checkpoint", str(Path(j.out_dir) / "best.pt"))]
+    models += [a for r in rows if not r.train for a in _model_flags(cfg, r)]
+    key = f"echocare/{slug(dataset)}/evaluate-seed{seed}"
+    out = _out(cfg, key)
+    args = [*_manifest(cfg, dataset, "busi"), *models, *[a for n in names for a in ("--name", n)],
+            "--seed", str(seed), *_run_flags(cfg)]
+    cells = [("align", "busi", n) for n in names] if dataset != "phantom" else []
+    return Job(key, "EchoCare-CLIP evaluation", dataset, seed, "evaluate.py", args, out,
+               [j.key for j in trained], cells, [str(Path(out) / slug(n) / "results.json")
+                                                  for n in names])
+
+
+def _echocare_jobs(cfg, rows: list, dataset: str, seeds: list) -> list[Job]:
+    """Per seed: each trained row's training, then one evaluation of every row."""
+    jobs = []
+    for seed in seeds:
+        trained = [_echocare_train(cfg, r, dataset, seed, _model_flags(cfg, r))
+                   for r in rows if r.train]
+        jobs += trained + [_echocare_eval(cfg, rows, dataset, seed, trained)]
+    return jobs
 
 
 def _row_jobs(cfg, row: Row, dataset: str, seeds: list, model: list, keys: set) -> list[Job]:
-    """Every run of one row on one data set."""
+    """Every run of one row of Table 2 or 3 on one data set."""
     if row.task == "zeroshot":
         return [_zeroshot_job(cfg, row, dataset, model)]
-    if row.task == "align":
-        return [j for s in seeds for j in _echocare_jobs(cfg, row, dataset, s, model)]
     if dataset in EXTERNAL:
-        out = []
-        for s in seeds:
-            job = _external_job(cfg, row, dataset,
-                                _supervised_job(cfg, row, EXTERNAL[dataset], s, model))
-            job.needs = [k for k in job.needs if k in keys]  # else: a checkpoint of an earlier sweep
-            out.append(job)
-        return out
+        return [_external_job(cfg, row, dataset, _supervised_job(cfg, row, EXTERNAL[dataset], s,
+                                                                 model), keys) for s in seeds]
     return [_supervised_job(cfg, row, dataset, s, model) for s in seeds]
 
 
 FULL_SIZE = {"UNet": "", "ResNet18": "", "CLIPSeg": "ViT-B/16 and its decoder",
              "BiomedCLIP": "ViT-B/16", "UniMedCLIP": "ViT-B/16", "MetaCLIP": "ViT-B/16",
-             "DINOv2": "ViT-B/14 at 518 px"}
+             "DINOv2": "ViT-B/14 at 518 px", "OpenAI CLIP (ViT-B/32)": "ViT-B/32"}
 
 
 def _notes(cfg, rows: list[Row], datasets: list) -> list[str]:
-    """What a reader of the plan should know: which rows keep their full-size models, where
-    LN-2's numbers come from."""
-    notes = []
-    kept = {r.name: FULL_SIZE[r.name] for r in rows if r.name in FULL_SIZE}
+    """What a reader of the plan should know: which rows keep their full-size models, what
+    reaches no EchoCare-CLIP row, where LN-2's numbers come from."""
+    notes, kept = [], {r.name: FULL_SIZE[r.name] for r in rows if r.name in FULL_SIZE}
     if (cfg.arch or cfg.image_size) and kept:
         notes.append("--arch/--image-size reach the CLIP rows only; full size here: " +
                      ", ".join(f"{k} ({v})" if v else k for k, v in kept.items()))
-    if cfg.arch and any(r.train for r in rows):
-        notes.append("--arch reaches no EchoCare-CLIP row: its Swin and text encoders keep their "
-                     "sizes")
+    if any(r.task == "align" for r in rows):
+        if cfg.arch or cfg.image_size or cfg.weights not in ("", "none"):
+            notes.append("--arch, --image-size and --weights (but none) reach no EchoCare-CLIP "
+                         "row: its Swin, text encoders and baselines keep their own")
+        if "phantom" in datasets:
+            notes.append("evaluate.py scores its own default phantom captions, not the "
+                         "--phantom-n phantom the dual encoders trained on")
+    if cfg.eval_every and any(r.script != "evaluate.py" and r.init for r in rows):
+        notes.append("--eval-every reaches train_seg.py/train_cls.py only; the contrastive "
+                     "stage validates every epoch")
     if "LN-2" in datasets and any(r.task in ("seg", "cls") for r in rows):
         notes.append("LN-2 is the external test set: its seg/cls runs are --eval-only runs of "
                      "LN-1's checkpoints (run LN-1 first, or in the same sweep)")
     return notes
 
 
-def plan(cfg) -> tuple[list[Job], list[str]]:
-    """Every run `cfg.table` needs, each after the runs it needs, and the notes on the plan."""
+def _chosen(cfg) -> tuple[list[Row], list[str], list[int]]:
+    """The rows, data sets and seeds the command line picks."""
     if cfg.table not in TABLES:
         raise ValueError(f"no table {cfg.table!r}; choose one of {', '.join(TABLES)}")
-    all_rows = table_rows(cfg.table)
-    names = _pick(cfg.rows, list(dict.fromkeys(r.name for r in all_rows)), "row", cfg.table)
+    rows = table_rows(cfg.table)
+    names = _pick(cfg.rows, list(dict.fromkeys(r.name for r in rows)), "row", cfg.table)
     sets = _pick(cfg.datasets, table_datasets(cfg.table) + ["phantom"], "data set", cfg.table,
                  default=table_datasets(cfg.table))
     seeds = cfg.seeds or ([42] if cfg.table == "echocare" else [1, 2, 3])
-    rows = [r for r in all_rows if r.name in names]
+    return [r for r in rows if r.name in names], sets, seeds
+
+
+def plan(cfg) -> tuple[list[Job], list[str]]:
+    """Every run `cfg.table` needs, each after the runs it needs, and the notes on the plan."""
+    rows, sets, seeds = _chosen(cfg)
+    left_out = [r for r in rows if _model_flags(cfg, r) is None]
+    rows = [r for r in rows if r not in left_out]
+    notes = _notes(cfg, rows, sets) + [f"{r.name} has no random-weights form: left out with "
+                                       "--weights none" for r in left_out]
     jobs = [_stage_job(cfg, k, sets == ["phantom"]) for k in dict.fromkeys(r.init for r in rows
                                                                          if r.init)]
-    notes = _notes(cfg, rows, sets)
     for dataset in sets:
-        for row in (r for r in rows if dataset in r.datasets or dataset == "phantom"):
-            model = _model_flags(cfg, row)
-            if model is None:
-                notes.append(f"{row.name} has no random-weights form: left out with --weights none")
-                continue
-            jobs += _row_jobs(cfg, row, dataset, seeds, model, {j.key for j in jobs})
+        here = [r for r in rows if dataset in r.datasets or dataset == "phantom"]
+        if cfg.table == "echocare":
+            jobs += _echocare_jobs(cfg, here, dataset, seeds) if here else []
+            continue
+        for row in here:
+            jobs += _row_jobs(cfg, row, dataset, seeds, _model_flags(cfg, row),
+                              {j.key for j in jobs})
     return jobs, notes
 
 
@@ -418,7 +473,7 @@ def _shown(job: Job) -> bool:
     """The jobs the docs show: each row on BUSI (EchoCare-CLIP's on its manifest), the
     contrastive stage, and LN-2's evaluation of one row."""
     return job.dataset in ("BUSI", "EchoCare") or job.key.startswith("ft/") or \
-        (job.dataset == "LN-2" and job.row == "CLIP (Mona)" and job.task in ("seg", "cls"))
+        (job.dataset == "LN-2" and job.row == "CLIP (Mona)" and job.script != "zeroshot.py")
 
 
 def rows_markdown() -> str:

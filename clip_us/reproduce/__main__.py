@@ -30,16 +30,23 @@ def _source(path: Path) -> str:
     return ECHOCARE_SOURCE if path.parent.name == "echocare" else CAPTION_SOURCE
 
 
+def _made_here(path: str, jobs) -> bool:
+    return any(Path(path).is_relative_to(job.out_dir) for job in jobs)
+
+
 def missing_data(jobs) -> list[str]:
     """Each --data-root folder and --manifest file the plan reads that is not there, once, with
-    where to get it."""
-    wanted = {}
+    where to get it; and each --checkpoint no planned run makes (LN-2's, of an earlier sweep)."""
+    wanted, lines = {}, []
     for job in jobs:
         for flag, value in zip(job.args, job.args[1:]):
             if flag in ("--data-root", "--manifest"):
                 wanted[Path(value)] = flag == "--data-root"
+            if flag == "--checkpoint" and not _made_here(value, jobs) and not Path(value).is_file():
+                lines.append(f"  {value}: missing; {job.row} on {job.dataset} evaluates it: run "
+                             f"its training data set in this sweep too")
     return [f"  {p}: missing; {_source(p)}" for p, folder in wanted.items()
-            if not (p.is_dir() if folder else p.is_file())]
+            if not (p.is_dir() if folder else p.is_file())] + lines
 
 
 def emit(cfg, jobs) -> None:
@@ -57,6 +64,8 @@ def main(argv=None) -> None:
     cfg = parse_config(ReproduceConfig, argv, description=ReproduceConfig.__doc__,
                        prog="python -m clip_us.reproduce")
     report_errors(cfg.debug)  # a bad --rows or --datasets: one line, exit status 2
+    if cfg.dry_run and cfg.emit:
+        raise ValueError("--dry-run prints the plan and --emit writes it: give one of them")
     jobs, notes = plan(cfg)
     if cfg.dry_run:  # commands on stdout, notes on stderr: stdout alone is a shell script
         print("\n".join(f"# {n}" for n in notes), file=sys.stderr)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import (
+    NOT_A_SETTING,
     ClsConfig,
     ContrastiveConfig,
     EvaluateConfig,
@@ -28,36 +29,49 @@ CONFIGS = {"train_seg.py": SupervisedConfig, "train_cls.py": ClsConfig,
            "zeroshot.py": ZeroShotConfig, "train_contrastive.py": ContrastiveConfig,
            "evaluate.py": EvaluateConfig}
 RESUMABLE = ("train_seg.py", "train_cls.py", "train_contrastive.py")
-# settings a rerun may change without making it another run
-NOT_COMPARED = {"out_dir", "resume", "device", "workers", "debug"}
 
 
 # ----------------------------------------------------------------------------- a run's state
+def _settings(cls, argv: list) -> dict:
+    """The settings a command line gives, as the script parses them (NOT_A_SETTING left out)."""
+    cfg = parse_config(cls, argv)
+    return {k: getattr(cfg, k) for k in sorted(given_fields(cls, argv) - set(NOT_A_SETTING))}
+
+
 def config_differences(job: Job, saved: dict) -> list[str]:
-    """The settings the plan gives this run that its finished run's config.json records
-    otherwise: the script's own parse of the command, flag by flag."""
-    argv = [*job.args, "--out-dir", job.out_dir]
+    """How the finished run's results.json (`saved`) differs from the planned run: the two
+    command lines (its `argv`) parsed by the script's config and compared setting by setting;
+    for a results.json without `argv`, the planned settings against its config."""
     cls = CONFIGS[job.script]
-    planned = parse_config(cls, argv)
-    given = sorted(given_fields(cls, argv) - NOT_COMPARED)
-    return [f"{name}: {saved.get(name)!r} there, {getattr(planned, name)!r} planned"
-            for name in given if saved.get(name) != getattr(planned, name)]
+    planned = _settings(cls, [*job.args, "--out-dir", job.out_dir])
+    if "argv" in saved:
+        there = _settings(cls, saved["argv"])
+    else:
+        there = {k: (saved.get("config") or {}).get(k) for k in planned}
+    return [f"{k}: {there.get(k, 'its default')!r} there, {planned.get(k, 'the default')!r} "
+            f"planned" for k in sorted(set(planned) | set(there)) if there.get(k) != planned.get(k)]
+
+
+def _finished(path: Path, job: Job) -> str:
+    """'done', or 'conflict: ...' for one results.json of the job."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"conflict: {path} cannot be read ({e}); move its folder away"
+    diff = config_differences(job, saved)
+    return "done" if not diff else (f"conflict: {path.parent} holds a finished run of another "
+                                    f"config ({'; '.join(diff)}); pass another --out")
 
 
 def state(job: Job) -> str:
-    """done (results.json for this config), resume (a killed run: last.pt, no results.json),
-    new, or 'conflict: ...' (a finished run of another config in this run's folder)."""
-    out = Path(job.out_dir)
-    results = out / "results.json"
-    if results.is_file():
-        try:
-            saved = json.loads(results.read_text()).get("config") or {}
-        except (OSError, ValueError) as e:
-            return f"conflict: {results} cannot be read ({e}); move the folder away"
-        diff = config_differences(job, saved)
-        return "done" if not diff else (f"conflict: {out} holds a finished run of another "
-                                         f"config ({'; '.join(diff)}); pass another --out")
-    if job.script in RESUMABLE and last_checkpoints(out):
+    """done (every results.json of the job, for this config), resume (a killed run: last.pt, no
+    results.json), new, or 'conflict: ...' (a finished run of another config in its folder)."""
+    found = [Path(p) for p in job.results if Path(p).is_file()]
+    if found:
+        verdicts = [_finished(p, job) for p in found]
+        bad = [v for v in verdicts if v != "done"]
+        return bad[0] if bad else ("done" if len(found) == len(job.results) else "new")
+    if job.script in RESUMABLE and last_checkpoints(Path(job.out_dir)):
         return "resume"
     return "new"
 
@@ -158,7 +172,7 @@ class Sweep:
         code = run_job(job, self.log_of(job), self.nproc, resume)
         took = time.perf_counter() - t0
         self.seconds.setdefault(job.script, []).append(took)
-        ok = code == 0 and (Path(job.out_dir) / "results.json").is_file()
+        ok = code == 0 and all(Path(p).is_file() for p in job.results)
         self.outcome[job.key] = "ok" if ok else "failed"
         status = "ok" if ok else f"FAILED (exit {code})"
         print(f" {status} in {_minutes(took)} · sweep {_minutes(time.perf_counter() - self.started)}"
