@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+import torch
+
 from .adapters import checkpoint_identity, describe, load_adapter
 from .config import opt, parse_config, report_errors, required
 from .fileio import load_checkpoint, save_checkpoint, write_json
@@ -98,11 +100,22 @@ def init_file(ckpt: dict, path) -> str:
     return init
 
 
+def mapped_checkpoint(path) -> dict:
+    """The checkpoint with its tensors memory-mapped, not read: fine_tuned_clip needs only its
+    record and config, and load_adapter, which takes a path (not this dict), reads the tensors,
+    so they are read once. A file torch cannot map (a legacy pickle) or not load at all is read
+    by load_checkpoint, whose errors say what is wrong."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- load_checkpoint reads it again and names the problem
+        return load_checkpoint(path)
+
+
 def fine_tuned_clip(path, weights: str = "") -> tuple[CLIP, dict]:
     """(the fine-tuned CLIP with LoRA merged, in eval mode; the checkpoint's record): the base
     weights, then the --init file if any, then the checkpoint's adapter and fine-tuned backbone,
     as a later `--init path` run would build it."""
-    ckpt = load_checkpoint(path)
+    ckpt = mapped_checkpoint(path)
     what = checkpoint_identity(ckpt, path)
     why = refusal(what, path)
     if why:
@@ -115,9 +128,17 @@ def fine_tuned_clip(path, weights: str = "") -> tuple[CLIP, dict]:
 
 
 # ----------------------------------------------------------------------------- writers
+def own_bytes(t: torch.Tensor) -> torch.Tensor:
+    """`t` when its storage holds just its bytes, else a copy (torch.save writes a view's whole
+    storage). clone keeps the strides, so both save the same bytes."""
+    alone = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+    return t if alone else t.clone()
+
+
 def plain_state_dict(model: CLIP) -> dict:
-    """Tensors only, fp32, each with its own storage (a view would save its whole base)."""
-    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    """Tensors only, fp32, none holding more than its own bytes: the model's tensors themselves
+    (not copies: they are written at once and never changed), a view copied."""
+    return {k: own_bytes(v.detach().float()) for k, v in model.state_dict().items()}
 
 
 def save_plain(model: CLIP, out: str) -> None:

@@ -124,6 +124,32 @@ def test_openai_to_hf_inverts_hf_to_openai():
         W.openai_to_hf({**sd, "visual.transformer.resblocks.0.attn.lora_A_q": torch.zeros(1)})
 
 
+def test_hf_keys_from_views_write_as_the_package_does(tmp_path):
+    """openai_to_hf's q/k/v are views of in_proj, its other tensors the state dict's own: the
+    file is still byte-identical to the package's, which accepts views that do not overlap."""
+    st = pytest.importorskip("safetensors.torch")
+    model = jittered(True)
+    hf = W.openai_to_hf(X.plain_state_dict(model))
+    q = hf["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    in_proj = model.state_dict()["transformer.resblocks.0.attn.in_proj_weight"]
+    assert q.data_ptr() == in_proj.data_ptr()  # the first row block: no copy
+    W.write_safetensors(tmp_path / "ours", hf, {"format": "pt"})
+    st.save_file(hf, str(tmp_path / "theirs"), metadata={"format": "pt"})
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+
+
+def test_plain_state_dict_copies_views_only():
+    base = torch.arange(12.0)
+    transposed = base.view(3, 4).t()
+    assert X.own_bytes(base) is base
+    assert X.own_bytes(transposed) is transposed  # its storage is its own: saved as it is
+    part = X.own_bytes(base[4:8])  # torch.save would write all 12 numbers
+    assert part.untyped_storage().nbytes() == 16 and torch.equal(part, base[4:8])
+    model = jittered(True)
+    plain = X.plain_state_dict(model)
+    assert all(plain[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_hf_config_round_trips_through_our_reader_and_transformers(quick_gelu):
     cfg = replace(ARCHS["ViT-L/14"], quick_gelu=quick_gelu)
@@ -250,6 +276,25 @@ def test_full_fine_tune_exports_with_gelu(runs, tmp_path, inputs, capsys):
     namespace = {"open_clip": open_clip, "torch": torch}
     exec(line.split("load it with: ")[1], namespace)  # noqa: S102 -- our printed line, as a user runs it
     assert_same(embeddings(namespace["model"].eval(), inputs), embeddings(ours, inputs))
+
+
+def test_export_reads_the_checkpoint_tensors_once(runs, tmp_path, monkeypatch):
+    """fine_tuned_clip maps the file (its record only), load_adapter reads it; a legacy
+    (non-zip) file, which torch cannot map, is read twice and exports the same bytes."""
+    ckpt, real, reads = runs("full"), torch.load, []
+
+    def counted(f, *args, **kwargs):
+        reads.append((str(f), kwargs.get("mmap", False)))
+        return real(f, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", counted)
+    assert cli(ckpt, "--to", "hf", tmp_path / "zip") == 0
+    assert [m for f, m in reads if f == str(ckpt)] == [True, False]
+    monkeypatch.setattr(torch, "load", real)
+    torch.save(torch.load(ckpt, weights_only=True), tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    assert cli(tmp_path / "legacy.pt", "--to", "hf", tmp_path / "legacy") == 0
+    assert ((tmp_path / "zip" / "model.safetensors").read_bytes()
+            == (tmp_path / "legacy" / "model.safetensors").read_bytes())
 
 
 def test_openai_target_is_the_plain_state_dict_with_a_caveat(runs, tmp_path, capsys):
