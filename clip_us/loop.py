@@ -27,6 +27,7 @@ import atexit
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -110,7 +111,13 @@ def setup_distributed(device_flag: str = "auto") -> tuple[int, int, torch.device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
     if not is_distributed():
+        hook = sys.excepthook
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        if hook is not sys.__excepthook__:
+            # torch wraps the hook to prefix its stderr with the rank, buffering it until the
+            # hook returns; ours (config.report_errors) exits inside, so its one-line error was
+            # lost under torchrun. Ours stays: its line names the error, not the rank.
+            sys.excepthook = hook
         # An orderly teardown when the script ends: left to interpreter shutdown, gloo's threads
         # can outlive their process group and abort the rank ("terminate called without an
         # active exception"), failing a run whose work was done.

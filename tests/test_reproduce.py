@@ -345,3 +345,20 @@ def test_zero_shot_results_are_not_joined(tmp_path):
              "metrics": {"acc": {"mean": 0.5, "std": 0.0, "per_seed": [0.5]}}, "config": {}}))
     chosen, notes = collect(tmp_path)
     assert chosen["zeroshot", "busi", "CLIP (vanilla)"]["seeds"] == [] and notes
+
+
+def test_nproc_per_node_runs_each_training_run_under_torchrun(tmp_path):
+    """--nproc-per-node 2: the run is launched by torch.distributed.run with two processes (its
+    log says so), and finishes like a single-process one."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "clip_us.reproduce", "table2", "--datasets", "phantom", "--rows",
+           "CLIP (Mona)", "--arch", "tiny", "--weights", "none", "--image-size", "32",
+           "--phantom-n", "20", "--epochs", "1", "--seeds", "1", "--nproc-per-node", "2",
+           "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "logs" / "table2__phantom__clip-mona-seed1.log").read_text()
+    assert "-m torch.distributed.run --standalone --nproc-per-node 2 train_seg.py" in log
+    assert "2 process(es)" in log and (out / "table2" / "phantom" / "clip-mona-seed1" /
+                                       "results.json").is_file()

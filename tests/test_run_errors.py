@@ -151,3 +151,24 @@ def test_results_json_counts_every_drop_and_a_stale_split_stops_the_next_run(tmp
     # a finished folder is refused before its split.json is read (tests/test_run_folders.py)
     assert "holds a finished run" in proc.stderr and "new --out-dir" in proc.stderr
     assert (out / "config.json").read_text() == config, "the failed run left config.json alone"
+
+
+def test_a_user_error_under_torchrun_keeps_its_one_line(tmp_path):
+    """torch's process group wraps sys.excepthook to prefix stderr with the rank, buffering it
+    until the hook returns; ours exits inside it, so the error line was lost under torchrun
+    (a bad --phantom-n said nothing). setup_distributed keeps ours."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "fails.py"
+    script.write_text("from clip_us.config import report_errors\n"
+                      "from clip_us.loop import setup_distributed\n"
+                      "report_errors(False)\nsetup_distributed('cpu')\n"
+                      "raise ValueError('--phantom-n 16 is too few images')\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error: --phantom-n 16 is too few images" in done.stdout + done.stderr
+    assert "Traceback (most recent call last):\n  File \"" + str(script) not in done.stderr
