@@ -386,11 +386,14 @@ def build_model(state_dict: dict | None = None, config: CLIPConfig | str | None 
         config = config_from_state_dict(state_dict, quick_gelu=True)
     if quick_gelu is not None:
         config = replace(config, quick_gelu=quick_gelu)
-    model = CLIP(config)
-    if state_dict is not None:
-        sd = {k: v for k, v in state_dict.items()
-              if k not in ("input_resolution", "context_length", "vocab_size")}
-        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    if state_dict is None:
+        return CLIP(config).float().eval()
+    with torch.device("meta"):  # every tensor comes from the state dict: no random init to pay
+        model = CLIP(config)
+    sd = {k: v for k, v in state_dict.items()
+          if k not in ("input_resolution", "context_length", "vocab_size")}
+    # own copies (the caller may build again from the same dict), adopted as the parameters
+    model.load_state_dict({k: v.float().clone() for k, v in sd.items()}, strict=True, assign=True)
     return model.float().eval()
 
 

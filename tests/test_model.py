@@ -291,3 +291,19 @@ def test_folded_quick_gelu_refuses_training_and_skips_lora(tiny):
         ref = model.encode_image(x)
         with folded_quick_gelu(model):
             torch.testing.assert_close(model.encode_image(x), ref)
+
+
+def test_build_model_from_a_state_dict_owns_its_weights():
+    """build_model builds on the meta device and adopts copies of the state dict's tensors: the
+    same values, trainable, and training one model never changes the dict another is built from
+    (the scripts build one model per seed from one cached state dict)."""
+    from clip_us.model import CLIP
+    torch.manual_seed(0)
+    sd = CLIP(ARCHS["tiny"]).state_dict()
+    model = build_model(sd, config="tiny")
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        model.visual.conv1.weight.add_(1.0)
+    assert not torch.equal(model.visual.conv1.weight, sd["visual.conv1.weight"])
+    assert torch.equal(build_model(sd, config="tiny").visual.conv1.weight, sd["visual.conv1.weight"])
