@@ -362,3 +362,14 @@ def test_nproc_per_node_runs_each_training_run_under_torchrun(tmp_path):
     assert "-m torch.distributed.run --standalone --nproc-per-node 2 train_seg.py" in log
     assert "2 process(es)" in log and (out / "table2" / "phantom" / "clip-mona-seed1" /
                                        "results.json").is_file()
+
+
+def test_the_estimate_goes_by_row_then_script():
+    from clip_us.reproduce.sweep import Sweep
+    job = lambda row, script="train_seg.py": type("Job", (), {"row": row, "script": script})  # noqa: E731
+    sweep = Sweep([], Path("logs"))
+    sweep.seconds = {"DINOv2": [600.0], "CLIP (Mona)": [20.0], "train_seg.py": [600.0, 20.0]}
+    assert sweep.estimate([job("DINOv2"), job("CLIP (Mona)")]) == "about 10.3 min to go"
+    assert sweep.estimate([job("UNet")]) == "about 5.2 min to go"  # its script's mean
+    assert sweep.estimate([job("x", "zeroshot.py")]) == "about 5.2 min to go"  # all runs' mean
+    assert sweep.estimate([]) == "the last run"

@@ -123,22 +123,29 @@ class Sweep:
     logs: Path
     nproc: int = 0
     outcome: dict = field(default_factory=dict)   # key -> ok / skipped / failed / blocked / conflict
-    seconds: dict = field(default_factory=dict)   # script -> durations of the runs made here
+    seconds: dict = field(default_factory=dict)   # row and script -> durations of runs made here
     started: float = field(default_factory=time.perf_counter)
 
     def log_of(self, job: Job) -> Path:
         return self.logs / (job.key.replace("/", "__") + ".log")
 
+    def _expected(self, job: Job, mean: float) -> float:
+        """A run's expected time: the mean of its row's runs so far (a row's seeds and data sets
+        cost alike; DINOv2 at 518 px costs far more than a CLIP row), else its script's, else
+        the mean of all."""
+        for key in (job.row, job.script):
+            if key in self.seconds:
+                return sum(self.seconds[key]) / len(self.seconds[key])
+        return mean
+
     def estimate(self, left: list) -> str:
-        """About how long the jobs still to run take, from the runs made so far (per script)."""
-        made = [s for v in self.seconds.values() for s in v]
+        """About how long the jobs still to run take, from the runs made so far."""
+        made = [s for k, v in self.seconds.items() if k.endswith(".py") for s in v]
         if not left:
             return "the last run"
         if not made:
             return "no estimate yet"
-        mean = sum(made) / len(made)
-        total = sum(sum(self.seconds[j.script]) / len(self.seconds[j.script])
-                    if j.script in self.seconds else mean for j in left)
+        total = sum(self._expected(j, sum(made) / len(made)) for j in left)
         return f"about {_minutes(total)} to go"
 
     def label(self, job: Job) -> str:
@@ -171,7 +178,8 @@ class Sweep:
         t0 = time.perf_counter()
         code = run_job(job, self.log_of(job), self.nproc, resume)
         took = time.perf_counter() - t0
-        self.seconds.setdefault(job.script, []).append(took)
+        for key in (job.row, job.script):
+            self.seconds.setdefault(key, []).append(took)
         ok = code == 0 and all(Path(p).is_file() for p in job.results)
         self.outcome[job.key] = "ok" if ok else "failed"
         status = "ok" if ok else f"FAILED (exit {code})"
