@@ -462,6 +462,10 @@ class SupervisedConfig(RunOptions, TrainOptions, AdapterOptions, ModelOptions, D
                     "(the paper's text)", choices=["sum", "concat"])
     seeds: list = opt([1, 2, 3], "one run per seed; the table reports their mean")
     eval_every: int = opt(10, "validate every N epochs (and after the last)")
+    eval_at: str = opt("official", "official: validate after epochs N+1, 2N+1, ... as the "
+                       "official scripts' `epoch > 0 and epoch %% N == 0` on 0-based epochs "
+                       "(src/models/clip/segmentation.py); every: after epochs N, 2N, ...",
+                       choices=["official", "every"])
     eval_only: bool = opt(False, "evaluate --checkpoint on the whole data set (e.g. LN-2) "
                           "without training; the model, and the phantom unless given, come from "
                           "the checkpoint")

@@ -170,6 +170,8 @@ class Settings:
     min_lr: float = 1e-8
     grad_clip: float = 0.0      # max gradient norm; 0 = no clipping
     eval_every: int = 10        # validate every N epochs, and after the last one
+    eval_at: str = "every"      # "every": after epochs N, 2N, ... (1-based); "official": after
+    #                             epochs N+1, 2N+1, ..., the official seg/cls scripts' rule
     patience: int = 15          # stop after N validations without improvement
     best: str = "max"           # "max": highest validation score wins; "min": lowest
     nonfinite: str = "stop"     # a non-finite loss: "stop" the run, or "skip" the batch
@@ -180,7 +182,8 @@ class Settings:
 
     def __post_init__(self):
         for name, allowed in (("decay", ("all", "matrices")), ("schedule", ("iter", "epoch")),
-                              ("best", ("max", "min")), ("nonfinite", ("stop", "skip"))):
+                              ("best", ("max", "min")), ("nonfinite", ("stop", "skip")),
+                              ("eval_at", ("every", "official"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -286,6 +289,18 @@ def resume_from(path: Path, model, opt, sched) -> dict:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+def validates(epoch: int, s: Settings) -> bool:
+    """Whether the 0-based `epoch` ends with a validation: always after the last one; else every
+    s.eval_every epochs, counted as the official seg/cls scripts count them (`epoch > 0 and
+    epoch % 10 == 0` on 0-based epochs: after epochs 11, 21, ...) or from 1 (10, 20, ...)."""
+    if epoch + 1 == s.epochs:
+        return True
+    if s.eval_at == "official":
+        return epoch > 0 and epoch % s.eval_every == 0
+    return (epoch + 1) % s.eval_every == 0
+
+
 def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, settings: Settings,
           extra: dict | None = None, log=lambda **record: None, is_main: bool = True,
           resume: bool = False) -> dict:
@@ -335,7 +350,7 @@ def train(model: nn.Module, loader, loss_step, evaluate, *, seed: int, out_dir, 
                   "lr": sched.get_last_lr()[0]}
         if state["skipped"]:
             record["skipped_batches"] = state["skipped"]
-        if (epoch + 1) % s.eval_every == 0 or epoch + 1 == s.epochs:
+        if validates(epoch, s):
             score, metrics = evaluate(model)
             record["val"] = metrics
             improved = is_better(score, state["best_score"], s.best) or state["best_epoch"] < 0

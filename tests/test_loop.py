@@ -268,3 +268,25 @@ def toy_train_with_log(out, log, resume=False):
     s = loop.Settings(epochs=4, eval_every=9, patience=2, lr=1e-3, amp=False)
     loop.train(model, toy_loader(), ce_step, lambda m: (0.5, {}), seed=1, out_dir=out,
                settings=s, log=log, resume=resume)
+
+
+def test_validation_epochs_as_the_official_code_counts_them():
+    """--eval-at official (train_seg/train_cls's default): after epochs 11, 21, ... and the last,
+    the official `(epoch > 0 and epoch % 10 == 0) or epoch == max_epoch - 1` on 0-based epochs;
+    --eval-at every: 10, 20, ... and the last."""
+    def at(eval_at):
+        s = loop.Settings(epochs=25, eval_every=10, eval_at=eval_at)
+        return [e + 1 for e in range(25) if loop.validates(e, s)]
+    assert at("official") == [11, 21, 25]
+    assert at("every") == [10, 20, 25]
+    official = [e + 1 for e in range(25) if (e > 0 and e % 10 == 0) or e == 24]
+    assert at("official") == official
+    with pytest.raises(ValueError, match="eval_at"):
+        loop.Settings(eval_at="sometimes")
+
+
+def test_eval_at_reaches_the_loop_from_the_command_line():
+    from clip_us.config import ContrastiveConfig, SupervisedConfig, parse_config
+    assert loop.Settings.of(parse_config(SupervisedConfig, [])).eval_at == "official"
+    assert loop.Settings.of(parse_config(SupervisedConfig, ["--eval-at", "every"])).eval_at == "every"
+    assert loop.Settings.of(parse_config(ContrastiveConfig, [])).eval_at == "every"  # each epoch
