@@ -97,7 +97,8 @@ def test_cpu_bf16_pass_casts_the_weights_once_and_gives_them_back(monkeypatch):
 TINY = ["--arch", "tiny", "--weights", "none", "--image-size", "64", "--workers", "0"]
 PHANTOM = ["--phantom-n", "24", "--phantom-size", "128"]
 SUPERVISED = TINY + PHANTOM + ["--seeds", "1", "--batch-size", "8", "--epochs", "2",
-                               "--eval-every", "1", "--reduce-dim", "32", "--n-figures", "1"]
+                               "--eval-every", "1", "--eval-at", "every", "--reduce-dim", "32",
+                               "--n-figures", "1"]  # validation after each of the two epochs
 SCRIPTS = {  # script: (arguments, where its results.json is, under --out-dir)
     "train_seg.py": (SUPERVISED + ["--adapter", "lora"], "results.json"),
     "train_cls.py": (SUPERVISED + ["--adapter", "mona"], "results.json"),
