@@ -118,7 +118,7 @@ print(f"{row} zero-shot on {cfg.dataset} ({len(rows)} images, prompts: {source})
       f"Acc {report['acc']:.4f}  AUC {report['auc']:.4f}")
 print(f"confusion matrix [[TN, FP], [FN, TP]]: {report['confusion_matrix']}")
 results = make_results(
-    script="zeroshot.py", task="zeroshot", dataset=dataset_name(cfg), row=row, backbone="clip",
+    script="zeroshot.py", task="zeroshot", dataset=dataset_name(cfg.dataset, cfg.nextgen_name), row=row, backbone="clip",
     adapter=cfg.adapter, init=cfg.init or None, init_from=init_from, seeds=[],
     metrics=summarize_seeds([report], ZS_METRICS), units={k: "fraction" for k in ZS_METRICS},
     n_test=len(rows), n_dropped=0, precision=precision, data=info.get("health", {}), config=cfg,

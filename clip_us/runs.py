@@ -105,10 +105,10 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-") or "model"
 
 
-def dataset_name(cfg) -> str:
+def dataset_name(dataset: str, nextgen_name: str | None = "") -> str:
     """The data set a run's results name: the NextGen-UIA layout's <DS> (--nextgen-name LN-1)
     when given, as the tables file LN-1 and LN-2 under their own names; else --dataset."""
-    return getattr(cfg, "nextgen_name", "") or cfg.dataset
+    return nextgen_name or dataset
 
 
 def default_out_dir(script: str, *names: str) -> Path:
@@ -325,8 +325,9 @@ class Run:
         cfg = self.cfg
         if getattr(cfg, "eval_only", False):
             saved = self.ckpt["config"]
-            more["trained_on"] = saved.get("nextgen_name") or saved.get("dataset")
-        return make_results(script=f"{self.script}.py", task=task, dataset=dataset_name(cfg),
+            more["trained_on"] = dataset_name(saved.get("dataset"), saved.get("nextgen_name"))
+        return make_results(script=f"{self.script}.py", task=task,
+                            dataset=dataset_name(cfg.dataset, cfg.nextgen_name),
                             row=self.row, backbone=cfg.backbone, adapter=cfg.adapter,
                             init=cfg.init or None, init_from=self.init_from, seeds=cfg.seeds,
                             metrics=metrics, units=units,

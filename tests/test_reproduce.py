@@ -175,11 +175,8 @@ def test_bad_rows_and_missing_data_stop_before_anything_runs(tmp_path, capsys):
 
 
 def test_dataset_name_of_the_nextgen_layout():
-    class Cfg:
-        dataset, nextgen_name = "nextgen", "LN-1"
-    assert dataset_name(Cfg) == "LN-1"
-    Cfg.nextgen_name = ""
-    assert dataset_name(Cfg) == "nextgen"
+    assert dataset_name("nextgen", "LN-1") == "LN-1"
+    assert dataset_name("nextgen", "") == "nextgen"
 
 
 def _fake_result(folder: Path, seed: int, dice: float, epochs: int = 2):

@@ -313,9 +313,9 @@ def _stage_job(cfg, kind: str, phantom_only: bool) -> Job:
                "train_contrastive.py", args, _out(cfg, key))
 
 
-def _key(row: Row, dataset: str, seed: int | None) -> str:
+def _key(row: Row, dataset: str, seed: int | None, prefix: str = "") -> str:
     tail = f"-seed{seed}" if seed is not None else ""
-    return f"{row.table}/{slug(dataset)}/{slug(row.name)}{tail}"
+    return f"{row.table}/{slug(dataset)}/{prefix}{slug(row.name)}{tail}"
 
 
 def _cell(row: Row, dataset: str) -> tuple:
@@ -347,7 +347,7 @@ def _zeroshot_job(cfg, row: Row, dataset: str, model: list) -> Job:
     """Zero-shot trains nothing: one run per row and data set, whatever the seeds."""
     init, needs = _init(cfg, row)
     args = [*_data_flags(cfg, dataset), *row.flags, *init, *model, *_run_flags(cfg)]
-    key = _key(Row(row.table, row.task, f"zeroshot {row.name}", ""), dataset, None)
+    key = _key(row, dataset, None, prefix="zeroshot-")
     return Job(key, row.name, dataset, None, row.script, args, _out(cfg, key), needs,
                [_cell(row, dataset)])
 
