@@ -174,9 +174,22 @@ def test_bad_rows_and_missing_data_stop_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_dataset_name_of_the_nextgen_layout():
+def test_dataset_name_of_the_nextgen_layout(tmp_path, run_script):
+    """A run on the NextGen-UIA layout names its data set by --nextgen-name, so the tables file
+    an LN-1 run under LN-1 (not under "nextgen", where no paper number sits)."""
+    from test_data import make_nextgen
+
+    from clip_us.phantom import PhantomConfig, write_dataset
     assert dataset_name("nextgen", "LN-1") == "LN-1"
     assert dataset_name("nextgen", "") == "nextgen"
+    busi = write_dataset(tmp_path / "busi", PhantomConfig(size=64, n=30, seed=0))
+    make_nextgen(tmp_path / "LN-1", busi, "LN-1")
+    run_script("zeroshot.py", ["--dataset", "nextgen", "--data-root", tmp_path / "LN-1",
+                               "--nextgen-name", "LN-1", "--arch", "tiny", "--weights", "none",
+                               "--image-size", "32", "--workers", "0", "--out-dir",
+                               tmp_path / "runs" / "zs"], {"CLIP_US_CACHE": tmp_path / "cache"})
+    assert json.loads((tmp_path / "runs" / "zs" / "results.json").read_text())["dataset"] == "LN-1"
+    assert ("zeroshot", "ln1", "CLIP (vanilla)") in collect(tmp_path / "runs")[0]
 
 
 def _fake_result(folder: Path, seed: int, dice: float, epochs: int = 2):
