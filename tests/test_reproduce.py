@@ -383,3 +383,18 @@ def test_the_estimate_goes_by_row_then_script():
     assert sweep.estimate([job("UNet")]) == "about 5.2 min to go"  # its script's mean
     assert sweep.estimate([job("x", "zeroshot.py")]) == "about 5.2 min to go"  # all runs' mean
     assert sweep.estimate([]) == "the last run"
+
+
+def test_run_flags_reach_every_command_they_name():
+    """--device and --precision reach every run; --phantom-n the phantom's runs (stage too);
+    --eval-every the seg/cls runs only (the contrastive stage validates every epoch)."""
+    cfg = ReproduceConfig(table="table3", datasets=["phantom"], rows=["CLIP (Mona, ft.)"],
+                          seeds=[1], device="cpu", precision="bf16", phantom_n=30, eval_every=2)
+    jobs = {j.script: j.args for j in plan(cfg)[0]}
+    assert set(jobs) == {"train_contrastive.py", "train_cls.py", "zeroshot.py"}
+    for script, args in jobs.items():
+        assert args[args.index("--device") + 1] == "cpu", script
+        assert args[args.index("--precision") + 1] == "bf16", script
+        assert args[args.index("--phantom-n") + 1] == "30", script
+    assert jobs["train_cls.py"][jobs["train_cls.py"].index("--eval-every") + 1] == "2"
+    assert "--eval-every" not in jobs["train_contrastive.py"] + jobs["zeroshot.py"]
